@@ -1,0 +1,293 @@
+"""Typed run configuration: one source of truth, resolved once, validated, hashed.
+
+Every option a user can set lives in a section dataclass below and is addressed as
+``section.field`` (``train.lambda``, ``model.n_ops``...). Presets and ``--set`` overrides are
+plain dicts/strings applied with :func:`apply_overrides`; :func:`resolve` fills the defaults that
+depend on other options and :func:`validate` rejects bad values with a :class:`ConfigError` whose
+one-line message names the option and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from sors.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str | None = None  # None: the data set's default location (Fashion-MNIST: the Debian package)
+    n_train: int | None = None  # None: the whole split
+    n_test: int | None = None
+    seed: int = 0  # fixes which subset is drawn
+    augment: bool | None = None  # None: on for CIFAR (random crop pad 4 + flip), off otherwise
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "sors_lenet5"
+    n_ops: int | None = None  # candidates per choice layer; None: the model's default
+    members: str | None = None  # ensemble members, e.g. "lenet5*4" or "resnet18,resnet34"
+    average_paths: int = 1  # RS*/SORS*: softmax averaged over this many paths per forward
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = None  # None: baseline_epochs, tripled for super-networks (paper, Sec. 3.4)
+    baseline_epochs: int = 1
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = ()  # epochs at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear lr warm-up, in epochs (fractions allowed)
+    lambda_: float = 10.0  # weight of the orthogonality loss (key: train.lambda)
+    lambda_warmup: float = 0.0  # epochs over which lambda ramps linearly from 0 (fractions allowed)
+    paths_per_step: int = 2  # K paths sampled per step for the recognition + orthogonality loss
+    teacher: str | None = None  # checkpoint file of a teacher for distillation (Eq. 7)
+    kd_weight: float = 1.0
+    num_workers: int = 1  # Ray Train data-parallel workers
+    use_gpu: bool | None = None  # None: use a GPU when one is visible
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    name: str = "pgd"
+    eps: float = 0.1  # L-inf radius on the pixel scale [0, 1]
+    steps: int | None = None  # None: the attack's paper default
+    eot_samples: int | None = None  # None: the attack's default (EOT-PGD: 20)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    repeats: int = 5  # scoring repeated over fresh path draws
+    n_examples: int = 1000  # test images per cell
+    all_paths: int = 64  # paths for the worst-case ("correct under every path") view
+    batch_size: int = 250
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "attack": AttackConfig, "eval": EvalConfig}
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _field_name(key: str) -> str:
+    """Config key -> dataclass field (``lambda`` is a Python keyword, stored as ``lambda_``)."""
+    return key + "_" if key == "lambda" else key
+
+
+def _key_name(field_name: str) -> str:
+    return field_name.rstrip("_")
+
+
+def all_keys() -> list[str]:
+    """Every settable key, ``section.option``, in declaration order."""
+    return [f"{s}.{_key_name(f.name)}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(key, f"unknown option{hint}", "section.option with section in "
+                       + ", ".join(SECTIONS) + "; see `sors train --help-keys`")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Turn ``value`` (a YAML scalar or a ``--set`` string) into the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, value, inner)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value or ())
+        return tuple(_coerce(key, v, args[0]) for v in items if str(v).strip() != "")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(key, f"{value!r} is not a boolean", "true or false")
+    if annotation is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(key, f"{value!r} is not an integer", "a whole number")
+        try:
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"{value!r} is not an integer", "a whole number") from None
+    if annotation is float:
+        try:
+            number = _parse_float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"{value!r} is not a number", "a number, e.g. 0.1 or 25/255") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(key, f"{value!r} is not a finite number", "a finite number")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"{value!r} is not a string", "text")
+        return str(value)
+    raise ConfigError(key, f"unsupported type {annotation}")
+
+
+def _parse_float(value: Any) -> float:
+    """Numbers, and fractions like ``25/255`` (how the paper writes ε)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, str) and "/" in value:
+        num, den = value.split("/", 1)
+        return float(num) / float(den)
+    return float(value)
+
+
+def set_option(cfg: RunConfig, key: str, value: Any) -> RunConfig:
+    """Return ``cfg`` with ``key`` (``section.option``) set to ``value`` coerced to its type."""
+    section, _, option = key.partition(".")
+    if section not in SECTIONS or not option:
+        raise _unknown_key(key)
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    name = _field_name(option)
+    if name not in hints:
+        raise _unknown_key(key)
+    new_section = dataclasses.replace(getattr(cfg, section), **{name: _coerce(key, value, hints[name])})
+    return dataclasses.replace(cfg, **{section: new_section})
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``"train.lambda=10"`` -> ``("train.lambda", "10")``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", f"{text!r} is not of the form key=value", "section.option=value")
+    return key.strip(), value.strip()
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str] | None) -> RunConfig:
+    """Apply a flat ``{"section.option": value}`` dict, a nested ``{"section": {...}}`` dict,
+    or a list of ``key=value`` strings. Unknown keys raise :class:`ConfigError`."""
+    for key, value in _flatten_overrides(overrides):
+        cfg = set_option(cfg, key, value)
+    return cfg
+
+
+def _flatten_overrides(overrides) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, (list, tuple)):
+        return [parse_assignment(item) for item in overrides]
+    if not isinstance(overrides, dict):
+        raise ConfigError("config", f"expected a mapping of options, got {type(overrides).__name__}")
+    flat = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            flat.append((str(key), value))
+    return flat
+
+
+def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Nested plain dict with user-facing key names (``lambda``, not ``lambda_``)."""
+    return {s: {_key_name(k): (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+            for s in SECTIONS}
+
+
+def flat_dict(cfg: RunConfig) -> dict[str, Any]:
+    """``{"section.option": value}`` for every key: what MLflow params and Parquet rows store."""
+    return {f"{s}.{k}": v for s, opts in to_dict(cfg).items() for k, v in opts.items()}
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Inverse of :func:`to_dict` (also takes flat dicts); unknown keys are errors."""
+    return apply_overrides(RunConfig(), data)
+
+
+def config_hash(cfg: RunConfig, sections: tuple[str, ...] = ("data", "model", "train")) -> str:
+    """Stable 16-hex-digit hash of the given sections (default: what determines trained weights)."""
+    payload = {s: to_dict(cfg)[s] for s in sections}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_super_network(model_name: str) -> bool:
+    """True for models whose forward samples a path (``sors_*``)."""
+    return model_name.startswith("sors_")
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill defaults that depend on other options, then validate. Idempotent."""
+    train = cfg.train
+    if train.epochs is None:
+        factor = 3 if is_super_network(cfg.model.name) else 1
+        train = dataclasses.replace(train, epochs=train.baseline_epochs * factor)
+    data = cfg.data
+    if data.augment is None:
+        data = dataclasses.replace(data, augment=data.name.startswith("cifar"))
+    resolved = dataclasses.replace(cfg, train=train, data=data)
+    validate(resolved)
+    return resolved
+
+
+def _check(condition: bool, key: str, problem: str, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(key, problem, allowed)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad value. Model and attack names are checked
+    against their registries by :func:`validate_names` (kept apart to avoid import cycles)."""
+    d, m, t, a, e = cfg.data, cfg.model, cfg.train, cfg.attack, cfg.eval
+    _check(d.name in DATASETS, "data.name", f"unknown data set {d.name!r}", ", ".join(DATASETS))
+    for key, n in (("data.n_train", d.n_train), ("data.n_test", d.n_test)):
+        _check(n is None or n >= 1, key, f"{n} is not a positive count", "an integer >= 1, or none for all")
+    _check(m.n_ops is None or m.n_ops >= 1, "model.n_ops", f"m = {m.n_ops} candidates per layer", "an integer >= 1")
+    _check(m.average_paths >= 1, "model.average_paths", f"{m.average_paths}", "an integer >= 1")
+    _check(t.epochs is None or t.epochs >= 0, "train.epochs", f"{t.epochs} epochs", "an integer >= 0")
+    _check(t.baseline_epochs >= 0, "train.baseline_epochs", f"{t.baseline_epochs}", "an integer >= 0")
+    _check(t.batch_size >= 1, "train.batch_size", f"batch size {t.batch_size}", "an integer >= 1")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"unknown optimizer {t.optimizer!r}", ", ".join(OPTIMIZERS))
+    _check(t.lr > 0, "train.lr", f"learning rate {t.lr}", "a number > 0")
+    _check(0 <= t.momentum < 1, "train.momentum", f"{t.momentum}", "0 <= momentum < 1")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay}", "a number >= 0")
+    _check(t.lambda_warmup >= 0, "train.lambda_warmup", f"{t.lambda_warmup}", "a number >= 0")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", f"{t.warmup_epochs}", "a number >= 0")
+    _check(t.lambda_ >= 0, "train.lambda", f"λ = {t.lambda_} is negative", "a number >= 0")
+    _check(t.paths_per_step >= 1, "train.paths_per_step", f"K = {t.paths_per_step}", "an integer >= 1")
+    _check(t.lambda_ == 0 or t.paths_per_step >= 2, "train.paths_per_step",
+           f"K = {t.paths_per_step} with λ = {t.lambda_} > 0: the orthogonality loss needs two paths",
+           "K >= 2 when train.lambda > 0 (or set train.lambda=0)")
+    _check(t.kd_weight >= 0, "train.kd_weight", f"{t.kd_weight}", "a number >= 0")
+    _check(t.num_workers >= 1, "train.num_workers", f"{t.num_workers} workers", "an integer >= 1")
+    _check(0 <= a.eps <= 1, "attack.eps", f"ε = {a.eps} is outside the pixel scale", "0 <= eps <= 1 (e.g. 25/255)")
+    _check(a.steps is None or a.steps >= 1, "attack.steps", f"{a.steps}", "an integer >= 1")
+    _check(a.eot_samples is None or a.eot_samples >= 1, "attack.eot_samples", f"{a.eot_samples}", "an integer >= 1")
+    _check(e.repeats >= 1, "eval.repeats", f"{e.repeats}", "an integer >= 1")
+    _check(e.n_examples >= 1, "eval.n_examples", f"{e.n_examples}", "an integer >= 1")
+    _check(e.all_paths >= 0, "eval.all_paths", f"{e.all_paths}", "an integer >= 0")
+    _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size}", "an integer >= 1")

@@ -1,0 +1,131 @@
+"""The SORS objective (paper Eq. 4-7).
+
+    L_total = sum_i CE(N_i(x), y) + lambda * sum_{i<j} mean_b cos^2(g_i[b], g_j[b]) + kd_weight * sum_i CE(N_i(x), p_teacher)
+
+with g_i = dCE_i/dx per example (double backprop: the input gradients are computed with
+``create_graph=True`` so the orthogonality term trains the weights).
+
+The fast path runs the K sampled paths as *one* forward over K stacked copies of the batch with a
+per-example path, and gets all K*B input gradients from one ``autograd.grad`` call. This is exact
+for models in which examples do not interact (GroupNorm, no BatchNorm in training mode), which
+holds for every ``sors_*`` model. :func:`sors_loss_reference` is the straightforward sequential
+implementation, kept for equivalence tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sors.models.supernet import SuperNet
+
+
+@dataclass
+class LossParts:
+    """Scalars of one step. ``total`` carries the graph; the rest are detached for logging."""
+    total: torch.Tensor
+    ce: torch.Tensor  # sum over paths of the batch-mean CE
+    ortho: torch.Tensor  # sum over path pairs of the batch-mean cos^2 (before lambda)
+    kd: torch.Tensor
+    logits: torch.Tensor  # (K, B, C), detached
+    weight_grads: tuple | None = None  # dCE/dtheta when computed together with the input gradients
+
+
+def orthogonality_loss(grads: torch.Tensor) -> torch.Tensor:
+    """sum_{i<j} mean_b cos^2(g_i[b], g_j[b]) for input gradients ``grads`` of shape (K, B, ...).
+
+    0 when every pair is orthogonal, K(K-1)/2 when all are parallel.
+    """
+    flat = grads.flatten(2)
+    unit = flat / flat.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    k = unit.shape[0]
+    cos = torch.einsum("ibd,jbd->ijb", unit, unit)  # (K, K, B)
+    i, j = torch.triu_indices(k, k, offset=1)
+    return cos[i, j].pow(2).mean(dim=1).sum()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Batch-mean CE against a probability vector (distillation, Eq. 7): logits/probs (B, C)."""
+    return -(target_probs * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def sample_paths(model: SuperNet, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """K independent uniform paths: (K, L) long."""
+    return torch.stack([model.sample_path(generator) for _ in range(k)])
+
+
+def _distillation(logits: torch.Tensor, teacher_probs: torch.Tensor | None) -> torch.Tensor:
+    if teacher_probs is None:
+        return logits.new_zeros(())
+    return sum(soft_cross_entropy(path_logits, teacher_probs) for path_logits in logits)
+
+
+def sors_loss(model: SuperNet, x: torch.Tensor, y: torch.Tensor, k: int = 2, lam: float = 10.0,
+              teacher_probs: torch.Tensor | None = None, kd_weight: float = 1.0,
+              paths: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              weight_grads: bool = False) -> LossParts:
+    """The SORS loss for a batch, K paths in one batched forward.
+
+    Args:
+        model: a super-network (examples must not interact: no BatchNorm in train mode).
+        x: (B, C, H, W) pixels in [0, 1]; y: (B,) labels.
+        k: paths sampled for this step (ignored when ``paths`` (K, L) is given).
+        lam: weight of the orthogonality term (0 skips the double backprop entirely).
+        teacher_probs: (B, C) teacher softmax for distillation, or None.
+        weight_grads: also return dCE/dtheta from the same backward that made the input
+            gradients (the caller then backprops only ``lam * ortho + kd`` and adds them).
+    """
+    paths = sample_paths(model, k, generator) if paths is None else paths
+    k, batch = paths.shape[0], x.shape[0]
+    stacked = x.detach().repeat(k, 1, 1, 1).requires_grad_(lam > 0)
+    logits = model(stacked, paths.repeat_interleave(batch, dim=0))
+    ce_each = F.cross_entropy(logits, y.repeat(k), reduction="none")
+    ce = ce_each.view(k, batch).mean(dim=1).sum()
+    logits = logits.view(k, batch, -1)
+    kd = _distillation(logits, teacher_probs)
+    if lam == 0:
+        return LossParts(ce + kd_weight * kd, ce.detach(), ce.new_zeros(()), kd.detach(), logits.detach())
+    params = [p for p in model.parameters() if p.requires_grad] if weight_grads else []
+    # grad of the *sum* of per-example CEs: each example's slice is its own dCE/dx (cos is scale-free)
+    grads = torch.autograd.grad(ce_each.sum() if not weight_grads else ce_each.view(k, batch).mean(1).sum(),
+                                [stacked] + params, create_graph=True)
+    ortho = orthogonality_loss(grads[0].view(k, batch, *x.shape[1:]))
+    if weight_grads:
+        total = lam * ortho + kd_weight * kd
+        return LossParts(total, ce.detach(), ortho.detach(), kd.detach(), logits.detach(),
+                         tuple(g.detach() for g in grads[1:]))
+    return LossParts(ce + lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits.detach())
+
+
+def sors_loss_reference(model: SuperNet, x: torch.Tensor, y: torch.Tensor, paths: torch.Tensor, lam: float = 10.0,
+                        teacher_probs: torch.Tensor | None = None, kd_weight: float = 1.0) -> LossParts:
+    """Straightforward SORS loss: one forward and one ``autograd.grad(create_graph=True)`` per path,
+    sequentially (the TRS/GAL-style implementation). Same value as :func:`sors_loss`."""
+    logits, grads, ces = [], [], []
+    for path in paths:
+        inp = x.detach().clone().requires_grad_(lam > 0)
+        out = model(inp, path)
+        ce_i = F.cross_entropy(out, y)
+        if lam > 0:
+            grads.append(torch.autograd.grad(ce_i, inp, create_graph=True)[0])
+        logits.append(out)
+        ces.append(ce_i)
+    logits_t = torch.stack(logits)
+    ce = torch.stack(ces).sum()
+    kd = _distillation(logits_t, teacher_probs)
+    ortho = orthogonality_loss(torch.stack(grads)) if lam > 0 else ce.new_zeros(())
+    return LossParts(ce + lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits_t.detach())
+
+
+def plain_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_probs: torch.Tensor | None = None,
+               kd_weight: float = 1.0) -> LossParts:
+    """CE (+ distillation) for models that do not sample paths. Ensembles train each member on its
+    own CE, as independently initialised and trained models (paper Sec. 4.1)."""
+    members = list(getattr(model, "members", [])) or [model]
+    logits = torch.stack([member(x) for member in members])
+    ce = sum(F.cross_entropy(member_logits, y) for member_logits in logits)
+    kd = _distillation(logits, teacher_probs)
+    return LossParts(ce + kd_weight * kd, ce.detach(), ce.new_zeros(()), kd.detach(), logits.detach())

@@ -1,0 +1,182 @@
+"""Super-network building blocks: a choice layer of m candidate operators, and a base class
+whose ``forward(x, path)`` routes through one candidate per choice layer.
+
+A *path* is a long tensor of operator indices, one per choice layer, in the order the layers were
+registered: shape (L,) for one path shared by the whole batch (the paper's setting) or (B, L) for
+one path per example (each example routed through its own sub-network in one call).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+class ChoiceLayer(nn.Module):
+    """m parallel candidate operators; exactly one runs per example.
+
+    The owning :class:`SuperNet` sets ``active`` (an int, or a (B,) long tensor) before each forward.
+    """
+
+    def __init__(self, candidates: list[nn.Module]):
+        super().__init__()
+        if not candidates:
+            raise ValueError("a choice layer needs at least one candidate")
+        self.candidates = nn.ModuleList(candidates)
+        self.active: int | torch.Tensor | None = None
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.candidates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.active
+        if index is None:
+            raise RuntimeError("ChoiceLayer called outside SuperNet.forward: no active candidate")
+        if isinstance(index, int):
+            return self.candidates[index](x)
+        return self._route_per_example(x, index)
+
+    def _route_per_example(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Send each example through its own candidate: sort by candidate, run each group, unsort."""
+        counts = torch.bincount(index, minlength=self.num_choices).tolist()
+        used = [k for k, c in enumerate(counts) if c]
+        if len(used) == 1:
+            return self.candidates[used[0]](x)
+        order = torch.argsort(index, stable=True)
+        groups = torch.split(x[order], [counts[k] for k in used])
+        out = torch.cat([self.candidates[k](g) for k, g in zip(used, groups)])
+        return out[torch.argsort(order)]
+
+
+class SuperNet(nn.Module):
+    """Base class: subclasses build ``self.body`` (any module containing :class:`ChoiceLayer` s)
+    and call :meth:`_register_choices` at the end of ``__init__``.
+
+    ``forward(x, path=None)``: x is (B, C, H, W) pixels in [0, 1]; returns logits (B, classes).
+    With ``path=None`` a path is sampled uniformly, in training *and* eval mode (the randomness is
+    the defense); ``per_example=True`` then samples one path per example.
+    """
+
+    per_example: bool = False
+
+    def _register_choices(self) -> None:
+        # Plain list, not ModuleList: the layers are already registered inside the body.
+        self._choices = [m for m in self.body.modules() if isinstance(m, ChoiceLayer)]
+        self.generator: torch.Generator | None = None
+
+    @property
+    def choice_layers(self) -> list[ChoiceLayer]:
+        return self._choices
+
+    @property
+    def choice_counts(self) -> list[int]:
+        """m for each choice layer, in path order."""
+        return [layer.num_choices for layer in self._choices]
+
+    @property
+    def num_paths(self) -> int:
+        """Number of distinct sub-networks: the product of the m's."""
+        return math.prod(self.choice_counts)
+
+    def sample_path(self, generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """A uniformly random path: (L,) long, or (batch_size, L) when ``batch_size`` is given."""
+        generator = generator if generator is not None else self.generator
+        rows = 1 if batch_size is None else batch_size
+        columns = [torch.randint(0, m, (rows,), generator=generator) for m in self.choice_counts]
+        path = torch.stack(columns, dim=1)
+        return path[0] if batch_size is None else path
+
+    def check_path(self, path: torch.Tensor | list | tuple, batch_size: int) -> torch.Tensor:
+        """Validate a path for a batch of ``batch_size``; returns it as a long tensor."""
+        path = torch.as_tensor(path, dtype=torch.long)
+        counts = torch.tensor(self.choice_counts)
+        if path.shape[-1] != len(counts) or path.dim() not in (1, 2):
+            raise ValueError(f"path must have shape ({len(counts)},) or (B, {len(counts)}), got {tuple(path.shape)}")
+        if path.dim() == 2 and path.shape[0] != batch_size:
+            raise ValueError(f"per-example path has {path.shape[0]} rows for a batch of {batch_size}")
+        if (path < 0).any() or (path >= counts).any():
+            raise ValueError(f"path {path.tolist()} has an index outside the candidate counts {counts.tolist()}")
+        return path
+
+    def forward(self, x: torch.Tensor, path: torch.Tensor | None = None) -> torch.Tensor:
+        if path is None:
+            path = self.sample_path(batch_size=x.shape[0] if self.per_example else None)
+        else:
+            path = self.check_path(path, x.shape[0])
+        self._activate(path.to(x.device))
+        return self.body(x)
+
+    def _activate(self, path: torch.Tensor) -> None:
+        if path.dim() == 1:
+            for layer, index in zip(self._choices, path.tolist()):
+                layer.active = index
+        else:
+            for layer, column in zip(self._choices, path.unbind(1)):
+                layer.active = column
+
+    def extract_subnet(self, path) -> nn.Module:
+        """A plain ``nn.Module`` (no choice layers) equal to this super-network on ``path`` (L,)."""
+        path = self.check_path(path, 1)
+        if path.dim() != 1:
+            raise ValueError("extract_subnet takes one path of shape (L,)")
+        chosen = {id(layer): layer.candidates[i] for layer, i in zip(self._choices, path.tolist())}
+        return _replace_choices(self.body, chosen)
+
+
+def _replace_choices(module: nn.Module, chosen: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in chosen:
+        return copy.deepcopy(chosen[id(module)])
+    clone = copy.copy(module)
+    clone._modules = {name: _replace_choices(child, chosen) if child is not None else None
+                      for name, child in module._modules.items()}
+    clone._parameters = {k: (nn.Parameter(v.detach().clone(), v.requires_grad) if v is not None else None)
+                         for k, v in module._parameters.items()}
+    clone._buffers = {k: (v.clone() if v is not None else None) for k, v in module._buffers.items()}
+    return clone
+
+
+def is_super_network(model: nn.Module) -> bool:
+    """True when ``model`` samples paths (a :class:`SuperNet` or a wrapper around one)."""
+    return isinstance(model, SuperNet) or isinstance(getattr(model, "supernet", None), SuperNet)
+
+
+def freeze_path(model: nn.Module, path) -> nn.Module:
+    """A deterministic view of a super-network: ``forward(x)`` always uses ``path``."""
+    return FixedPath(model, path)
+
+
+class FixedPath(nn.Module):
+    """Wraps a :class:`SuperNet` so every forward uses one fixed path (deterministic model)."""
+
+    def __init__(self, supernet: SuperNet, path):
+        super().__init__()
+        self.net = supernet  # not named `supernet`: a fixed path is deterministic
+        self.register_buffer("path", torch.as_tensor(path, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, self.path)
+
+
+class per_example_sampling:
+    """Context manager: every :class:`SuperNet` inside ``model`` samples one path per example
+    (used by EOT: E copies of a batch in one forward draw E independent paths)."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.nets = [m for m in model.modules() if isinstance(m, SuperNet)]
+        self.enabled = enabled
+        self.saved: list[bool] = []
+
+    def __enter__(self):
+        self.saved = [net.per_example for net in self.nets]
+        for net in self.nets:
+            net.per_example = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        for net, value in zip(self.nets, self.saved):
+            net.per_example = value
+        return False
