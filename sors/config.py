@@ -37,6 +37,8 @@ class ModelConfig:
     n_ops: int | None = None  # candidates per choice layer; None: the model's default
     members: str | None = None  # ensemble members, e.g. "lenet5*4" or "resnet18,resnet34"
     average_paths: int = 1  # RS*/SORS*: softmax averaged over this many paths per forward
+    init: str = "independent"  # super-network candidates: "independent" or "perturbed_copies" (see README recipe)
+    init_noise: float = 0.5  # perturbed_copies: noise std relative to each weight tensor's std
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "att
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adam")
+INITS = ("independent", "perturbed_copies")
 
 
 def _field_name(key: str) -> str:
@@ -267,6 +270,8 @@ def validate(cfg: RunConfig) -> None:
     for key, n in (("data.n_train", d.n_train), ("data.n_test", d.n_test)):
         _check(n is None or n >= 1, key, f"{n} is not a positive count", "an integer >= 1, or none for all")
     _check(m.n_ops is None or m.n_ops >= 1, "model.n_ops", f"m = {m.n_ops} candidates per layer", "an integer >= 1")
+    _check(m.init in INITS, "model.init", f"unknown init {m.init!r}", ", ".join(INITS))
+    _check(m.init_noise >= 0, "model.init_noise", f"{m.init_noise}", "a number >= 0")
     _check(m.average_paths >= 1, "model.average_paths", f"{m.average_paths}", "an integer >= 1")
     _check(t.epochs is None or t.epochs >= 0, "train.epochs", f"{t.epochs} epochs", "an integer >= 0")
     _check(t.baseline_epochs >= 0, "train.baseline_epochs", f"{t.baseline_epochs}", "an integer >= 0")

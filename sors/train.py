@@ -182,6 +182,8 @@ def new_state(cfg: RunConfig, device="cpu") -> TrainState:
     """A freshly initialised model (seeded by ``train.seed``) and its optimiser."""
     torch.manual_seed(cfg.train.seed)
     model = build_from_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, average_paths=1)))
+    if cfg.model.init == "perturbed_copies" and isinstance(model, SuperNet):
+        model.init_perturbed_copies_(cfg.model.init_noise, torch.Generator().manual_seed(cfg.train.seed))
     model.to(device)
     return TrainState(model, make_optimizer(model, cfg.train))
 

@@ -118,6 +118,30 @@ class SuperNet(nn.Module):
             for layer, column in zip(self._choices, path.unbind(1)):
                 layer.active = column
 
+    @torch.no_grad()
+    def init_perturbed_copies_(self, noise: float = 0.5, generator: torch.Generator | None = None) -> "SuperNet":
+        """Make every candidate of a choice layer a copy of its first candidate plus Gaussian noise
+        (std = ``noise`` x the std of each weight tensor). Only for layers whose candidates share a shape.
+
+        Why: with independent initialisation every sub-network starts from features its neighbours
+        have never seen, and a super-network sits on a long plateau (hundreds of steps on LeNet-5);
+        perturbed copies start all paths near one network, and the orthogonality loss and the
+        independent updates of each candidate pull them apart.
+        """
+        for layer in self._choices:
+            first = layer.candidates[0].state_dict()
+            for candidate in layer.candidates[1:]:
+                shapes_match = all(v.shape == first[k].shape for k, v in candidate.state_dict().items())
+                if not shapes_match:
+                    continue
+                for name, tensor in candidate.state_dict().items():
+                    source = first[name]
+                    if not source.is_floating_point():
+                        continue
+                    scale = source.std() if source.numel() > 1 else source.abs()
+                    tensor.copy_(source + noise * scale * torch.randn(source.shape, generator=generator))
+        return self
+
     def extract_subnet(self, path) -> nn.Module:
         """A plain ``nn.Module`` (no choice layers) equal to this super-network on ``path`` (L,)."""
         path = self.check_path(path, 1)
