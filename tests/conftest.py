@@ -57,3 +57,64 @@ def trained_sors(fmnist_train, fmnist_test):
                       train__lambda=10.0, train__paths_per_step=2)
     state = train_lib.fit(cfg, data=(fmnist_train, fmnist_test))
     return state.model.eval(), state.history
+
+
+# ---------------------------------------------------------------- pipeline fixtures (Ray, MLflow server)
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """ONE local Ray for the whole test session: 2 CPUs, a 200 MB object store, worker logs off."""
+    import ray
+
+    from pipeline import cluster
+
+    cluster.connect(num_cpus=2, object_store_memory=200 * 1024 * 1024, quiet=True)
+    yield ray
+    cluster.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (free port, SQLite backend and artifacts in tmp). Yields its URI."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

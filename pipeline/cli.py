@@ -1,0 +1,321 @@
+"""The ``sors`` command line: train, sweep, evaluate, report (nightly and bench: other modules).
+
+Exit codes: 0 done; 1 a regression or failed check (nightly, bench); 2 bad input or could not run
+(one line naming the problem, no traceback); 130 interrupted (the sweep is resumable with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from sors.errors import ConfigError, DataNotFoundError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+NOT_BUILT = "sors {command}: not built yet (tracked in another issue)"
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse cannot see (one line)."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("shared options")
+    group.add_argument("--ray-address", default=None,
+                       help="Ray to use: default starts a local Ray sized to this machine; 'auto' joins the cluster "
+                            "this machine belongs to; or ray://host:port")
+    group.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
+    group.add_argument("--results-dir", default="results", help="results folder (default ./results)")
+    group.add_argument("--data-root", default=None, help="where data sets are (sets data.root for every run)")
+    group.add_argument("--storage-path", default=None,
+                       help="Ray Train checkpoints and Tune state: a local/shared folder or s3:// URI "
+                            "(default <results>/ray)")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config option, e.g. --set train.lambda=5 (repeatable)")
+    group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (sub-commands train, sweep, evaluate, report, nightly, bench)."""
+    parser = argparse.ArgumentParser(prog="sors", description="SORS robustness pipeline: Ray Train/Tune, Parquet, MLflow")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model (Ray Train) and log it to MLflow")
+    train.add_argument("--name", default=None, help="run name (default: the model name)")
+    train.add_argument("--help-keys", action="store_true", help="list every config key and exit")
+    _common(train)
+
+    sweep = sub.add_parser("sweep", help="run a preset: Tune grid of trainings, evaluation cells, report")
+    sweep.add_argument("preset", nargs="?", help="preset name (smoke, quick, table2, ...) or a YAML file")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sweep.add_argument("--name", default=None, help="sweep name (default: the preset's)")
+    sweep.add_argument("--list", action="store_true", help="list the presets and exit")
+    _common(sweep)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate checkpoints: one Ray task per cell into Parquet")
+    evaluate.add_argument("checkpoints", nargs="+", help="checkpoint files or URIs")
+    evaluate.add_argument("--label", action="append", default=[], help="row name per checkpoint (default: file name)")
+    evaluate.add_argument("--preset", default=None, help="take the evaluation plan (attacks, eps, seeds) from a preset")
+    evaluate.add_argument("--name", default="evaluate", help="sweep name recorded in the rows / MLflow experiment")
+    _common(evaluate)
+
+    report = sub.add_parser("report", help="tables (Markdown, CSV) and plots from the Parquet results")
+    report.add_argument("sweep", nargs="?", help="only this sweep (default: every row)")
+    report.add_argument("--out", default=None, help="output folder (default <results>/reports/<sweep>)")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    _common(report)
+
+    for name, text in (("nightly", "scheduled robustness regression against the accepted baseline"),
+                       ("bench", "benchmarks")):
+        extra = sub.add_parser(name, help=text)
+        extra.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+# ---------------------------------------------------------------- helpers
+
+def _connect(args) -> bool:
+    """Connect to Ray; returns True when this call started it (and so should stop it)."""
+    import ray
+
+    from pipeline import cluster
+
+    if ray.is_initialized():
+        return False
+    cluster.connect(args.ray_address, num_cpus=args.num_cpus, quiet=not args.verbose)
+    return True
+
+
+def _options(args, resume: bool = False):
+    from pipeline.sweep import SweepOptions
+
+    return SweepOptions(results_dir=args.results_dir, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+                        data_root=args.data_root, resume=resume, progress=not args.no_progress)
+
+
+def _overrides(args) -> list[str]:
+    """``--set`` values, plus ``data.root`` from ``--data-root``."""
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    return overrides
+
+
+def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts, log_mlflow: bool = True,
+                    out_dir: str | None = None) -> tuple[list[Path], str]:
+    """Write the report files and log them to every trial run of the sweep. Returns (files, console table)."""
+    from pipeline import report, tracking
+
+    order = report.model_order(records)
+    out = Path(out_dir) if out_dir else Path(opts.results_dir) / "reports" / sweep_name
+    files = report.write_report(rows, records, out, title=f"sweep {sweep_name}", model_order=order)
+    if log_mlflow:
+        for record in records:
+            if record and record.get("mlflow_run_id"):
+                try:
+                    tracking.log_artifacts(opts.tracking_uri, record["mlflow_run_id"], files, "report")
+                except Exception as err:  # noqa: BLE001 -- the report exists on disk either way
+                    logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s", err)
+    return files, report.console_table(rows, order, title=f"sweep {sweep_name}")
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_train(args) -> int:
+    from pipeline import presets
+    from pipeline.sweep import run_sweep
+
+    if args.help_keys:
+        from sors import config as config_lib
+        print("\n".join(config_lib.all_keys()))
+        return EXIT_OK
+    sweep = presets.single_trial_sweep(_overrides(args), trial_name=args.name)
+    started = _connect(args)
+    try:
+        summary = run_sweep(sweep, _options(args))
+    finally:
+        _shutdown(started)
+    record = summary.records[0]
+    last = (record.get("history") or [{}])[-1]
+    print(f"trained {record['trial']}: {record['epochs']} epochs, clean_acc {last.get('clean_acc', float('nan')):.4f}")
+    print(f"checkpoint: {record['checkpoint_uri']}")
+    print(f"mlflow run: {record['mlflow_run_id']}")
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from pipeline import presets
+    from pipeline.sweep import run_sweep
+
+    if args.list or not args.preset:
+        for name in presets.available():
+            print(f"{name:10s} {presets.load_raw(name).get('description', '')}")
+        return EXIT_OK if args.list else EXIT_BAD_INPUT
+    sweep = presets.build_sweep(args.preset, _overrides(args), sweep_name=args.name)
+    opts = _options(args, resume=args.resume).resolved()
+    started = _connect(args)
+    try:
+        summary = run_sweep(sweep, opts)
+    finally:
+        _shutdown(started)
+    files, table = _publish_report(sweep.name, summary.rows, summary.records, opts)
+    print(table)
+    print(f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
+          f"{summary.cells_submitted} new cell(s), {len(summary.rows)} row(s), {summary.seconds:.0f} s")
+    print(f"results: {opts.store}  report: {files[0].parent}  mlflow: {opts.tracking_uri}")
+    return EXIT_OK
+
+
+def _default_plan(dataset: str):
+    from pipeline.presets import EvalPlan
+    from sors import attacks
+
+    return EvalPlan(clean=True, attacks=({"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
+                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
+
+
+def cmd_evaluate(args) -> int:
+    import dataclasses
+
+    from pipeline import fanout, presets, results, tracking
+    from pipeline.sweep import record_path, save_record
+    from sors import config as config_lib
+    from sors import train as train_lib
+    from tasks import storage
+    from tasks.cells import CellSpec
+
+    opts = _options(args).resolved()
+    if args.label and len(args.label) != len(args.checkpoints):
+        raise UsageError(f"--label given {len(args.label)} time(s) for {len(args.checkpoints)} checkpoint(s)")
+    models = []
+    for i, uri in enumerate(args.checkpoints):
+        local = storage.local_copy(uri)
+        payload = train_lib.read_checkpoint(local)  # CheckpointError: one line naming the file
+        cfg = config_lib.from_dict(payload["config"])
+        label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
+        models.append((uri, local, cfg, label))
+    eval_overrides = {k: v for k, v in map(config_lib.parse_assignment, args.overrides) if k.startswith("eval.")}
+    specs, records = [], []
+    code = tracking.code_version()
+    experiment = tracking.ensure_experiment(opts.tracking_uri, args.name, opts.artifact_root)
+    for uri, local, cfg, label in models:
+        eval_cfg = config_lib.apply_overrides(cfg, eval_overrides).eval
+        source = presets.build_sweep(args.preset, args.overrides).evaluation if args.preset else _default_plan(cfg.data.name)
+        if not args.preset:
+            source = presets._eval_plan({"evaluation": dataclasses.asdict(source)},
+                                        [(k, v) for k, v in map(config_lib.parse_assignment, args.overrides)
+                                         if k.startswith("attack.")])
+        sha = storage.file_sha256(local)
+        run_id = tracking.find_or_create_run(opts.tracking_uri, experiment, label, sha[:16], config_lib.flat_dict(cfg),
+                                             {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code})
+        randomized = presets.is_randomized_arch(cfg.model.name)
+        for attack, role in source.cells(randomized):
+            for seed in source.seeds:
+                specs.append(CellSpec(checkpoint_uri=uri, checkpoint_sha256=sha, dataset=cfg.data.name, attack=attack,
+                                      eval=eval_cfg, seed=seed, sweep=args.name, trial=label, variant=label,
+                                      model_label=label, role=role, mlflow_run_id=run_id, code_version=code,
+                                      data_root=args.data_root))
+        records.append({"sweep": args.name, "trial": label, "label": label, "checkpoint_uri": uri,
+                        "checkpoint_sha256": sha, "mlflow_run_id": run_id, "config": config_lib.to_dict(cfg),
+                        "config_hash": config_lib.config_hash(cfg), "variants": [], "evaluated": True,
+                        "history": payload.get("history", [])})
+    started = _connect(args)
+    try:
+        from tqdm.auto import tqdm
+        todo = sum(not results.is_done(opts.store, s) for s in specs)
+        with tqdm(total=len(specs), initial=len(specs) - todo, desc="cells", unit="cell", disable=args.no_progress) as bar:
+            summary = fanout.run_cells(specs, opts.store, on_done=lambda row: bar.update(1))
+    finally:
+        _shutdown(started)
+    for record in records:
+        rows = [r for r in summary.rows if r["mlflow_run_id"] == record["mlflow_run_id"]]
+        tracking.log_eval_rows(opts.tracking_uri, record["mlflow_run_id"], rows)
+        if not record_path(opts.results_dir, args.name, record["trial"]).exists():
+            save_record(opts.results_dir, record)
+    from pipeline import report
+    print(report.console_table(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
+    if summary.failures:
+        where, why = summary.failures[0]
+        raise UsageError(f"{len(summary.failures)} cell(s) failed; first: {where}: {why}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from pipeline import results
+    from pipeline.sweep import load_records
+
+    opts = _options(args).resolved()
+    rows = results.read_rows(opts.store, sweep=args.sweep)
+    if not rows:
+        raise UsageError(f"no results{' for sweep ' + args.sweep if args.sweep else ''} under {opts.store}")
+    records = load_records(opts.results_dir, args.sweep) if args.sweep else []
+    files, table = _publish_report(args.sweep or "all", rows, records, opts, log_mlflow=not args.no_mlflow,
+                                   out_dir=args.out)
+    print(table)
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return EXIT_OK
+
+
+def cmd_nightly(args) -> int:
+    print(NOT_BUILT.format(command="nightly"), file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_bench(args) -> int:
+    if importlib.util.find_spec("pipeline.bench") is None:
+        print(NOT_BUILT.format(command="bench"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return int(importlib.import_module("pipeline.bench").main(list(args.args)) or 0)
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report,
+            "nightly": cmd_nightly, "bench": cmd_bench}
+
+
+def _shutdown(started: bool) -> None:
+    if started:
+        from pipeline import cluster
+        cluster.shutdown()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.fanout import CellFailed
+    from pipeline.sweep import SweepError
+    from sors.train import CheckpointError
+
+    return (ConfigError, DataNotFoundError, CheckpointError, SweepError, CellFailed, UsageError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.sweep import SweepInterrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sors {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, SweepInterrupted) as err:
+        hint = f"sors sweep {args.preset} --resume" if args.command == "sweep" and args.preset else "the same command"
+        detail = f" ({err})" if str(err) else ""
+        print(f"sors {args.command}: interrupted{detail}; finished work is kept -- continue with `{hint}`",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Sweep presets: YAML data files (``pipeline/presets/*.yaml``) -> fully resolved trial specs.
+
+A preset names its trials, the options each one sets on top of a shared ``base``, optional Tune
+grids (one trial per grid point), evaluation variants of a trial's checkpoint (RS*, SORS*), and the
+evaluation plan (attacks x eps x seeds). ``--set key=value`` overrides apply last, to every trial, so a
+trial is fully determined by preset + overrides. Format::
+
+    name: quick
+    base: {data.name: fashion_mnist, train.lr: 0.002}
+    trials:
+      - name: sors                      # Tune trial id (letters, digits, _ -)
+        label: SORS                     # row name in reports
+        set: {model.name: sors_lenet5, train.teacher: "trial:lenet5"}   # teacher = another trial
+        grid: {train.lambda: [0, 10]}   # optional: one trial per value
+        variants: [{name: sors_star, label: "SORS*", set: {model.average_paths: 2}}]
+    evaluation:
+      clean: true
+      attacks: [{name: pgd, steps: 7}, {name: cw, eps: [0]}]   # per-attack eps list optional
+      eps: [25/255, 50/255]
+      seeds: [0]
+      sanity: true                      # + the cells sors.checks' cross-cell comparisons need
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sors import config as config_lib
+from sors.config import AttackConfig, RunConfig
+from sors.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+TEACHER_PREFIX = "trial:"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
+VARIANT_KEYS = ("model.average_paths",)
+ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An evaluation-time variant of a trial's checkpoint (``average_paths`` > 1: RS*/SORS*)."""
+    name: str
+    label: str
+    average_paths: int = 1
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One Tune trial: a resolved config plus how its rows are named in reports."""
+    name: str
+    label: str
+    config: RunConfig
+    variants: tuple[Variant, ...] = ()
+
+    @property
+    def teacher_trial(self) -> str | None:
+        """Name of the trial this one distils from (``train.teacher: "trial:<name>"``), or None."""
+        teacher = self.config.train.teacher or ""
+        return teacher[len(TEACHER_PREFIX):] if teacher.startswith(TEACHER_PREFIX) else None
+
+    def evaluated(self) -> tuple[Variant, ...]:
+        """The checkpoint as trained, then its variants: every row this trial contributes."""
+        return (Variant(self.name, self.label, 1),) + self.variants
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which cells every evaluated model gets: clean, then attacks x eps x seeds."""
+    clean: bool = True
+    attacks: tuple[dict, ...] = ()
+    eps: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    sanity: bool = False  # add the extra cells sors.checks' cross-cell comparisons need
+
+    def cells(self, randomized: bool) -> list[tuple[AttackConfig, str]]:
+        """``(attack, role)`` for every cell of one model: the plan's cells ("main"), then, with
+        ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
+        main = [(a, "main") for a in self.attack_configs()]
+        if not self.sanity:
+            return main
+        from sors import checks
+        return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
+
+    def attack_configs(self) -> list[AttackConfig]:
+        """One :class:`AttackConfig` per (attack, eps); ``none`` (clean accuracy) first, at eps 0."""
+        cells = [AttackConfig(name="none", eps=0.0)] if self.clean else []
+        for entry in self.attacks:
+            for eps in entry.get("eps") or self.eps:
+                cells.append(AttackConfig(name=entry["name"], eps=float(eps), steps=entry.get("steps"),
+                                          eot_samples=entry.get("eot_samples")))
+        return cells
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A resolved preset: named trials (in order) and the evaluation plan."""
+    name: str
+    preset: str
+    description: str
+    trials: tuple[TrialSpec, ...]
+    evaluation: EvalPlan = field(default_factory=EvalPlan)
+
+    def trial(self, name: str) -> TrialSpec:
+        """The trial called ``name`` (ConfigError if none)."""
+        for t in self.trials:
+            if t.name == name:
+                return t
+        raise ConfigError("trial", f"no trial named {name!r}", ", ".join(t.name for t in self.trials))
+
+
+def available() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A shipped preset by name, or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = PRESET_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError("preset", f"unknown preset {name_or_path!r}", ", ".join(available()) + ", or a .yaml file")
+    return shipped
+
+
+def load_raw(name_or_path: str) -> dict:
+    """The preset file parsed as YAML (a mapping)."""
+    path = preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError("preset", f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("trials"), list) or not raw["trials"]:
+        raise ConfigError("preset", f"{path}: expected a mapping with a non-empty 'trials' list")
+    return raw
+
+
+def _float(key: str, value: Any) -> float:
+    return config_lib._coerce(key, value, float)  # same parser as --set (accepts 25/255)
+
+
+def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
+    """The ``evaluation`` section; ``attack.*`` overrides narrow or adjust it."""
+    section = raw.get("evaluation") or {}
+    attacks = []
+    for entry in section.get("attacks") or []:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
+        if unknown or "name" not in entry:
+            raise ConfigError("evaluation.attacks", f"bad entry {entry}", "mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS))
+        if entry.get("eps") is not None:
+            entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in entry["eps"])
+        attacks.append(entry)
+    eps = tuple(_float("evaluation.eps", e) for e in section.get("eps") or ())
+    seeds = tuple(int(s) for s in section.get("seeds") or (0,))
+    clean = bool(section.get("clean", True))
+    sanity = bool(section.get("sanity", False))
+    for key, value in overrides:
+        option = key.split(".", 1)[1]
+        if option == "name":  # keep only the named attacks (clean accuracy stays as the preset says)
+            known = {a["name"]: a for a in attacks}
+            attacks = [known.get(n.strip(), {"name": n.strip()}) for n in str(value).split(",")
+                       if n.strip() and n.strip() != "none"]
+        elif option == "eps":
+            eps = tuple(_float(key, e) for e in str(value).split(","))
+            attacks = [{k: v for k, v in a.items() if k != "eps"} for a in attacks]
+        elif option == "steps":
+            attacks = [dict(a, steps=config_lib._coerce(key, value, int | None)) for a in attacks]
+        elif option == "eot_samples":
+            attacks = [dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
+                       for a in attacks]
+    plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
+    for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
+        config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
+    return plan
+
+
+def _grid_points(grid: dict) -> list[dict]:
+    """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}`` (one empty dict if no grid)."""
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    for key in keys:
+        if not isinstance(grid[key], list) or not grid[key]:
+            raise ConfigError(f"grid.{key}", f"{grid[key]!r} is not a non-empty list")
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _grid_suffix(point: dict) -> tuple[str, str]:
+    """Trial-name and label suffixes for a grid point, e.g. ``-lambda10`` and `` (lambda=10)``."""
+    if not point:
+        return "", ""
+    short = {k: k.split(".", 1)[1] for k in point}
+    name = "".join(f"-{short[k]}{v}" for k, v in point.items())
+    label = ", ".join(f"{short[k]}={v}" for k, v in point.items())
+    return name, f" ({label})"
+
+
+def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]:
+    variants = []
+    for i, entry in enumerate(raw_variants or []):
+        settings = dict(entry.get("set") or {})
+        unknown = set(settings) - set(VARIANT_KEYS)
+        if unknown:
+            raise ConfigError(f"variants.{sorted(unknown)[0]}", "an evaluation variant cannot change training",
+                              ", ".join(VARIANT_KEYS))
+        k = config_lib._coerce("model.average_paths", settings.get("model.average_paths", 1), int)
+        name = entry.get("name") or f"{trial_name}_v{i + 1}"
+        variants.append(Variant(name=name, label=entry.get("label") or name, average_paths=k))
+    return tuple(variants)
+
+
+def _split_overrides(overrides) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """(config overrides, attack.* overrides); every key checked against the config schema.
+
+    In a sweep ``attack.name`` and ``attack.eps`` take comma lists (they narrow the evaluation plan).
+    """
+    pairs = config_lib._flatten_overrides(overrides)
+    probe = RunConfig()
+    for key, value in pairs:
+        if key in ("attack.name", "attack.eps"):
+            continue  # lists here; parsed by _eval_plan
+        config_lib.set_option(probe, key, value)  # raises ConfigError for unknown keys / bad values
+    return [p for p in pairs if not p[0].startswith("attack.")], [p for p in pairs if p[0].startswith("attack.")]
+
+
+def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None) -> Sweep:
+    """Resolve a preset and ``--set`` overrides into a :class:`Sweep` (ConfigError on any bad key/value)."""
+    raw = load_raw(name_or_path)
+    config_overrides, attack_overrides = _split_overrides(overrides)
+    base = config_lib.apply_overrides(RunConfig(), raw.get("base") or {})
+    trials = []
+    for entry in raw["trials"]:
+        if not isinstance(entry, dict) or not _NAME.match(str(entry.get("name", ""))):
+            raise ConfigError("trials", f"bad trial entry {entry!r}", "mappings with a 'name' of letters, digits, _ . -")
+        unknown = set(entry) - {"name", "label", "set", "grid", "variants"}
+        if unknown:
+            raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}", "name, label, set, grid, variants")
+        for point in _grid_points(entry.get("grid") or {}):
+            cfg = config_lib.apply_overrides(base, entry.get("set") or {})
+            cfg = config_lib.apply_overrides(cfg, point)
+            cfg = config_lib.resolve(config_lib.apply_overrides(cfg, dict(config_overrides)))
+            name_suffix, label_suffix = _grid_suffix(point)
+            name = f"{entry['name']}{name_suffix}"
+            trials.append(TrialSpec(name=name, label=f"{entry.get('label') or entry['name']}{label_suffix}", config=cfg,
+                                    variants=_variants(name, entry.get("variants"))))
+    _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
+    sweep = Sweep(name=sweep_name or str(raw.get("name") or Path(name_or_path).stem), preset=str(raw.get("name") or name_or_path),
+                  description=str(raw.get("description", "")), trials=tuple(trials),
+                  evaluation=_eval_plan(raw, attack_overrides))
+    _check_names(sweep)
+    stages(sweep.trials)  # rejects unknown or circular teachers now rather than mid-sweep
+    return sweep
+
+
+def _check_unique(names: list[str]) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError("trials", f"two trials or variants are named {name!r}", "unique names")
+        seen.add(name)
+
+
+def _check_names(sweep: Sweep) -> None:
+    """Model and attack names against their registries, before anything is launched."""
+    from sors.models import registry
+    for trial in sweep.trials:
+        registry.check_name(trial.config.model.name)
+    try:
+        from sors import attacks
+    except ImportError:  # attacks library not installed: the cells will fail with the reason
+        return
+    known = set(attacks.available()) | {"none"}
+    for entry in sweep.evaluation.attacks:
+        if entry["name"] not in known:
+            raise ConfigError("attack.name", f"unknown attack {entry['name']!r}", ", ".join(sorted(known)))
+
+
+def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSpec]]:
+    """Trials grouped so every teacher is in an earlier group than its students (topological levels)."""
+    by_name = {t.name: t for t in trials}
+    level: dict[str, int] = {}
+
+    def depth(trial: TrialSpec, seen: tuple[str, ...] = ()) -> int:
+        if trial.name in level:
+            return level[trial.name]
+        teacher = trial.teacher_trial
+        if teacher is None:
+            level[trial.name] = 0
+            return 0
+        if teacher not in by_name:
+            raise ConfigError("train.teacher", f"trial {trial.name!r} distils from unknown trial {teacher!r}",
+                              ", ".join(by_name))
+        if teacher in seen + (trial.name,):
+            raise ConfigError("train.teacher", f"circular teachers: {' -> '.join(seen + (trial.name, teacher))}")
+        level[trial.name] = depth(by_name[teacher], seen + (trial.name,)) + 1
+        return level[trial.name]
+
+    for trial in trials:
+        depth(trial)
+    groups = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for trial in trials:
+        groups[level[trial.name]].append(trial)
+    return groups
+
+
+def is_randomized_arch(model_name: str) -> bool:
+    """Models whose forward pass is random (super-networks, RSE): scored with repeats and all-path views."""
+    return model_name.startswith(("sors_", "rse_"))
+
+
+def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
+    """``trial`` with its ``trial:<name>`` teacher reference replaced by the teacher's checkpoint."""
+    cfg = config_lib.set_option(trial.config, "train.teacher", checkpoint_uri)
+    return dataclasses.replace(trial, config=cfg)
+
+
+def trial_to_dict(trial: TrialSpec) -> dict:
+    """Plain-data form (what travels in a Tune ``param_space``)."""
+    return {"name": trial.name, "label": trial.label, "config": config_lib.to_dict(trial.config),
+            "variants": [dataclasses.asdict(v) for v in trial.variants]}
+
+
+def trial_from_dict(data: dict) -> TrialSpec:
+    """Inverse of :func:`trial_to_dict`."""
+    return TrialSpec(name=data["name"], label=data["label"], config=config_lib.from_dict(data["config"]),
+                     variants=tuple(Variant(**v) for v in data.get("variants", ())))
+
+
+def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: str | None = None,
+                       evaluation: EvalPlan | None = None) -> Sweep:
+    """A one-trial sweep from the config defaults + ``--set`` overrides (what ``sors train`` runs)."""
+    config_overrides, attack_overrides = _split_overrides(overrides)
+    cfg = config_lib.resolve(config_lib.apply_overrides(RunConfig(), dict(config_overrides)))
+    name = trial_name or cfg.model.name
+    if not _NAME.match(name):
+        raise ConfigError("--name", f"{name!r} is not a valid name", "letters, digits, _ . -")
+    trial = TrialSpec(name=name, label=name, config=cfg)
+    sweep = Sweep(name=sweep_name, preset="train", description="single training run", trials=(trial,),
+                  evaluation=evaluation or EvalPlan(clean=False))
+    _check_names(sweep)
+    if trial.teacher_trial:
+        raise ConfigError("train.teacher", "a single run cannot refer to another trial", "a checkpoint file or URI")
+    return sweep

@@ -1,0 +1,148 @@
+"""The results store: a hive-partitioned Parquet dataset, one file (one row) per evaluation cell.
+
+Layout: ``<root>/dataset=<name>/attack=<attack>/<cell_id>.parquet``. Each file is written under a
+temporary name in the same folder and renamed into place, so readers never see half a file and a
+cell is either finished or absent. Because the file name is the content-addressed cell id, a rerun
+that finds the file skips the cell, and rewriting a cell (e.g. to add cross-cell sanity flags)
+replaces its row instead of adding one. ``dataset`` and ``attack`` live in the path (hive style),
+not in the files. The columns are documented in ``notes/SCHEMA.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from tasks.cells import SCHEMA_VERSION, CellSpec
+
+PARTITION_KEYS = ("dataset", "attack")
+PARTITIONING = pads.partitioning(pa.schema([("dataset", pa.string()), ("attack", pa.string())]), flavor="hive")
+
+# Columns stored in every file, in order (the partition columns are added back on read).
+FILE_SCHEMA = pa.schema([
+    ("cell_id", pa.string()),
+    ("schema_version", pa.int32()),
+    ("sweep", pa.string()),
+    ("trial", pa.string()),
+    ("variant", pa.string()),
+    ("model", pa.string()),
+    ("arch", pa.string()),
+    ("lambda", pa.float64()),
+    ("n_ops", pa.int32()),
+    ("paths_per_step", pa.int32()),
+    ("average_paths", pa.int32()),
+    ("norm", pa.string()),
+    ("eps", pa.float64()),
+    ("steps", pa.int32()),
+    ("eot_samples", pa.int32()),
+    ("repeats", pa.int32()),
+    ("seed", pa.int64()),
+    ("role", pa.string()),
+    ("n", pa.int64()),
+    ("correct", pa.float64()),
+    ("accuracy", pa.float64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("all_path_accuracy", pa.float64()),
+    ("sanity_flags", pa.list_(pa.string())),
+    ("seconds", pa.float64()),
+    ("attack_spec", pa.string()),
+    ("extra", pa.string()),
+    ("checkpoint_uri", pa.string()),
+    ("checkpoint_sha256", pa.string()),
+    ("config_hash", pa.string()),
+    ("mlflow_run_id", pa.string()),
+    ("code_version", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+], metadata={"sors.schema_version": str(SCHEMA_VERSION)})
+
+SCHEMA = pa.schema(list(FILE_SCHEMA) + [pa.field(k, pa.string()) for k in PARTITION_KEYS],
+                   metadata=FILE_SCHEMA.metadata)
+
+
+def _safe(value: str) -> str:
+    """A partition value usable in a path (attack and data set names are identifiers already)."""
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in str(value))
+
+
+def cell_path(root: str | os.PathLike, dataset: str, attack: str, cell_id: str) -> Path:
+    """Where the row of a cell lives."""
+    return Path(root) / f"dataset={_safe(dataset)}" / f"attack={_safe(attack)}" / f"{cell_id}.parquet"
+
+
+def spec_path(root: str | os.PathLike, spec: CellSpec) -> Path:
+    """:func:`cell_path` for a :class:`CellSpec`."""
+    return cell_path(root, spec.dataset, spec.attack.name, spec.cell_id)
+
+
+def is_done(root: str | os.PathLike, spec: CellSpec) -> bool:
+    """True when the cell's row is already in the store."""
+    return spec_path(root, spec).is_file()
+
+
+def write_row(root: str | os.PathLike, row: dict) -> Path:
+    """Write one cell row atomically (temporary name in the same folder, then rename). Returns the path."""
+    path = cell_path(root, row["dataset"], row["attack"], row["cell_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([{k: row.get(k) for k in FILE_SCHEMA.names}], schema=FILE_SCHEMA)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_row(path: str | os.PathLike) -> dict:
+    """One cell file as a row dict, partition values restored from its path."""
+    path = Path(path)
+    row = pq.read_table(path, schema=FILE_SCHEMA).to_pylist()[0]
+    row["attack"] = path.parent.name.split("=", 1)[1]
+    row["dataset"] = path.parent.parent.name.split("=", 1)[1]
+    return row
+
+
+def files(root: str | os.PathLike) -> list[Path]:
+    """Every finished cell file (temporary files excluded), sorted."""
+    root = Path(root)
+    return sorted(p for p in root.glob("dataset=*/attack=*/*.parquet") if not p.name.startswith("."))
+
+
+def read_table(root: str | os.PathLike, filter_expr=None) -> pa.Table:
+    """All rows as an Arrow table with the documented schema (empty table when nothing is stored)."""
+    paths = files(root)
+    if not paths:
+        return SCHEMA.empty_table()
+    dataset = pads.dataset([str(p) for p in paths], schema=FILE_SCHEMA.append(pa.field("dataset", pa.string()))
+                           .append(pa.field("attack", pa.string())), format="parquet",
+                           partitioning=PARTITIONING, partition_base_dir=str(Path(root)))
+    table = dataset.to_table(filter=filter_expr)
+    return table.select(SCHEMA.names)
+
+
+def read_rows(root: str | os.PathLike, sweep: str | None = None) -> list[dict]:
+    """Rows as dicts, optionally only those of one sweep."""
+    filter_expr = (pads.field("sweep") == sweep) if sweep else None
+    return read_table(root, filter_expr).to_pylist()
+
+
+def rows_for(root: str | os.PathLike, specs: Iterable[CellSpec]) -> list[dict]:
+    """The stored rows of the given cells (missing cells skipped), in the order given."""
+    return [read_row(spec_path(root, s)) for s in specs if is_done(root, s)]
+
+
+def update_flags(root: str | os.PathLike, rows: list[dict], extra_flags: dict[str, list[str]]) -> int:
+    """Add sanity flags to stored rows (``{cell_id: [flag, ...]}``); rewrites each changed cell in
+    place (same file name: still one row per cell). Returns the number of rows changed."""
+    changed = 0
+    for row in rows:
+        new = [f for f in extra_flags.get(row["cell_id"], []) if f not in row["sanity_flags"]]
+        if new:
+            row = dict(row, sanity_flags=list(row["sanity_flags"]) + new)
+            write_row(root, row)
+            changed += 1
+    return changed

@@ -1,0 +1,386 @@
+"""Sweeps: a Ray Tune ``Tuner`` over a function trainable that trains one model with a ``TorchTrainer``,
+then fans its evaluation cells out as Ray tasks -- so a model is evaluated as soon as it is trained,
+not after the whole grid.
+
+Stages: trials that other trials distil from (``train.teacher: "trial:<name>"``) run in an earlier
+Tuner than their students. Everything is idempotent: a trial whose model record and cells exist is
+not run again; a trial whose training was interrupted resumes from its latest epoch checkpoint (the
+Ray Train run name is deterministic); cells already in the Parquet store are skipped. ``resume=True``
+also restores the interrupted Tune experiment itself (``Tuner.restore``).
+
+Results folder layout::
+
+    <results>/cells/dataset=*/attack=*/<cell_id>.parquet   evaluation rows (pipeline.results)
+    <results>/models/<sweep>/<trial>.json                   model records: checkpoint, hashes, run id
+    <results>/ray/                                          Ray Train checkpoints + Tune state (default storage_path)
+    <results>/reports/<sweep>/                              tables and plots (pipeline.report)
+    <results>/mlflow.db, <results>/mlartifacts/             default MLflow store
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from pipeline import cluster, fanout, presets, results, tracking, trainer
+from pipeline.presets import Sweep, TrialSpec
+from sors import config as config_lib
+from sors import data as data_lib
+from tasks import cells as cells_lib
+from tasks import gradients, storage
+
+log = logging.getLogger("pipeline.sweep")
+TRIAL_RESOURCES = {"memory": 1 << 20}  # the trial only drives Train + evaluation: no CPU of its own
+
+
+class SweepError(RuntimeError):
+    """A trial or cell failed; the one-line message names which and why."""
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before finishing (Ctrl-C); rerun with ``--resume`` to continue."""
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Where things go: results folder, checkpoint storage, MLflow; plus behaviour switches."""
+    results_dir: str = "results"
+    storage_path: str | None = None  # default <results>/ray
+    tracking_uri: str | None = None  # default sqlite:///<results>/mlflow.db (or MLFLOW_TRACKING_URI)
+    data_root: str | None = None
+    resume: bool = False
+    progress: bool = True
+    max_failures: int = 1
+
+    def resolved(self) -> "SweepOptions":
+        """Absolute paths and concrete defaults (what travels to the trials)."""
+        results_dir = str(Path(self.results_dir).resolve())
+        storage_path = self.storage_path or trainer.default_storage(results_dir)
+        if not storage.is_remote(storage_path):
+            storage_path = str(Path(storage_path).resolve())
+        return dataclasses.replace(self, results_dir=results_dir, storage_path=storage_path,
+                                   tracking_uri=self.tracking_uri or tracking.default_tracking_uri(results_dir))
+
+    @property
+    def store(self) -> str:
+        return str(Path(self.results_dir) / "cells")
+
+    @property
+    def artifact_root(self) -> str:
+        return str(Path(self.results_dir) / "mlartifacts")
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did (counts are of this invocation) and the rows it covers."""
+    sweep: str
+    trials_run: int = 0
+    trials_skipped: int = 0
+    cells_submitted: int = 0
+    rows: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- model records
+
+def record_path(results_dir: str, sweep: str, trial: str) -> Path:
+    """Where a trained model's record lives."""
+    return Path(results_dir) / "models" / sweep / f"{trial}.json"
+
+
+def load_record(results_dir: str, sweep: str, trial: str) -> dict | None:
+    """The model record of a trial, or None when it has not finished training."""
+    path = record_path(results_dir, sweep, trial)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_record(results_dir: str, record: dict) -> Path:
+    """Write a model record atomically."""
+    path = record_path(results_dir, record["sweep"], record["trial"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def load_records(results_dir: str, sweep: str) -> list[dict]:
+    """Every model record of a sweep."""
+    folder = Path(results_dir) / "models" / sweep
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------- cells
+
+def cell_specs(trial: TrialSpec, record: dict, plan: presets.EvalPlan, sweep: str, code_version: str = "",
+               data_root: str | None = None) -> list[cells_lib.CellSpec]:
+    """Every evaluation cell of a trained trial: (checkpoint, each variant) x attacks x eps x seeds."""
+    specs = []
+    randomized = presets.is_randomized_arch(trial.config.model.name)
+    for variant in trial.evaluated():
+        for attack, role in plan.cells(randomized):
+            for seed in plan.seeds:
+                specs.append(cells_lib.CellSpec(
+                    checkpoint_uri=record["checkpoint_uri"], checkpoint_sha256=record["checkpoint_sha256"],
+                    dataset=trial.config.data.name, attack=attack, eval=trial.config.eval, seed=seed,
+                    average_paths=variant.average_paths, sweep=sweep, trial=trial.name, variant=variant.name,
+                    model_label=variant.label, role=role, mlflow_run_id=record.get("mlflow_run_id"), code_version=code_version,
+                    data_root=data_root))
+    return specs
+
+
+def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
+    """True when the trial's model is trained, its cells are all stored and its run has them."""
+    record = load_record(opts.results_dir, sweep.name, trial.name)
+    if not record or record.get("config_hash") != config_lib.config_hash(trial.config) or not record.get("evaluated"):
+        return False
+    return all(results.is_done(opts.store, s) for s in cell_specs(trial, record, sweep.evaluation, sweep.name))
+
+
+# ---------------------------------------------------------------- the trial (runs in a Tune trial actor)
+
+def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
+    """Train with Ray Train (resuming from the latest epoch checkpoint if any) and write the model record."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sors import train as train_lib
+
+    opts = SweepOptions(**ctx["options"])
+    name = trainer.run_name(ctx["sweep"], trial.name, trial.config)
+    hook = tracking.EpochLogger(opts.tracking_uri, run_id)
+    outcome = trainer.fit(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
+                          callbacks=[TuneReportCallback()])
+    local = storage.local_copy(outcome.checkpoint_uri)
+    model, cfg, payload = train_lib.load_checkpoint(local)
+    grads = gradients.measure(model, cfg.data.name, opts.data_root or cfg.data.root)
+    record = {"sweep": ctx["sweep"], "trial": trial.name, "label": trial.label,
+              "variants": [dataclasses.asdict(v) for v in trial.variants],
+              "config": config_lib.to_dict(trial.config), "config_hash": config_lib.config_hash(trial.config),
+              "run_name": name, "checkpoint_uri": outcome.checkpoint_uri,
+              "checkpoint_sha256": storage.file_sha256(local), "mlflow_run_id": run_id,
+              "epochs": payload.get("epoch"), "history": payload.get("history", []),
+              "grad_cosines": grads["cosines"], "grad_mean_abs_cos": grads["mean_abs_cos"],
+              "code_version": ctx["code_version"], "created_at": datetime.now(timezone.utc).isoformat(),
+              "evaluated": False}
+    if grads["mean_abs_cos"] is not None:
+        tracking.log_metrics(opts.tracking_uri, run_id, {"final_grad_abs_cos_probe": grads["mean_abs_cos"]})
+    tracking.log_model(opts.tracking_uri, run_id, model)
+    tracking.log_artifacts(opts.tracking_uri, run_id, [local], "checkpoint")
+    save_record(opts.results_dir, record)
+    return record
+
+
+def run_trial(params: dict) -> dict:
+    """Tune function trainable: train one model (unless its record exists), then evaluate its cells.
+
+    ``params``: ``{"ctx": sweep context, "spec": {"trial": presets.trial_to_dict(...), "run_id": MLflow run}}``.
+    Reports ``cells_new``/``cells_skipped`` to Tune as cells finish (the driver's progress bars).
+    """
+    ctx, spec = params["ctx"], params["spec"]
+    trial, run_id = presets.trial_from_dict(spec["trial"]), spec["run_id"]
+    opts = SweepOptions(**ctx["options"])
+    plan = presets.EvalPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in ctx["evaluation"].items()})
+    try:
+        record = load_record(opts.results_dir, ctx["sweep"], trial.name)
+        if not record or record.get("config_hash") != config_lib.config_hash(trial.config):
+            record = _train(trial, ctx, run_id)
+        specs = cell_specs(trial, record, plan, ctx["sweep"], ctx["code_version"], opts.data_root)
+        skipped = sum(results.is_done(opts.store, s) for s in specs)
+        new = 0
+        tune.report({"cells_new": 0, "cells_skipped": skipped, "cells_total": len(specs)})
+
+        def on_done(row: dict) -> None:
+            nonlocal new
+            new += 1
+            tune.report({"cells_new": new, "cells_skipped": skipped, "cells_total": len(specs)})
+
+        summary = fanout.run_cells(specs, opts.store, use_gpu=trainer.use_gpu(trial.config), on_done=on_done)
+        tracking.log_eval_rows(opts.tracking_uri, run_id, summary.rows)
+        tracking.log_artifacts(opts.tracking_uri, run_id, [results.spec_path(opts.store, s) for s in specs
+                                                            if results.is_done(opts.store, s)], "cells")
+        if summary.failures:
+            where, why = summary.failures[0]
+            raise SweepError(f"{len(summary.failures)} cell(s) of trial {trial.name} failed; first: {where}: {why}")
+        record["evaluated"] = True
+        save_record(opts.results_dir, record)
+        tracking.client(opts.tracking_uri).set_terminated(run_id, "FINISHED")
+    except Exception:
+        tracking.client(opts.tracking_uri).set_terminated(run_id, "FAILED")
+        raise
+    return {"trial_done": 1, "cells_new": new, "cells_skipped": skipped, "cells_total": len(specs),
+            "checkpoint_uri": record["checkpoint_uri"]}
+
+
+# ---------------------------------------------------------------- the driver
+
+class _Progress(tune.Callback):
+    """tqdm bars on the driver: epochs trained and evaluation cells finished, over all trials."""
+
+    def __init__(self, epochs_total: int, cells_total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.epochs = tqdm(total=epochs_total, desc="epochs", unit="epoch", disable=not enabled or not epochs_total,
+                           dynamic_ncols=True)
+        self.cells = tqdm(total=cells_total, desc="cells ", unit="cell", disable=not enabled, dynamic_ncols=True)
+        self.seen_epochs: dict[str, int] = {}
+        self.seen_cells: dict[str, int] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = trial.trial_id
+        if "cells_total" in result:
+            done = int(result.get("cells_new", 0)) + int(result.get("cells_skipped", 0))
+            self.cells.update(max(0, done - self.seen_cells.get(key, 0)))
+            self.seen_cells[key] = max(done, self.seen_cells.get(key, 0))
+        elif "epoch" in result:
+            epoch = int(result["epoch"])
+            self.epochs.update(max(0, epoch - self.seen_epochs.get(key, 0)))
+            self.seen_epochs[key] = max(epoch, self.seen_epochs.get(key, 0))
+
+    def close(self):
+        self.epochs.close()
+        self.cells.close()
+
+
+def _cost(trial: TrialSpec) -> float:
+    """Rough relative training cost, to start the slowest trials first (shorter wall time)."""
+    cfg = trial.config
+    factor = 1.0
+    if config_lib.is_super_network(cfg.model.name):
+        factor = cfg.train.paths_per_step * (2.0 if cfg.train.lambda_ > 0 else 1.0)
+    elif cfg.model.members:
+        factor = len(str(cfg.model.members).replace("*", ",").split(","))  # rough member count
+        if "*" in str(cfg.model.members):
+            factor = int(str(cfg.model.members).split("*")[1])
+    return (cfg.train.epochs or 0) * (cfg.data.n_train or 60000) * factor
+
+
+def _context(sweep: Sweep, opts: SweepOptions, code_version: str) -> dict:
+    return {"sweep": sweep.name, "preset": sweep.preset, "code_version": code_version,
+            "options": dataclasses.asdict(opts),
+            "evaluation": {"clean": sweep.evaluation.clean, "attacks": [dict(a) for a in sweep.evaluation.attacks],
+                           "eps": list(sweep.evaluation.eps), "seeds": list(sweep.evaluation.seeds),
+                           "sanity": sweep.evaluation.sanity}}
+
+
+def _resolve_teachers(stage: list[TrialSpec], opts: SweepOptions, sweep: Sweep) -> list[TrialSpec]:
+    resolved = []
+    for trial in stage:
+        teacher = trial.teacher_trial
+        if teacher:
+            record = load_record(opts.results_dir, sweep.name, teacher)
+            if not record:
+                raise SweepError(f"trial {trial.name}: teacher {teacher} has no trained model")
+            trial = presets.with_teacher(trial, record["checkpoint_uri"])
+        resolved.append(trial)
+    return resolved
+
+
+def _check_data(sweep: Sweep, opts: SweepOptions) -> None:
+    """Fail before launching anything when a data set is missing (DataNotFoundError, one line)."""
+    for name, root in {(t.config.data.name, opts.data_root or t.config.data.root) for t in sweep.trials}:
+        data_lib.load(name, "test", root, n=1)
+
+
+def _error_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):  # the last "SomethingError: message" line is the root cause
+        if "Error:" in line or "Error(" in line:
+            return line[:400]
+    return (lines[-1] if lines else type(error).__name__)[:400]
+
+
+def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions, ctx: dict,
+               experiment_id: str, summary: SweepSummary) -> None:
+    todo = [t for t in stage if not trial_complete(opts, sweep, t)]
+    summary.trials_skipped += len(stage) - len(todo)
+    if not todo:
+        return
+    todo.sort(key=_cost, reverse=True)
+    grid = []
+    for trial in todo:
+        params = config_lib.flat_dict(trial.config)
+        tags = {tracking.TAG_SWEEP: sweep.name, tracking.TAG_PRESET: sweep.preset,
+                tracking.TAG_CODE: ctx["code_version"], "sors.label": trial.label}
+        run_id = tracking.find_or_create_run(opts.tracking_uri, experiment_id, trial.name,
+                                             config_lib.config_hash(trial.config), params, tags)
+        grid.append({"trial": presets.trial_to_dict(trial), "run_id": run_id})
+    needs_training = [t for t in todo if not load_record(opts.results_dir, sweep.name, t.name)]
+    def n_cells(t: TrialSpec) -> int:
+        cells = sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name))
+        return len(cells) * len(sweep.evaluation.seeds) * len(t.evaluated())
+
+    progress = _Progress(sum(t.config.train.epochs or 0 for t in needs_training), sum(n_cells(t) for t in todo),
+                         opts.progress)
+    gpu = any(trainer.use_gpu(t.config) for t in todo)
+    trainable = tune.with_resources(run_trial, TRIAL_RESOURCES)
+    experiment = f"{sweep.name}-stage{k}"
+    path = f"{opts.storage_path.rstrip('/')}/{experiment}"
+    try:
+        if opts.resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"ctx": ctx, "spec": tune.grid_search(grid)},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=cluster.max_concurrent_trials(max(t.config.train.num_workers for t in todo), gpu),
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(name=experiment, storage_path=opts.storage_path, verbose=0,
+                                          callbacks=[progress], failure_config=tune.FailureConfig(max_failures=0)))
+        grid_result = tuner.fit()
+    finally:
+        progress.close()
+    summary.trials_run += len(todo)
+    errors = [(r.config.get("spec", {}).get("trial", {}).get("name", "?"), r.error) for r in grid_result if r.error]
+    if errors:
+        name, error = errors[0]
+        raise SweepError(f"trial {name} failed: {_error_line(error)}")
+    unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
+    if unfinished:
+        raise SweepInterrupted(f"sweep {sweep.name} stopped before {', '.join(unfinished)} finished")
+
+
+def _trial_name(trial) -> str:
+    return trial.config["spec"]["trial"]["name"]
+
+
+def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
+    """Train and evaluate every trial of ``sweep`` (Ray must be connected). Returns the rows."""
+    start = time.perf_counter()
+    opts = opts.resolved()
+    Path(opts.results_dir).mkdir(parents=True, exist_ok=True)
+    _check_data(sweep, opts)
+    code_version = tracking.code_version()
+    ctx = _context(sweep, opts, code_version)
+    experiment_id = tracking.ensure_experiment(opts.tracking_uri, sweep.name, opts.artifact_root)
+    summary = SweepSummary(sweep=sweep.name)
+    before = {p.name for p in results.files(opts.store)}
+    for k, stage in enumerate(presets.stages(sweep.trials)):
+        _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
+    summary.cells_submitted = len({p.name for p in results.files(opts.store)} - before)
+    summary.records = [load_record(opts.results_dir, sweep.name, t.name) for t in sweep.trials]
+    wanted = {s.cell_id for t, r in zip(_resolve_all(sweep, opts), summary.records) if r
+              for s in cell_specs(t, r, sweep.evaluation, sweep.name)}
+    summary.rows = [row for row in results.read_rows(opts.store) if row["cell_id"] in wanted]
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _resolve_all(sweep: Sweep, opts: SweepOptions) -> list[TrialSpec]:
+    """Every trial with teacher references resolved (for computing their cell ids)."""
+    out = []
+    for trial in sweep.trials:
+        teacher = trial.teacher_trial
+        record = load_record(opts.results_dir, sweep.name, teacher) if teacher else None
+        out.append(presets.with_teacher(trial, record["checkpoint_uri"]) if record else trial)
+    return out

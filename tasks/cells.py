@@ -1,0 +1,138 @@
+"""Evaluate one cell: (model checkpoint [+ variant]) x attack x eps x seed -> CellResult + one row.
+
+A cell is content-addressed: its id hashes the checkpoint's bytes (SHA-256), the attack spec, the
+evaluation settings that change the number, the inference variant and the seed -- so a rerun finds
+the finished cell and never adds a second row for it, whatever the sweep is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sors import config as config_lib
+from sors import data as data_lib
+from sors import train as train_lib
+from sors.config import AttackConfig, EvalConfig, RunConfig
+from sors.models.factory import wrap_average
+from sors.models.supernet import SuperNet
+from tasks import storage
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything one evaluation cell needs; the first block is hashed into :attr:`cell_id`."""
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    dataset: str
+    attack: AttackConfig
+    eval: EvalConfig
+    seed: int = 0
+    average_paths: int = 1  # RS*/SORS*: softmax of this many paths averaged per forward
+    # context: stored in the row, not part of the identity
+    sweep: str = ""
+    trial: str = ""
+    variant: str = ""
+    model_label: str = ""
+    role: str = "main"  # "sanity": an extra cell for the cross-cell checks, not a table column
+    mlflow_run_id: str | None = None
+    code_version: str = ""
+    data_root: str | None = None
+
+    def identity(self) -> dict:
+        """What determines the cell's result (and so its id)."""
+        attack = {"name": self.attack.name, "eps": round(float(self.attack.eps), 8), "steps": self.attack.steps,
+                  "eot_samples": self.attack.eot_samples}
+        evaluation = {"repeats": self.eval.repeats, "n_examples": self.eval.n_examples, "all_paths": self.eval.all_paths}
+        return {"checkpoint_sha256": self.checkpoint_sha256, "attack": attack, "eval": evaluation,
+                "average_paths": self.average_paths, "seed": self.seed}
+
+    @property
+    def cell_id(self) -> str:
+        """24 hex digits of SHA-256 over :meth:`identity` (stable across runs and machines)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_model(spec: CellSpec, device="cpu"):
+    """``(model in eval mode, training config)`` for a cell: the checkpoint, wrapped for its variant."""
+    path = storage.local_copy(spec.checkpoint_uri)
+    model, cfg, _ = train_lib.load_checkpoint(path, device=device)
+    return wrap_average(model, spec.average_paths).eval(), cfg
+
+
+def test_images(spec: CellSpec, cfg: RunConfig):
+    """The cell's test images (N, C, H, W) in [0, 1] and labels: ``eval.n_examples`` of the test split."""
+    root = spec.data_root or cfg.data.root
+    return data_lib.load(cfg.data.name, "test", root, n=spec.eval.n_examples, seed=cfg.data.seed)
+
+
+def n_ops_of(model, cfg: RunConfig) -> int | None:
+    """Candidates per choice layer (the configured m, else the model's own), None for plain models."""
+    inner = getattr(model, "supernet", model)
+    if not isinstance(inner, SuperNet):
+        return None
+    return cfg.model.n_ops or max(inner.choice_counts)
+
+
+def evaluate(spec: CellSpec, device="cpu"):
+    """Run one cell. Returns ``(CellResult, row)``; ``row`` follows ``notes/SCHEMA.md``."""
+    from sors import evaluation
+
+    model, cfg = load_model(spec, device)
+    images, labels = test_images(spec, cfg)
+    eval_cfg = dataclasses.replace(spec.eval, seed=spec.seed)
+    num_classes = data_lib.spec(cfg.data.name).num_classes
+    start = time.perf_counter()
+    result = evaluation.evaluate_cell(model, images, labels, spec.attack, eval_cfg, seed=spec.seed,
+                                      device=device, num_classes=num_classes, dataset=cfg.data.name)
+    result.extra["role"] = spec.role
+    seconds = getattr(result, "seconds", None) or time.perf_counter() - start
+    return result, make_row(spec, cfg, result, n_ops_of(model, cfg), seconds)
+
+
+def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds: float) -> dict:
+    """One Parquet row (plain Python values) from a cell's spec, its checkpoint config and its result."""
+    return {
+        "cell_id": spec.cell_id,
+        "schema_version": SCHEMA_VERSION,
+        "sweep": spec.sweep,
+        "trial": spec.trial,
+        "variant": spec.variant or spec.trial,
+        "model": spec.model_label or spec.variant or spec.trial,
+        "arch": cfg.model.name,
+        "dataset": cfg.data.name,
+        "lambda": float(cfg.train.lambda_),
+        "n_ops": n_ops,
+        "paths_per_step": int(cfg.train.paths_per_step),
+        "average_paths": int(spec.average_paths),
+        "attack": spec.attack.name,
+        "norm": str(result.norm),
+        "eps": float(spec.attack.eps),
+        "steps": None if result.steps is None else int(result.steps),
+        "eot_samples": None if result.eot_samples is None else int(result.eot_samples),
+        "repeats": int(result.repeats),
+        "seed": int(spec.seed),
+        "role": spec.role,
+        "n": int(result.n),
+        "correct": float(result.correct),
+        "accuracy": float(result.accuracy),
+        "ci_low": float(result.ci_low),
+        "ci_high": float(result.ci_high),
+        "all_path_accuracy": None if result.all_path_accuracy is None else float(result.all_path_accuracy),
+        "sanity_flags": [str(f) for f in (result.sanity_flags or [])],
+        "seconds": float(seconds),
+        "attack_spec": json.dumps(result.attack_spec or {}, sort_keys=True, default=str),
+        "extra": json.dumps(result.extra or {}, sort_keys=True, default=str),
+        "checkpoint_uri": spec.checkpoint_uri,
+        "checkpoint_sha256": spec.checkpoint_sha256,
+        "config_hash": config_lib.config_hash(cfg),
+        "mlflow_run_id": spec.mlflow_run_id,
+        "code_version": spec.code_version,
+        "created_at": datetime.now(timezone.utc),
+    }

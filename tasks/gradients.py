@@ -1,0 +1,41 @@
+"""Gradient orthogonality of a trained model (the paper's Fig. 6): angles between input gradients of
+random pairs of sub-networks (super-networks) or of ensemble members."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sors import data as data_lib
+from sors import metrics
+from sors.models.supernet import SuperNet
+
+
+def pair_cosines(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_pairs: int = 8,
+                 seed: int = 0) -> list[float]:
+    """Cosines between input gradients of random path pairs (or member pairs): one per example and
+    pair. Empty for a single deterministic model. ``images``: (B, C, H, W) pixels in [0, 1]."""
+    model.eval()
+    if isinstance(model, SuperNet):
+        cos = metrics.path_pair_cosines(model, images, labels, n_pairs, torch.Generator().manual_seed(seed))
+    elif len(getattr(model, "members", [])) > 1:
+        cos = metrics.model_pair_cosines(list(model.members), images, labels)
+    else:
+        return []
+    return [float(c) for c in cos]
+
+
+def angles_degrees(cosines: list[float]) -> list[float]:
+    """Angles in degrees, 0..180 (90 = orthogonal gradients)."""
+    return [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines]
+
+
+def measure(model: nn.Module, dataset: str, root: str | None, n_examples: int = 128, n_pairs: int = 8,
+            seed: int = 0) -> dict:
+    """``{"cosines": [...], "mean_abs_cos": float | None}`` on ``n_examples`` test images of ``dataset``."""
+    images, labels = data_lib.load(dataset, "test", root, n=n_examples, seed=seed)
+    cosines = pair_cosines(model, images, labels, n_pairs, seed)
+    mean_abs = sum(abs(c) for c in cosines) / len(cosines) if cosines else None
+    return {"cosines": cosines, "mean_abs_cos": mean_abs}

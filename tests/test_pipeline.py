@@ -1,0 +1,169 @@
+"""The distributed pipeline end to end: presets, Ray Train (2 workers), the smoke sweep through Tune,
+Ray-task evaluation into Parquet, a real MLflow server, reports and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli, presets, results
+from sors import config as config_lib
+from sors.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(400)
+
+
+# ---------------------------------------------------------------- presets and --set
+
+def test_every_shipped_preset_parses_into_resolved_trials():
+    names = presets.available()
+    assert {"smoke", "quick", "table2", "table3", "table4", "lambda", "operators"} <= set(names)
+    for name in names:
+        sweep = presets.build_sweep(name)
+        assert sweep.trials and sweep.evaluation.attack_configs(), name
+        for trial in sweep.trials:
+            assert trial.config.train.epochs is not None  # resolved
+
+
+def test_quick_preset_is_the_readme_job():
+    sweep = presets.build_sweep("quick")
+    models = {t.label: t.config for t in sweep.trials}
+    assert list(models) == ["LeNet-5", "LeNet-5x4", "RS", "SORS"]
+    assert models["LeNet-5x4"].model.members == "lenet5*4"
+    assert models["RS"].model.name == "sors_lenet5" and models["RS"].train.lambda_ == 0
+    assert models["SORS"].train.lambda_ == 10
+    assert all(c.data.name == "fashion_mnist" and c.data.n_train is None for c in models.values())
+    cells = sweep.evaluation.attack_configs()
+    assert cells[0].name == "none"
+    assert {c.name for c in cells[1:]} == {"fgsm", "pgd", "mim", "eot_pgd"}
+    assert sorted({round(c.eps * 255) for c in cells[1:]}) == [25, 50, 75, 100]
+
+
+def test_teachers_train_in_an_earlier_stage_than_their_students():
+    sweep = presets.build_sweep("table2")
+    groups = [[t.name for t in g] for g in presets.stages(sweep.trials)]
+    assert "lenet5" in groups[0] and {"rs", "sors"} <= set(groups[1])
+    assert [v.label for v in sweep.trial("sors").variants] == ["SORS*"]
+
+
+def test_lambda_grid_expands_to_one_trial_per_value():
+    sweep = presets.build_sweep("lambda", ["train.epochs=1"])
+    assert sorted(t.config.train.lambda_ for t in sweep.trials) == [0, 1, 5, 10, 20, 50]
+    assert all(t.config.train.epochs == 1 for t in sweep.trials)  # --set applies to every trial
+
+
+def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.lamda.*did you mean train.lambda"):
+        presets.build_sweep("smoke", ["train.lamda=3"])
+    code = cli.main(["sweep", "smoke", "--set", "train.lamda=3", "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("sors sweep: error: train.lamda") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "cells").exists()  # nothing ran
+
+
+def test_nightly_is_a_stub_that_exits_2(capsys):
+    assert cli.main(["nightly"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Ray Train: 2 workers
+
+@pytest.mark.ray
+def test_two_ray_train_workers_end_an_epoch_with_identical_parameters(ray_session, tmp_path):
+    from pipeline import trainer
+    from sors import train as train_lib
+    from tasks import training
+
+    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
+        "model.name": "sors_lenet5", "data.n_train": 512, "data.n_test": 64, "train.epochs": 1,
+        "train.optimizer": "adam", "train.lr": 0.002, "train.num_workers": 2, "train.use_gpu": False}))
+    outcome = trainer.fit(cfg, "two-workers", str(tmp_path / "ray"))
+    digests = training.rank_digests(outcome.checkpoint_dir)
+    assert sorted(digests) == [0, 1]
+    assert digests[0] == digests[1], "ranks diverged: gradients were not averaged or paths differed"
+    model, _, payload = train_lib.load_checkpoint(Path(outcome.checkpoint_uri))
+    assert training.params_digest(model) == digests[0]  # the saved weights are the ranks' weights
+    assert payload["epoch"] == 1 and payload["history"][0]["loss"] > 0
+
+
+# ---------------------------------------------------------------- the smoke sweep, end to end
+
+def _run_files(root: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in results.files(root / "cells")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
+    import duckdb
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import sweep as sweep_lib
+
+    args = ["sweep", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", mlflow_server, "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "LeNet-5" in printed and "SORS" in printed
+
+    # Parquet: one row per expected cell, unique ids, readable with pyarrow, pandas and DuckDB
+    smoke = presets.build_sweep("smoke")
+    per_model = len(smoke.evaluation.attack_configs())
+    table = results.read_table(tmp_path / "cells")
+    assert table.num_rows == per_model * len(smoke.trials) == 6
+    ids = table.column("cell_id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    assert set(table.column("attack").to_pylist()) == {"none", "fgsm", "pgd"}
+    assert set(table.column("schema_version").to_pylist()) == {1}
+    frame = pd.read_parquet(tmp_path / "cells")
+    assert len(frame) == 6 and set(frame["dataset"].astype(str)) == {"fashion_mnist"}
+    count = duckdb.sql(f"select count(distinct cell_id) from read_parquet('{tmp_path}/cells/**/*.parquet', "
+                       f"hive_partitioning=true)").fetchall()[0][0]
+    assert count == 6
+    rows = table.to_pylist()
+    for row in rows:
+        assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+        assert row["n"] == 64 and row["sweep"] == "smoke" and row["mlflow_run_id"]
+    sors_rows = [r for r in rows if r["trial"] == "sors"]
+    assert all(r["all_path_accuracy"] is not None for r in sors_rows)  # randomized: worst-case view recorded
+
+    # a rerun runs no trial and no task and adds (or rewrites) no row
+    before = _run_files(tmp_path)
+    opts = sweep_lib.SweepOptions(results_dir=str(tmp_path), tracking_uri=mlflow_server, progress=False)
+    summary = sweep_lib.run_sweep(smoke, opts)
+    assert (summary.trials_run, summary.cells_submitted, len(summary.rows)) == (0, 0, 6)
+    assert _run_files(tmp_path) == before
+
+    # MLflow server: one run per trial, with params, per-epoch metrics, evaluation metrics, artifacts, model
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["lenet5", "sors"]
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    for run in runs:
+        record = json.loads((tmp_path / "models" / "smoke" / f"{run.info.run_name}.json").read_text())
+        assert record["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
+        cfg = config_lib.from_dict(record["config"])
+        assert set(config_lib.flat_dict(cfg)) <= set(run.data.params)
+        assert run.data.params["train.lambda"] == str(cfg.train.lambda_)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+        assert "clean_acc" in run.data.metrics
+        pgd = [r for r in rows if r["trial"] == run.info.run_name and r["attack"] == "pgd"][0]
+        assert run.data.metrics[f"pgd_eps{pgd['eps']:.3f}_acc"] == pytest.approx(pgd["accuracy"])
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"cells", "checkpoint", "report"} <= artifacts
+        report_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
+        assert {"table.md", "table.csv", "accuracy_vs_eps.png"} <= report_files
+        assert run.data.tags["sors.preset"] == "smoke" and run.data.tags["sors.code_version"]
+        assert any(m.source_run_id == run.info.run_id for m in models)
+
+    # sors report re-renders from the store
+    out = tmp_path / "report"
+    assert cli.main(["report", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", mlflow_server,
+                     "--out", str(out), "--no-mlflow"]) == 0
+    markdown = (out / "table.md").read_text()
+    assert "| LeNet-5 |" in markdown and "| SORS |" in markdown and "PGD 50/255" in markdown
+    assert (out / "gradient_angles.png").stat().st_size > 0
