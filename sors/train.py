@@ -125,6 +125,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     index = _shard(len(labels), epoch, train.seed, rank, world)
     steps = max(1, math.ceil(len(index) / train.batch_size))
     sums = {"loss": 0.0, "ce": 0.0, "ortho": 0.0, "kd": 0.0, "train_acc": 0.0}
+    params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps):
         batch = index[step * train.batch_size:(step + 1) * train.batch_size]
         x, y = images[batch].to(device), labels[batch].to(device)
@@ -135,7 +136,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
         parts = batch_loss(model, x, y, train, step_generator(train.seed, epoch, step), teacher,
                            lam=lambda_at(train, epoch + step / steps))
         optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        losses.backward_into(parts, params)  # parameters only: no gradient w.r.t. the input images
         allreduce_gradients(model)
         optimizer.step()
         sums["loss"] += parts.total.item()

@@ -38,7 +38,24 @@ class ChoiceLayer(nn.Module):
             raise RuntimeError("ChoiceLayer called outside SuperNet.forward: no active candidate")
         if isinstance(index, int):
             return self.candidates[index](x)
+        if isinstance(index, tuple):
+            return self._route_blocks(x, index)
         return self._route_per_example(x, index)
+
+    def _route_blocks(self, x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+        """``x`` is len(blocks) equal contiguous blocks along the batch, block i through candidate
+        blocks[i]: runs of equal candidates go through in one call, on views (no sort, no gather)."""
+        runs: list[list[int]] = []  # [candidate, number of blocks]
+        for candidate in blocks:
+            if runs and runs[-1][0] == candidate:
+                runs[-1][1] += 1
+            else:
+                runs.append([candidate, 1])
+        if len(runs) == 1:
+            return self.candidates[runs[0][0]](x)
+        size = x.shape[0] // len(blocks)
+        chunks = torch.split(x, [n * size for _, n in runs])
+        return torch.cat([self.candidates[c](chunk) for (c, _), chunk in zip(runs, chunks)])
 
     def _route_per_example(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Send each example through its own candidate: sort by candidate, run each group, unsort."""
@@ -108,6 +125,19 @@ class SuperNet(nn.Module):
         else:
             path = self.check_path(path, x.shape[0])
         self._activate(path.to(x.device))
+        return self.body(x)
+
+    def forward_blocks(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        """K paths over K stacked copies of a batch in one call: x is (K*B, C, H, W), block k
+        (rows k*B:(k+1)*B) goes through ``paths[k]``; paths is (K, L). Same result as
+        ``forward(x, paths.repeat_interleave(B, 0))``, without the per-example sort (SORS training)."""
+        paths = torch.as_tensor(paths, dtype=torch.long)
+        if paths.dim() != 2 or x.shape[0] % paths.shape[0]:
+            raise ValueError(f"forward_blocks needs paths (K, L) and a batch divisible by K, got "
+                             f"{tuple(paths.shape)} for {x.shape[0]} rows")
+        self.check_path(paths, paths.shape[0])
+        for layer, column in zip(self._choices, paths.t().tolist()):
+            layer.active = tuple(column)
         return self.body(x)
 
     def _activate(self, path: torch.Tensor) -> None:
