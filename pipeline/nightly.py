@@ -316,8 +316,8 @@ def _attack_text(line: dict) -> str:
 
     if line["attack"] == "none":
         return "clean"
-    extra = [f"{line['steps']} steps"] if line.get("steps") else []
-    extra += [f"{line['eot_samples']} EOT"] if line.get("eot_samples") else []
+    extra = [f"{line['steps']} steps"] if (line.get("steps") or 0) > 1 else []
+    extra += [f"{line['eot_samples']} EOT samples"] if (line.get("eot_samples") or 0) > 1 else []
     return f"{line['attack']} {eps_text(line['eps'])}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -505,13 +505,12 @@ def _log_mlflow(ctx: RunContext, meta: dict, summary: dict, files: list[Path], s
 
 def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     """One nightly run (Ray connected or connectable through ``args``). Returns the exit code."""
-    from pipeline import cli, results, tracking
-    from pipeline import sweep as sweep_lib
-
     results_dir = Path(args.results_dir).resolve()
     root = nightly_root(results_dir, cfg.name)
     baseline_id, baseline_how = _baseline(cfg, root, results_dir, args.baseline)
-    _check_data(cfg, args.data_root)
+    _check_data(cfg, args.data_root)  # before importing Ray: a missing data set fails in seconds
+    from pipeline import cli, results, tracking
+    from pipeline import sweep as sweep_lib
     run_id = new_run_id()
     folder = run_dir(root, run_id)
     ctx = RunContext(cfg=cfg, results_dir=results_dir, root=root, run_id=run_id, folder=folder,
@@ -592,12 +591,12 @@ def _print_summary(meta: dict, lines: list[dict], summary: dict, files: list[Pat
 def _one_line(err: BaseException) -> str:
     """The reason a run failed, as one line: the message of errors a user can act on, else the root
     cause's ``SomethingError: message`` line of a wrapped (Ray, Tune) error."""
-    from pipeline import sweep as sweep_lib
-
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
     if isinstance(err, (ConfigError, FileNotFoundError, NightlyError)):
         return " ".join(str(err).split())
+    from pipeline import sweep as sweep_lib
+
     text = sweep_lib._error_line(err) if str(err).strip() else type(err).__name__
     return text if "Error" in text.split(":")[0] else f"{type(err).__name__}: {text}"
 
