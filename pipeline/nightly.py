@@ -60,7 +60,6 @@ REPORT_MD, REPORT_JSON, RUN_JSON = "nightly-report.md", "nightly-report.json", "
 LAST_ACCEPTED = "last-accepted"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RUN_ID = re.compile(r"^(\d{8})T\d{6}Z-[0-9a-f]{4}$")
-FAILING = ("regression", "clean-drop", "new-warning", "missing")
 
 
 class NightlyError(RuntimeError):
@@ -396,7 +395,7 @@ def reusable_records(root: Path, sweep_name: str, code_version: str, before: str
             continue
         uri = record.get("checkpoint_uri") or ""
         if storage.is_remote(uri) or Path(uri.removeprefix("file://")).is_file():
-            found[key] = record
+            found[key] = dict(record, nightly_origin=record.get("nightly_origin") or path.parts[-4].split("=", 1)[1])
     return found
 
 
@@ -424,10 +423,8 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
             if record is None:
                 models.append({"trial": trial.name, "how": "trained", "config_hash": chash})
                 continue
-            origin = record.get("nightly_origin") or record.get("nightly_run_id")
-            reused = dict(record, evaluated=False, nightly_origin=origin)
-            sweep_lib.save_record(str(folder), reused)
-            models.append({"trial": trial.name, "how": f"reused from {origin}", "config_hash": chash})
+            sweep_lib.save_record(str(folder), dict(record, evaluated=False))
+            models.append({"trial": trial.name, "how": f"reused from {record['nightly_origin']}", "config_hash": chash})
     return models
 
 
@@ -459,7 +456,11 @@ def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | N
     pointer = read_baseline(root)
     if pointer is None:
         return None, None
-    find_run(results_dir, pointer["run_id"])  # the accepted run must still be there
+    try:
+        find_run(results_dir, pointer["run_id"])
+    except ConfigError:
+        raise ConfigError("baseline", f"the accepted baseline run {pointer['run_id']} of nightly {cfg.name} is gone "
+                                      f"from {root / 'runs'}", "accept another run with `sors nightly --accept RUN`") from None
     return pointer["run_id"], f"accepted {pointer.get('accepted_at', '')} via {pointer.get('how', '?')}".strip()
 
 
