@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sors.errors import ConfigError
+from sors.kernels import input_gradient_kernels
 
 _ATTACKS: dict[str, Callable[..., "Attack"]] = {}
 
@@ -111,7 +112,8 @@ def ce_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = 
     inp = x.detach().requires_grad_(True)
     out = model(inp)
     value = LOSSES[loss](out, y).sum()
-    return torch.autograd.grad(value, inp)[0]
+    with input_gradient_kernels(x.device):  # CPU: native kernel for the first layer's input gradient
+        return torch.autograd.grad(value, inp)[0]
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from torch import nn
 
 from sors.attacks.base import LOSSES, Attack, ce_gradient, project_linf, register
 from sors.errors import ConfigError
-from sors.models.supernet import per_example_sampling
+from sors.kernels import input_gradient_kernels
+from sors.models.supernet import per_example_sampling, repeat_forward
 
 
 def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int, batched: bool = True,
@@ -35,9 +36,10 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: in
         for start in range(0, samples, copies_per_chunk):
             copies = min(copies_per_chunk, samples - start)
             inp = x.detach().requires_grad_(True)
-            out = model(inp.repeat(copies, *([1] * (x.dim() - 1))))
+            out = repeat_forward(model, inp, copies)  # = model(inp.repeat(copies, ...)), shared layers once
             value = LOSSES[loss](out, y.repeat(copies)).sum()
-            total += torch.autograd.grad(value, inp)[0]
+            with input_gradient_kernels(x.device):
+                total += torch.autograd.grad(value, inp)[0]
     return total / samples
 
 

@@ -140,6 +140,47 @@ class SuperNet(nn.Module):
             layer.active = tuple(column)
         return self.body(x)
 
+    def forward_copies(self, x: torch.Tensor, copies: int, path: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(x.repeat(copies, 1, 1, 1), path)`` (rows copy-major, the same path draw), computed
+        without redoing work the copies share: the layers before the first choice layer run once
+        on the B distinct images, the first choice layer runs each candidate it uses once on them,
+        and the layers up to the next choice layer run on those m*B distinct rows; only then are
+        rows expanded to copies*B (gradients of the expansion sum over the copies).
+
+        Why: EOT over E path draws repeats the same images E times; in LeNet-5 the first layer
+        (and in ResNets the stem) is most of the cost, and E = 20 >> m = 4 candidates.
+        """
+        batch, rows = x.shape[0], copies * x.shape[0]
+        if path is None:
+            path = self.sample_path(batch_size=rows if self.per_example else None)
+        else:
+            path = self.check_path(path, rows)
+        path = path.to(x.device)
+        if path.dim() == 1 or copies == 1 or not isinstance(self.body, nn.Sequential):
+            return self.forward(x.repeat(copies, *([1] * (x.dim() - 1))), path)
+        self._activate(path)
+        h, index, expanded = x, None, False  # index: copy rows -> rows of h (None: row % B)
+        for module in self.body:
+            if not expanded and index is None and isinstance(module, ChoiceLayer):
+                h, index = self._all_candidates(module, h, batch, rows)
+            elif not expanded and any(isinstance(m, ChoiceLayer) for m in module.modules()):
+                h, expanded = _expand(h, index, copies), True
+                h = module(h)
+            else:
+                h = module(h)
+        return h if expanded else _expand(h, index, copies)
+
+    @staticmethod
+    def _all_candidates(layer: ChoiceLayer, h: torch.Tensor, batch: int, rows: int):
+        """Run each candidate the column uses once on the B distinct rows; map copy rows to them."""
+        column = layer.active
+        used = torch.unique(column).tolist()
+        position = torch.zeros(layer.num_choices, dtype=torch.long, device=h.device)
+        position[used] = torch.arange(len(used), device=h.device)
+        out = torch.cat([layer.candidates[c](h) for c in used])
+        index = position[column] * batch + torch.arange(rows, device=h.device) % batch
+        return out, index
+
     def _activate(self, path: torch.Tensor) -> None:
         if path.dim() == 1:
             for layer, index in zip(self._choices, path.tolist()):
@@ -179,6 +220,21 @@ class SuperNet(nn.Module):
             raise ValueError("extract_subnet takes one path of shape (L,)")
         chosen = {id(layer): layer.candidates[i] for layer, i in zip(self._choices, path.tolist())}
         return _replace_choices(self.body, chosen)
+
+
+def _expand(h: torch.Tensor, index: torch.Tensor | None, copies: int) -> torch.Tensor:
+    """Rows of the full copies*B batch from distinct rows ``h`` (see :meth:`SuperNet.forward_copies`)."""
+    if index is None:
+        return h.repeat(copies, *([1] * (h.dim() - 1)))
+    return h.index_select(0, index)
+
+
+def repeat_forward(model: nn.Module, x: torch.Tensor, copies: int) -> torch.Tensor:
+    """``model(x.repeat(copies, 1, 1, 1))``: for a :class:`SuperNet` the same values via
+    :meth:`SuperNet.forward_copies` (shared layers once per distinct image); other models as is."""
+    if isinstance(model, SuperNet) and copies > 1:
+        return model.forward_copies(x, copies)
+    return model(x.repeat(copies, *([1] * (x.dim() - 1))))
 
 
 def _replace_choices(module: nn.Module, chosen: dict[int, nn.Module]) -> nn.Module:
