@@ -338,8 +338,10 @@ def _sanity_section(results_by_model: dict[str, list[CellResult]], num_classes: 
         if extra_cells:
             lines.append(f"  {model_name}: sanity cells " + ", ".join(
                 f"{checks._describe(r)}: {_pct(r.accuracy)}%" for r in extra_cells))
-        warnings = [f"{checks._describe(r)}: {flag}" for r in rs for flag in r.sanity_flags]
         cross = checks.cross_cell_flags(rs, num_classes)
+        # stored results may already carry their cross-cell flags: list each warning once
+        warnings = [f"{checks._describe(r)}: {flag}" for i, r in enumerate(rs) for flag in r.sanity_flags
+                    if flag not in cross.get(i, [])]
         warnings += [flag for i in sorted(cross) for flag in cross[i]]
         if warnings:
             lines += [f"  WARNING {model_name}: {w}" for w in warnings]
