@@ -219,6 +219,7 @@ class Thresholds:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Thresholds":
+        """The rule of a config's ``nightly:`` section (points -> fractions)."""
         return cls(settings.min_drop / 100, settings.clean_min_drop / 100, settings.new_warnings == "fail")
 
 

@@ -112,14 +112,20 @@ def _run_id(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """The smoke nightly three times on one local Ray: baseline, the same again, an untrained network."""
-    from pipeline import cluster
+    """The smoke nightly three times on one local Ray: baseline, the same again, an untrained network.
+
+    The code version is pinned for the three runs: other work committed to this checkout meanwhile
+    would change it, and a changed code version rightly means "train again"."""
+    from pipeline import cluster, tracking
 
     results = tmp_path_factory.mktemp("nightly")
+    version = tracking.code_version()
     cluster.connect(None, num_cpus=2)
     try:
-        runs = {name: _nightly(results, *extra) for name, extra in
-                (("first", ()), ("second", ()), ("weak", ("--set", "train.epochs=0")))}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tracking, "code_version", lambda: version)
+            runs = {name: _nightly(results, *extra) for name, extra in
+                    (("first", ()), ("second", ()), ("weak", ("--set", "train.epochs=0")))}
     finally:
         cluster.shutdown()
     return results, runs
