@@ -141,14 +141,15 @@ class SuperNet(nn.Module):
         return self.body(x)
 
     def forward_copies(self, x: torch.Tensor, copies: int, path: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward(x.repeat(copies, 1, 1, 1), path)`` (rows copy-major, the same path draw), computed
-        without redoing work the copies share: the layers before the first choice layer run once
-        on the B distinct images, the first choice layer runs each candidate it uses once on them,
-        and the layers up to the next choice layer run on those m*B distinct rows; only then are
-        rows expanded to copies*B (gradients of the expansion sum over the copies).
+        """``forward(x.repeat(copies, 1, 1, 1), path)`` (rows copy-major, the same path draw), without
+        computing any row twice: every top-level layer of the body runs once per *distinct* row,
+        i.e. per distinct (image, choices made so far). Before the first choice layer that is the B
+        images; after it at most m*B rows; the count grows to copies*B only as deeper choices
+        separate the copies. Gradients of the final expansion sum over the copies.
 
-        Why: EOT over E path draws repeats the same images E times; in LeNet-5 the first layer
-        (and in ResNets the stem) is most of the cost, and E = 20 >> m = 4 candidates.
+        Why: EOT over E path draws repeats each image E times; with E = 20 and m = 4 candidates the
+        first layers (most of LeNet-5's cost; a ResNet's stem and first block) shrink 2-5x. It also
+        replaces the sort/unsort of per-example routing by one gather per choice layer.
         """
         batch, rows = x.shape[0], copies * x.shape[0]
         if path is None:
@@ -156,30 +157,17 @@ class SuperNet(nn.Module):
         else:
             path = self.check_path(path, rows)
         path = path.to(x.device)
-        if path.dim() == 1 or copies == 1 or not isinstance(self.body, nn.Sequential):
+        if path.dim() == 1 or not isinstance(self.body, nn.Sequential):
             return self.forward(x.repeat(copies, *([1] * (x.dim() - 1))), path)
-        self._activate(path)
-        h, index, expanded = x, None, False  # index: copy rows -> rows of h (None: row % B)
+        columns = iter(path.unbind(1))  # self._choices order = body.modules() order
+        h, index = x, torch.arange(rows, device=x.device) % batch  # index: copy row -> row of h
         for module in self.body:
-            if not expanded and index is None and isinstance(module, ChoiceLayer):
-                h, index = self._all_candidates(module, h, batch, rows)
-            elif not expanded and any(isinstance(m, ChoiceLayer) for m in module.modules()):
-                h, expanded = _expand(h, index, copies), True
-                h = module(h)
+            inner = [m for m in module.modules() if isinstance(m, ChoiceLayer)]
+            if inner:
+                h, index = _route_distinct(module, inner, [next(columns) for _ in inner], h, index)
             else:
                 h = module(h)
-        return h if expanded else _expand(h, index, copies)
-
-    @staticmethod
-    def _all_candidates(layer: ChoiceLayer, h: torch.Tensor, batch: int, rows: int):
-        """Run each candidate the column uses once on the B distinct rows; map copy rows to them."""
-        column = layer.active
-        used = torch.unique(column).tolist()
-        position = torch.zeros(layer.num_choices, dtype=torch.long, device=h.device)
-        position[used] = torch.arange(len(used), device=h.device)
-        out = torch.cat([layer.candidates[c](h) for c in used])
-        index = position[column] * batch + torch.arange(rows, device=h.device) % batch
-        return out, index
+        return h.index_select(0, index)
 
     def _activate(self, path: torch.Tensor) -> None:
         if path.dim() == 1:
@@ -222,11 +210,31 @@ class SuperNet(nn.Module):
         return _replace_choices(self.body, chosen)
 
 
-def _expand(h: torch.Tensor, index: torch.Tensor | None, copies: int) -> torch.Tensor:
-    """Rows of the full copies*B batch from distinct rows ``h`` (see :meth:`SuperNet.forward_copies`)."""
-    if index is None:
-        return h.repeat(copies, *([1] * (h.dim() - 1)))
-    return h.index_select(0, index)
+def _route_distinct(module: nn.Module, inner: list[ChoiceLayer], columns: list[torch.Tensor], h: torch.Tensor,
+                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``module`` once per distinct (row of h, choices of its choice layers) among the copy rows.
+
+    ``index`` maps each copy row to its row of ``h``; ``columns`` are the copy rows' candidates for
+    ``inner`` (the choice layers inside ``module``). Returns the distinct outputs and the new map.
+    """
+    n = h.shape[0]
+    if isinstance(module, ChoiceLayer):
+        # candidate-major key: the distinct rows come out grouped by candidate, no unsort needed
+        distinct, inverse = torch.unique(columns[0] * n + index, return_inverse=True)
+        counts = torch.bincount(distinct // n, minlength=module.num_choices).tolist()
+        used = [k for k, c in enumerate(counts) if c]
+        groups = torch.split(h.index_select(0, distinct % n), [counts[k] for k in used])
+        outs = [module.candidates[k](g) for k, g in zip(used, groups)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), inverse
+    key = index
+    for layer, column in zip(inner, columns):
+        key = key * layer.num_choices + column
+    distinct, inverse = torch.unique(key, return_inverse=True)
+    rest = distinct
+    for layer in reversed(inner):  # decode (row, c_1, ..., c_k) from the mixed-radix key
+        layer.active = rest % layer.num_choices
+        rest = rest // layer.num_choices
+    return module(h.index_select(0, rest)), inverse
 
 
 def repeat_forward(model: nn.Module, x: torch.Tensor, copies: int) -> torch.Tensor:
