@@ -4,7 +4,8 @@ AutoAttack's ``checks.py``): plain functions that turn evaluation results into w
 Per cell (:func:`cell_flags`): input gradients all zero on some examples; eps = 1 not bringing
 accuracy down to chance + 5 points; adversarial images outside [0, 1] or the eps-ball.
 Across cells of one model (:func:`cross_cell_flags`): an iterative attack weaker than FGSM; more
-steps weaker than fewer; EOT weaker than single-sample PGD; white-box weaker than transfer.
+steps weaker than fewer; EOT weaker than single-sample PGD; white-box weaker than transfer; and
+AutoAttack's rand version weaker than EOT-PGD (not a masking sign, but the number to report).
 
 A comparison fires when the stronger-by-design attack leaves accuracy higher by more than ``tol``
 (1 point) plus, for randomized models, two standard errors of the difference (the cells' own
@@ -126,7 +127,8 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
 
     Checks: iterative attacks not weaker than FGSM; more steps not weaker (same attack, eps and
     samples); EOT-PGD not weaker than PGD; white-box not weaker than the transfer attack with the
-    same base. ``results`` are :class:`sors.evaluation.CellResult` (or anything with the same fields).
+    same base; autoattack_rand not weaker than EOT-PGD. ``results`` are
+    :class:`sors.evaluation.CellResult` (or anything with the same fields).
     """
     flags: dict[int, list[str]] = defaultdict(list)
     cells: dict[tuple[str, float], list[int]] = defaultdict(list)
@@ -153,6 +155,11 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
             for j in pgds:
                 if significantly_higher(r, results[j], tol):
                     flags[i].append(_weaker(r, results[j], "averaging gradients over draws should not weaken PGD"))
+        if r.attack == "autoattack_rand":
+            for j in at("eot_pgd", eps):
+                if significantly_higher(r, results[j], tol):
+                    flags[i].append(_weaker(r, results[j], "APGD keeps the first point that fooled one draw; on a "
+                                                           "randomized model report the stronger of the two"))
         if r.attack.startswith("transfer"):
             base = (r.attack_spec or {}).get("base") or r.attack.partition("_")[2] or "pgd"
             same_steps = [j for j in at(base, eps) if results[j].steps == r.steps]

@@ -192,6 +192,14 @@ def test_checks_stay_quiet_on_plain_models(lenet, sors_model, fmnist_test):
     assert _all_flags(randomized) == {i: [] for i in range(len(randomized))}
 
 
+def test_autoattack_rand_weaker_than_eot_is_reported(sors_model, fmnist_test):
+    eot, auto = _cells(sors_model, *fmnist_test, [AttackConfig("eot_pgd", 100 / 255, eot_samples=4),
+                                                  AttackConfig("none", 0.0)], n=100)
+    auto.attack, auto.eps, auto.attack_spec = "autoattack_rand", eot.eps, {}  # clean accuracy posing as AA-rand
+    assert any("report the stronger" in f for f in checks.cross_cell_flags([eot, auto])[1])
+    assert checks.cross_cell_flags([eot, eot]) == {}
+
+
 def test_sanity_cells_are_added_to_every_model_evaluation():
     extra = checks.sanity_attacks([AttackConfig("pgd", 0.1), AttackConfig("pgd", 0.2), AttackConfig("eot_pgd", 0.2),
                                    AttackConfig("transfer_mim", 0.1)], randomized=True)
