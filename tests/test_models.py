@@ -126,6 +126,8 @@ def test_rse_is_random_at_inference_and_averages_noisy_passes():
     with torch.no_grad():
         assert not torch.allclose(rse(x), rse(x))
     assert models.is_randomized(rse) and not models.is_randomized(models.build("lenet5"))
+    net = models.build("sors_lenet5")
+    assert models.is_randomized(net) and not models.is_randomized(models.freeze_path(net, net.sample_path()))
 
 
 def test_perturbed_copies_start_candidates_near_each_other():

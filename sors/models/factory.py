@@ -8,7 +8,7 @@ from sors import data as data_lib
 from sors.config import RunConfig
 from sors.models.ensemble import PathAverage
 from sors.models.registry import build
-from sors.models.supernet import SuperNet
+from sors.models.supernet import FixedPath, SuperNet
 
 
 def build_from_config(cfg: RunConfig) -> nn.Module:
@@ -28,5 +28,8 @@ def wrap_average(model: nn.Module, k: int) -> nn.Module:
 
 
 def is_randomized(model: nn.Module) -> bool:
-    """True when two forwards of the same input may differ (super-networks, RSE, wrappers of them)."""
+    """True when two forwards of the same input may differ (super-networks, RSE, wrappers of them);
+    False for a super-network frozen on one path."""
+    if isinstance(model, FixedPath):
+        return False
     return any(isinstance(m, SuperNet) or getattr(m, "randomized", False) for m in model.modules())
