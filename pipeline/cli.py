@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.redact import redact
 from sors.errors import ConfigError, DataNotFoundError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -24,6 +25,9 @@ NOT_BUILT = "sors {command}: not built yet (tracked in another issue)"
 
 class UsageError(Exception):
     """Bad command-line input that argparse cannot see (one line)."""
+
+
+DRY_RUN_HELP = "check every input (config, data, folders, tracking, Ray address), print the trials, run nothing"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +51,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (sub-commands train, sweep, evaluate, report, nightly, bench)."""
-    parser = argparse.ArgumentParser(prog="sors", description="SORS robustness pipeline: Ray Train/Tune, Parquet, MLflow")
+    from pipeline.preflight import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="sors", description="SORS robustness pipeline: Ray Train/Tune, Parquet, MLflow")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one model (Ray Train) and log it to MLflow")
     train.add_argument("--name", default=None, help="run name (default: the model name)")
     train.add_argument("--help-keys", action="store_true", help="list every config key and exit")
+    train.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     _common(train)
 
     sweep = sub.add_parser("sweep", help="run a preset: Tune grid of trainings, evaluation cells, report")
@@ -60,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     sweep.add_argument("--name", default=None, help="sweep name (default: the preset's)")
     sweep.add_argument("--list", action="store_true", help="list the presets and exit")
+    sweep.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     _common(sweep)
 
     evaluate = sub.add_parser("evaluate", help="evaluate checkpoints: one Ray task per cell into Parquet")
@@ -76,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(report)
 
     for name, text in (("nightly", "scheduled robustness regression against the accepted baseline"),
-                       ("bench", "benchmarks")):
+                       ("bench", "benchmarks"),
+                       ("sync", "backfill MLflow runs from the results folder after a tracking outage")):
         extra = sub.add_parser(name, help=text)
         extra.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -111,6 +120,45 @@ def _overrides(args) -> list[str]:
     return overrides
 
 
+def _preflight(args, opts, sweep=None) -> None:
+    """Check every input before anything is written or launched (PreflightError: one line)."""
+    from pipeline import preflight
+
+    datasets = {(t.config.data.name, opts.data_root or t.config.data.root) for t in sweep.trials} if sweep else ()
+    preflight.check_inputs(opts.results_dir, args.storage_path, opts.tracking_uri, args.ray_address, args.num_cpus,
+                           datasets)
+    preflight.check_store(opts.store)
+    if sweep is not None:
+        preflight.check_checkpoints(sweep, opts)
+
+
+def _dry_run(sweep) -> int:
+    """Print what a sweep would run: each trial with the options that differ from the defaults."""
+    from pipeline import presets
+    from sors import config as config_lib
+
+    defaults = config_lib.flat_dict(config_lib.RunConfig())
+    cells = sum(len(sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name)))
+                * len(sweep.evaluation.seeds) * len(t.evaluated()) for t in sweep.trials)
+    print(f"sweep {sweep.name}: {len(sweep.trials)} trial(s), {cells} evaluation cell(s); inputs OK, nothing run")
+    for trial in sweep.trials:
+        changed = {k: v for k, v in config_lib.flat_dict(trial.config).items() if v != defaults.get(k)}
+        options = " ".join(f"{k}={redact(v)}" for k, v in sorted(changed.items()))
+        print(f"  {trial.name} ({trial.label}) config {config_lib.config_hash(trial.config)[:8]}: {options}")
+    return EXIT_OK
+
+
+def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
+    """Exit code after a finished run: 0, or 1 with one line on stderr when MLflow missed something."""
+    from pipeline import sync
+
+    missed = sync.pending(opts.results_dir, sweep_name)
+    if not missed:
+        return EXIT_OK
+    print(sync.failure_message(command, missed, opts.results_dir, opts.tracking_uri, sweep_name), file=sys.stderr)
+    return EXIT_CHECK_FAILED
+
+
 def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts, log_mlflow: bool = True,
                     out_dir: str | None = None) -> tuple[list[Path], str]:
     """Write the report files and log them to every trial run of the sweep. Returns (files, console table)."""
@@ -125,7 +173,12 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
                 try:
                     tracking.log_artifacts(opts.tracking_uri, record["mlflow_run_id"], files, "report")
                 except Exception as err:  # noqa: BLE001 -- the report exists on disk either way
-                    logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s", err)
+                    from pipeline import sync
+
+                    logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s",
+                                                              sync.one_line(err))
+                    if record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
+                        sync.mark(opts.results_dir, record, sync.INCOMPLETE, sync.one_line(err), opts.tracking_uri)
     return files, report.console_table(rows, order, title=f"sweep {sweep_name}")
 
 
@@ -140,17 +193,21 @@ def cmd_train(args) -> int:
         print("\n".join(config_lib.all_keys()))
         return EXIT_OK
     sweep = presets.single_trial_sweep(_overrides(args), trial_name=args.name)
+    opts = _options(args).resolved()
+    _preflight(args, opts, sweep)
+    if args.dry_run:
+        return _dry_run(sweep)
     started = _connect(args)
     try:
-        summary = run_sweep(sweep, _options(args))
+        summary = run_sweep(sweep, opts)
     finally:
         _shutdown(started)
     record = summary.records[0]
     last = (record.get("history") or [{}])[-1]
     print(f"trained {record['trial']}: {record['epochs']} epochs, clean_acc {last.get('clean_acc', float('nan')):.4f}")
-    print(f"checkpoint: {record['checkpoint_uri']}")
+    print(f"checkpoint: {redact(record['checkpoint_uri'])}")
     print(f"mlflow run: {record['mlflow_run_id']}")
-    return EXIT_OK
+    return _tracking_outcome("train", opts, sweep.name)
 
 
 def cmd_sweep(args) -> int:
@@ -163,6 +220,9 @@ def cmd_sweep(args) -> int:
         return EXIT_OK if args.list else EXIT_BAD_INPUT
     sweep = presets.build_sweep(args.preset, _overrides(args), sweep_name=args.name)
     opts = _options(args, resume=args.resume).resolved()
+    _preflight(args, opts, sweep)
+    if args.dry_run:
+        return _dry_run(sweep)
     started = _connect(args)
     try:
         summary = run_sweep(sweep, opts)
@@ -172,8 +232,8 @@ def cmd_sweep(args) -> int:
     print(table)
     print(f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
           f"{summary.cells_submitted} new cell(s), {len(summary.rows)} row(s), {summary.seconds:.0f} s")
-    print(f"results: {opts.store}  report: {files[0].parent}  mlflow: {opts.tracking_uri}")
-    return EXIT_OK
+    print(f"results: {opts.store}  report: {files[0].parent}  mlflow: {redact(opts.tracking_uri)}")
+    return _tracking_outcome("sweep", opts, sweep.name)
 
 
 def _default_plan(dataset: str):
@@ -204,6 +264,7 @@ def cmd_evaluate(args) -> int:
         cfg = config_lib.from_dict(payload["config"])
         label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
         models.append((uri, local, cfg, label))
+    _preflight(args, opts)
     eval_overrides = {k: v for k, v in map(config_lib.parse_assignment, args.overrides) if k.startswith("eval.")}
     specs, records = [], []
     code = tracking.code_version()
@@ -237,9 +298,14 @@ def cmd_evaluate(args) -> int:
             summary = fanout.run_cells(specs, opts.store, on_done=lambda row: bar.update(1))
     finally:
         _shutdown(started)
+    untracked = None
     for record in records:
         rows = [r for r in summary.rows if r["mlflow_run_id"] == record["mlflow_run_id"]]
-        tracking.log_eval_rows(opts.tracking_uri, record["mlflow_run_id"], rows)
+        try:
+            tracking.log_eval_rows(opts.tracking_uri, record["mlflow_run_id"], rows)
+        except Exception as err:  # noqa: BLE001 -- the rows are in Parquet; rerunning logs them
+            from pipeline import sync
+            untracked = sync.one_line(err)
         if not record_path(opts.results_dir, args.name, record["trial"]).exists():
             save_record(opts.results_dir, record)
     from pipeline import report
@@ -247,6 +313,11 @@ def cmd_evaluate(args) -> int:
     if summary.failures:
         where, why = summary.failures[0]
         raise UsageError(f"{len(summary.failures)} cell(s) failed; first: {where}: {why}")
+    if untracked:
+        print(f"sors evaluate: tracking failed: metrics not logged to MLflow at {redact(opts.tracking_uri)} "
+              f"({untracked}); the cells are in {opts.store} -- rerun the same command once the server is back "
+              "(finished cells are not recomputed)", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return EXIT_OK
 
 
@@ -255,6 +326,8 @@ def cmd_report(args) -> int:
     from pipeline.sweep import load_records
 
     opts = _options(args).resolved()
+    from pipeline import preflight
+    preflight.check_store(opts.store)  # a truncated cell: one line naming it, before anything is written
     rows = results.read_rows(opts.store, sweep=args.sweep)
     if not rows:
         raise UsageError(f"no results{' for sweep ' + args.sweep if args.sweep else ''} under {opts.store}")
@@ -266,20 +339,25 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-def cmd_nightly(args) -> int:
-    print(NOT_BUILT.format(command="nightly"), file=sys.stderr)
-    return EXIT_BAD_INPUT
+# Commands built in other modules: dispatched to ``<module>.main(argv)`` when the module exists.
+DELEGATED = {"nightly": "pipeline.nightly", "bench": "pipeline.bench", "sync": "pipeline.sync"}
 
 
-def cmd_bench(args) -> int:
-    if importlib.util.find_spec("pipeline.bench") is None:
-        print(NOT_BUILT.format(command="bench"), file=sys.stderr)
+def _delegate(args) -> int:
+    """Run ``<module>.main(args.args)``, or say the command is not built yet (exit 2)."""
+    module = DELEGATED[args.command]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        print(NOT_BUILT.format(command=args.command), file=sys.stderr)
         return EXIT_BAD_INPUT
-    return int(importlib.import_module("pipeline.bench").main(list(args.args)) or 0)
+    return int(importlib.import_module(module).main(list(args.args)) or 0)
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report,
-            "nightly": cmd_nightly, "bench": cmd_bench}
+            "nightly": _delegate, "bench": _delegate, "sync": _delegate}
 
 
 def _shutdown(started: bool) -> None:
@@ -290,15 +368,24 @@ def _shutdown(started: bool) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.fanout import CellFailed
+    from pipeline.preflight import PreflightError
+    from pipeline.results import ResultsError
     from pipeline.sweep import SweepError
     from sors.train import CheckpointError
 
-    return (ConfigError, DataNotFoundError, CheckpointError, SweepError, CellFailed, UsageError)
+    return (ConfigError, DataNotFoundError, CheckpointError, SweepError, CellFailed, UsageError, PreflightError,
+            ResultsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv and argv[0] in DELEGATED:  # their options belong to the other module's parser
+        return _delegate(argparse.Namespace(command=argv[0], args=argv[1:]))
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error, already printed on one line (2)
+        return EXIT_OK if not exit_.code else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from pipeline.sweep import SweepInterrupted
@@ -306,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
         print(f"sors {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, SweepInterrupted) as err:

@@ -42,6 +42,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths",)
 ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
+# Attacks that average gradients over random draws of the model: on a deterministic model every draw is
+# the same, so they equal PGD at eot_samples times its cost -- evaluated on randomized models only.
+RANDOMIZED_ONLY_ATTACKS = ("eot_pgd", "ensemble_pgd")
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,11 @@ class EvalPlan:
     sanity: bool = False  # add the extra cells sors.checks' cross-cell comparisons need
 
     def cells(self, randomized: bool) -> list[tuple[AttackConfig, str]]:
-        """``(attack, role)`` for every cell of one model: the plan's cells ("main"), then, with
+        """``(attack, role)`` for every cell of one model: the plan's cells ("main"; EOT-style attacks
+        only when ``randomized``), then, with
         ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
-        main = [(a, "main") for a in self.attack_configs()]
+        main = [(a, "main") for a in self.attack_configs()
+                if randomized or a.name not in RANDOMIZED_ONLY_ATTACKS]
         if not self.sanity:
             return main
         from sors import checks

@@ -108,8 +108,9 @@ def markdown_table(rows: list[dict], model_order: list[str] | None = None, title
         values = [_fmt(cells.get((model, c))) for c in columns]
         lines.append("| " + " | ".join([model] + values + [str(n), str(len(flags.get(model, [])))]) + " |")
     lines.append("")
-    lines.append("Accuracy (%) with 95% Wilson intervals; eps on the pixel scale (x/255). "
-                 "flags = sanity warnings (listed below).")
+    lines.append("Accuracy (%) with 95% Wilson intervals; eps on the pixel scale (x/255); n = test images per cell. "
+                 "'-' = not evaluated (EOT-style attacks run on randomized models only: on a deterministic "
+                 "model they equal PGD). flags = sanity warnings (listed below).")
     for model in models:
         for flag in flags.get(model, []):
             lines.append(f"- {model}: {flag}")
@@ -177,7 +178,8 @@ def plot_accuracy_vs_eps(rows: list[dict], path: Path, model_order: list[str] | 
                 continue
             xs = [p[0] for p in points]
             ys = [100 * p[1].accuracy for p in points]
-            err = [[100 * (p[1].accuracy - p[1].ci_low) for p in points], [100 * (p[1].ci_high - p[1].accuracy) for p in points]]
+            err = [[max(0.0, 100 * (p[1].accuracy - p[1].ci_low)) for p in points],  # clamp float round-off
+                   [max(0.0, 100 * (p[1].ci_high - p[1].accuracy)) for p in points]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=model)
         ax.set_title(ATTACK_LABELS.get(attack, attack))
         ax.set_xlabel("eps (x/255)")
@@ -231,10 +233,10 @@ def plot_gradient_angles(records: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, angles in series.items():
         mean_abs = sum(abs(math.cos(math.radians(a))) for a in angles) / len(angles)
-        ax.hist(angles, bins=36, range=(0, 180), alpha=0.5, label=f"{label} (mean |cos| {mean_abs:.2f})")
+        ax.hist(angles, bins=36, range=(0, 180), alpha=0.5, density=True, label=f"{label} (mean |cos| {mean_abs:.2f})")
     ax.axvline(90, color="k", linewidth=0.8, linestyle="--")
     ax.set_xlabel("angle between input gradients (degrees)")
-    ax.set_ylabel("count")
+    ax.set_ylabel("density")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -31,7 +31,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from pipeline import cluster, fanout, presets, results, tracking, trainer
+from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
 from pipeline.presets import Sweep, TrialSpec
 from sors import config as config_lib
 from sors import data as data_lib
@@ -172,11 +172,7 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
               "grad_cosines": grads["cosines"], "grad_mean_abs_cos": grads["mean_abs_cos"],
               "code_version": ctx["code_version"], "created_at": datetime.now(timezone.utc).isoformat(),
               "evaluated": False}
-    if grads["mean_abs_cos"] is not None:
-        tracking.log_metrics(opts.tracking_uri, run_id, {"final_grad_abs_cos_probe": grads["mean_abs_cos"]})
-    tracking.log_model(opts.tracking_uri, run_id, model)
-    tracking.log_artifacts(opts.tracking_uri, run_id, [local], "checkpoint")
-    save_record(opts.results_dir, record)
+    save_record(opts.results_dir, record)  # MLflow (probe, model, checkpoint) follows in sync.track: it may be down
     return record
 
 
@@ -205,17 +201,17 @@ def run_trial(params: dict) -> dict:
             tune.report({"cells_new": new, "cells_skipped": skipped, "cells_total": len(specs)})
 
         summary = fanout.run_cells(specs, opts.store, use_gpu=trainer.use_gpu(trial.config), on_done=on_done)
-        tracking.log_eval_rows(opts.tracking_uri, run_id, summary.rows)
-        tracking.log_artifacts(opts.tracking_uri, run_id, [results.spec_path(opts.store, s) for s in specs
-                                                            if results.is_done(opts.store, s)], "cells")
         if summary.failures:
+            sync.track_or_mark(opts.tracking_uri, opts.results_dir, record, summary.rows, status="FAILED")
             where, why = summary.failures[0]
             raise SweepError(f"{len(summary.failures)} cell(s) of trial {trial.name} failed; first: {where}: {why}")
         record["evaluated"] = True
         save_record(opts.results_dir, record)
-        tracking.client(opts.tracking_uri).set_terminated(run_id, "FINISHED")
+        # Everything is on disk now; MLflow is logged from it, best effort (a failure marks the record
+        # "incomplete" and `sors sync` backfills it later).
+        sync.track_or_mark(opts.tracking_uri, opts.results_dir, record, summary.rows)
     except Exception:
-        tracking.client(opts.tracking_uri).set_terminated(run_id, "FAILED")
+        sync.mark_failed(opts.tracking_uri, run_id)
         raise
     return {"trial_done": 1, "cells_new": new, "cells_skipped": skipped, "cells_total": len(specs),
             "checkpoint_uri": record["checkpoint_uri"]}
@@ -223,7 +219,7 @@ def run_trial(params: dict) -> dict:
 
 # ---------------------------------------------------------------- the driver
 
-class _Progress(tune.Callback):
+class _Bars:
     """tqdm bars on the driver: epochs trained and evaluation cells finished, over all trials."""
 
     def __init__(self, epochs_total: int, cells_total: int, enabled: bool):
@@ -235,20 +231,30 @@ class _Progress(tune.Callback):
         self.seen_epochs: dict[str, int] = {}
         self.seen_cells: dict[str, int] = {}
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        key = trial.trial_id
-        if "cells_total" in result:
-            done = int(result.get("cells_new", 0)) + int(result.get("cells_skipped", 0))
-            self.cells.update(max(0, done - self.seen_cells.get(key, 0)))
-            self.seen_cells[key] = max(done, self.seen_cells.get(key, 0))
-        elif "epoch" in result:
-            epoch = int(result["epoch"])
-            self.epochs.update(max(0, epoch - self.seen_epochs.get(key, 0)))
-            self.seen_epochs[key] = max(epoch, self.seen_epochs.get(key, 0))
-
     def close(self):
         self.epochs.close()
         self.cells.close()
+
+
+_ACTIVE_BARS: dict[str, _Bars] = {}  # kept out of the callback: Tune pickles callbacks into its state
+
+
+class _Progress(tune.Callback):
+    """Feeds the driver's :class:`_Bars` from trial results (epochs from Ray Train, cells from the trial)."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        bars = _ACTIVE_BARS.get("sweep")
+        if bars is None:
+            return
+        key = trial.trial_id
+        if "cells_total" in result:
+            done = int(result.get("cells_new", 0)) + int(result.get("cells_skipped", 0))
+            bars.cells.update(max(0, done - bars.seen_cells.get(key, 0)))
+            bars.seen_cells[key] = max(done, bars.seen_cells.get(key, 0))
+        elif "epoch" in result:
+            epoch = int(result["epoch"])
+            bars.epochs.update(max(0, epoch - bars.seen_epochs.get(key, 0)))
+            bars.seen_epochs[key] = max(epoch, bars.seen_epochs.get(key, 0))
 
 
 def _cost(trial: TrialSpec) -> float:
@@ -311,24 +317,23 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
         params = config_lib.flat_dict(trial.config)
         tags = {tracking.TAG_SWEEP: sweep.name, tracking.TAG_PRESET: sweep.preset,
                 tracking.TAG_CODE: ctx["code_version"], "sors.label": trial.label}
-        run_id = tracking.find_or_create_run(opts.tracking_uri, experiment_id, trial.name,
-                                             config_lib.config_hash(trial.config), params, tags)
+        run_id = sync.run_or_none(opts.tracking_uri, experiment_id, trial.name,  # None: MLflow down, sync later
+                                  config_lib.config_hash(trial.config), params, tags)
         grid.append({"trial": presets.trial_to_dict(trial), "run_id": run_id})
     needs_training = [t for t in todo if not load_record(opts.results_dir, sweep.name, t.name)]
     def n_cells(t: TrialSpec) -> int:
         cells = sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name))
         return len(cells) * len(sweep.evaluation.seeds) * len(t.evaluated())
 
-    progress = _Progress(sum(t.config.train.epochs or 0 for t in needs_training), sum(n_cells(t) for t in todo),
-                         opts.progress)
+    bars = _ACTIVE_BARS["sweep"] = _Bars(sum(t.config.train.epochs or 0 for t in needs_training),
+                                         sum(n_cells(t) for t in todo), opts.progress)
     gpu = any(trainer.use_gpu(t.config) for t in todo)
     trainable = tune.with_resources(run_trial, TRIAL_RESOURCES)
     experiment = f"{sweep.name}-stage{k}"
     path = f"{opts.storage_path.rstrip('/')}/{experiment}"
     try:
-        if opts.resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
+        tuner = _restore(path, trainable) if opts.resume else None
+        if tuner is None:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"ctx": ctx, "spec": tune.grid_search(grid)},
@@ -336,10 +341,11 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
                     max_concurrent_trials=cluster.max_concurrent_trials(max(t.config.train.num_workers for t in todo), gpu),
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(name=experiment, storage_path=opts.storage_path, verbose=0,
-                                          callbacks=[progress], failure_config=tune.FailureConfig(max_failures=0)))
+                                          callbacks=[_Progress()], failure_config=tune.FailureConfig(max_failures=0)))
         grid_result = tuner.fit()
     finally:
-        progress.close()
+        _ACTIVE_BARS.pop("sweep", None)
+        bars.close()
     summary.trials_run += len(todo)
     errors = [(r.config.get("spec", {}).get("trial", {}).get("name", "?"), r.error) for r in grid_result if r.error]
     if errors:
@@ -348,6 +354,19 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
     if unfinished:
         raise SweepInterrupted(f"sweep {sweep.name} stopped before {', '.join(unfinished)} finished")
+
+
+def _restore(path: str, trainable) -> tune.Tuner | None:
+    """The interrupted Tune experiment at ``path``, or None when there is none (or it cannot be read:
+    then a fresh Tuner continues, reusing every finished model, epoch checkpoint and cell)."""
+    try:
+        if not tune.Tuner.can_restore(path):
+            return None
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    except Exception as err:  # noqa: BLE001 -- unreadable state must not block the resume
+        log.warning("could not restore the Tune state at %s (%s); continuing with a fresh Tuner",
+                    path, _error_line(err))
+        return None
 
 
 def _trial_name(trial) -> str:
@@ -362,7 +381,7 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     _check_data(sweep, opts)
     code_version = tracking.code_version()
     ctx = _context(sweep, opts, code_version)
-    experiment_id = tracking.ensure_experiment(opts.tracking_uri, sweep.name, opts.artifact_root)
+    experiment_id = sync.experiment_or_none(opts.tracking_uri, sweep.name, opts.artifact_root)
     summary = SweepSummary(sweep=sweep.name)
     before = {p.name for p in results.files(opts.store)}
     for k, stage in enumerate(presets.stages(sweep.trials)):

@@ -64,9 +64,45 @@ def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "cells").exists()  # nothing ran
 
 
-def test_nightly_is_a_stub_that_exits_2(capsys):
-    assert cli.main(["nightly"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_a_delegated_command_whose_module_is_missing_says_so_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DELEGATED, "bench", "pipeline.no_such_module")
+    assert cli.main(["bench", "--anything"]) == 2
+    assert "sors bench: not built yet" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- cells and the Parquet store
+
+def _spec(**changes):
+    import dataclasses
+
+    from tasks.cells import CellSpec
+    base = CellSpec(checkpoint_uri="/x/model.pt", checkpoint_sha256="ab" * 32, dataset="fashion_mnist",
+                    attack=config_lib.AttackConfig("pgd", 25 / 255), eval=config_lib.EvalConfig(), seed=0,
+                    sweep="a", trial="t", mlflow_run_id="r1")
+    return dataclasses.replace(base, **changes)
+
+
+def test_cell_id_is_content_addressed():
+    same = _spec(sweep="other", trial="u", checkpoint_uri="s3://b/model.pt", mlflow_run_id="r2", code_version="x")
+    assert _spec().cell_id == same.cell_id  # where and by whom it ran is not part of the identity
+    for changed in (_spec(checkpoint_sha256="cd" * 32), _spec(seed=1), _spec(average_paths=2),
+                    _spec(attack=config_lib.AttackConfig("pgd", 50 / 255)),
+                    _spec(attack=config_lib.AttackConfig("pgd", 25 / 255, steps=14)),
+                    _spec(eval=config_lib.EvalConfig(repeats=2))):
+        assert changed.cell_id != _spec().cell_id
+
+
+def test_rewriting_a_cell_replaces_its_row(tmp_path):
+    from datetime import datetime, timezone
+    row = {"cell_id": _spec().cell_id, "schema_version": 1, "dataset": "fashion_mnist", "attack": "pgd",
+           "eps": 25 / 255, "n": 10, "correct": 3.0, "accuracy": 0.3, "sanity_flags": [],
+           "created_at": datetime.now(timezone.utc)}
+    results.write_row(tmp_path, row)
+    results.update_flags(tmp_path, results.read_rows(tmp_path), {row["cell_id"]: ["masked?"]})
+    rows = results.read_rows(tmp_path)
+    assert len(rows) == 1 and rows[0]["sanity_flags"] == ["masked?"] and rows[0]["attack"] == "pgd"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".parquet"]  # no temp files left
+    assert results.is_done(tmp_path, _spec()) and not results.is_done(tmp_path, _spec(seed=3))
 
 
 # ---------------------------------------------------------------- Ray Train: 2 workers
