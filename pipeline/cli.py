@@ -386,8 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error, already printed on one line (2)
         return EXIT_OK if not exit_.code else EXIT_BAD_INPUT
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # MLflow announces the schema set-up of a new SQLite store at INFO
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from pipeline.sweep import SweepInterrupted
 
     try:
