@@ -89,6 +89,8 @@ class Settings:
     eot_batch: int | None = None
     attack_steps: int = 3
     models: tuple[str, ...] = tuple(TRAIN_MODELS)
+    attack_model: str = "sors_lenet5"
+    ablation_model: str = "sors_lenet5"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def step_functions(model, x, y, paths, lam: float = 10.0) -> dict[str, Callable[
     The SGD step has lr 0, so every repeat does the same work on the same weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
-    paths = paths.to(x.device)
+    paths = paths.cpu()  # paths stay on the CPU: they pick modules, and .tolist() on a GPU tensor syncs
 
     def vanilla():
         opt.zero_grad(set_to_none=True)
@@ -208,12 +210,18 @@ def step_functions(model, x, y, paths, lam: float = 10.0) -> dict[str, Callable[
     return {"vanilla": vanilla, "sors": sors, "reference": reference}
 
 
+def train_batch(s: Settings, name: str) -> int:
+    """The batch of the training-step figures for a model on this device (CPU: small for ResNets)."""
+    shape, cpu_batch, gpu_batch = TRAIN_MODELS[name]
+    chosen = {"sors_lenet5": s.lenet_batch, "sors_resnet18": s.resnet_batch}[name]
+    return chosen or (gpu_batch if s.device.type == "cuda" else cpu_batch)
+
+
 def case_train_step(s: Settings) -> list[Row]:
+    """SORS step vs vanilla step (ratio), vs the sequential reference (speedup), and images/s."""
     rows = []
     for name in s.models:
-        shape, cpu_batch, gpu_batch = TRAIN_MODELS[name]
-        batch = {"sors_lenet5": s.lenet_batch, "sors_resnet18": s.resnet_batch}[name]
-        batch = batch or (gpu_batch if s.device.type == "cuda" else cpu_batch)
+        shape, batch = TRAIN_MODELS[name][0], train_batch(s, name)
         model, x, y = train_inputs(name, batch, s.device)
         fns = step_functions(model, x, y, distinct_paths(model))
         times = measure(fns, s.device, s.repeats, s.warmup)
@@ -224,6 +232,8 @@ def case_train_step(s: Settings) -> list[Row]:
                         "x vanilla step", detail))
         rows.append(Row(f"train_step.{name}.speedup_vs_reference",
                         round(paired_ratio(times, "reference", "sors"), 3), "x", {"batch": batch}))
+        rows.append(Row(f"train_step.{name}.sors_images_per_s", round(batch / median(times["sors"]), 1),
+                        "images/s", {f"{k}_images_per_s": round(batch / median(v), 1) for k, v in times.items()}))
     return rows
 
 
@@ -264,10 +274,11 @@ FAST_PATH_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def case_fastpaths(s: Settings) -> list[Row]:
-    """sors_lenet5: the SORS step with one fast path off at a time, as a ratio to the vanilla step."""
-    batch = s.lenet_batch or 128
-    model, x, y = train_inputs("sors_lenet5", batch, s.device)
-    paths = distinct_paths(model).to(s.device)
+    """The SORS step with one fast path off at a time, as a ratio to the vanilla step (sors_lenet5
+    unless ``--ablation-model``)."""
+    batch = train_batch(s, s.ablation_model)
+    model, x, y = train_inputs(s.ablation_model, batch, s.device)
+    paths = distinct_paths(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
     fns = {"vanilla": step_functions(model, x, y, paths)["vanilla"],
@@ -276,7 +287,7 @@ def case_fastpaths(s: Settings) -> list[Row]:
         fns[label] = (lambda o=options: sors_step_variant(model, x, y, paths, params, opt, **o))
     times = measure(fns, s.device, s.repeats, s.warmup)
     return [Row(f"fastpaths.{label}", round(paired_ratio(times, label, "vanilla"), 3), "x vanilla step",
-                {"ms": ms(times[label]), "vanilla_ms": ms(times["vanilla"]), "batch": batch})
+                {"ms": ms(times[label]), "vanilla_ms": ms(times["vanilla"]), "model": s.ablation_model, "batch": batch})
             for label in fns if label != "vanilla"]
 
 
@@ -333,7 +344,7 @@ def case_memory(s: Settings) -> list[Row]:
     """One training step at batch 128 (CPU: sors_lenet5 in a fresh process each; GPU: both models)."""
     rows = []
     names = [n for n in s.models if s.device.type == "cuda" or n == "sors_lenet5"]
-    batch = s.lenet_batch or 128
+    batch = 8 if s.quick else 128
     for name in names:
         found = {}
         if s.device.type == "cpu":
@@ -387,11 +398,12 @@ def _torchattacks():
 
 
 def case_eot(s: Settings) -> list[Row]:
-    """EOT-PGD (E draws per step) on sors_lenet5: batched vs E sequential passes vs torchattacks."""
+    """EOT-PGD (E draws per step) on sors_lenet5 (``--attack-model``): batched vs E sequential passes
+    vs torchattacks."""
     from sors import attacks
 
     batch = s.eot_batch or (256 if s.device.type == "cuda" else 128)
-    model, x, y = attack_inputs("sors_lenet5", batch, s.device)
+    model, x, y = attack_inputs(s.attack_model, batch, s.device)
     eps, steps, e = 0.1, s.attack_steps, s.eot_samples
     batched = attacks.build("eot_pgd", model, eps, eot_samples=e, steps=steps)
     sequential = attacks.build("eot_pgd", model, eps, eot_samples=e, steps=steps)
@@ -402,7 +414,7 @@ def case_eot(s: Settings) -> list[Row]:
         theirs = ta.EOTPGD(model, eps=eps, alpha=eps / 4, steps=steps, eot_iter=e, random_start=False)
         fns["torchattacks"] = lambda: theirs(x, y)
     times = measure(fns, s.device, s.repeats, s.warmup)
-    detail = {"batch": batch, "eot_samples": e, "steps": steps, **{f"{k}_ms": ms(v) for k, v in times.items()}}
+    detail = {"model": s.attack_model, "batch": batch, "eot_samples": e, "steps": steps, **{f"{k}_ms": ms(v) for k, v in times.items()}}
     rows = [Row("eot.speedup_vs_sequential", round(paired_ratio(times, "sequential", "batched"), 3), "x", detail)]
     rows.append(Row("eot.speedup_vs_torchattacks",
                     round(paired_ratio(times, "torchattacks", "batched"), 3) if ta else None, "x",
@@ -411,12 +423,13 @@ def case_eot(s: Settings) -> list[Row]:
 
 
 def case_pgd(s: Settings) -> list[Row]:
-    """PGD images/s on one deterministic model (sors_lenet5 frozen on one path): ours vs torchattacks."""
+    """PGD images/s on one deterministic model (sors_lenet5, or ``--attack-model``, frozen on one
+    path): ours vs torchattacks."""
     from sors import attacks
 
     ta = _torchattacks()
     batch = s.eot_batch or 256
-    net, x, y = attack_inputs("sors_lenet5", batch, s.device)
+    net, x, y = attack_inputs(s.attack_model, batch, s.device)
     model = models.freeze_path(net, distinct_paths(net)[0]).to(s.device).eval()
     eps, steps = 0.1, 7
     ours = attacks.build("pgd", model, eps, steps=steps)
@@ -426,7 +439,7 @@ def case_pgd(s: Settings) -> list[Row]:
         fns["torchattacks"] = lambda: theirs(x, y)
     times = measure(fns, s.device, s.repeats, s.warmup)
     rate = {k: round(batch / median(v), 1) for k, v in times.items()}
-    detail = {"batch": batch, "steps": steps, **{f"{k}_images_per_s": v for k, v in rate.items()}}
+    detail = {"model": s.attack_model, "batch": batch, "steps": steps, **{f"{k}_images_per_s": v for k, v in rate.items()}}
     if ta is None:
         return [Row("pgd.ratio_vs_torchattacks", None, "x images/s", {**detail, "note": "torchattacks not installed"})]
     return [Row("pgd.ratio_vs_torchattacks", round(paired_ratio(times, "torchattacks", "ours"), 3),
@@ -611,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cell-seconds", type=float, default=5.0, help="length of one fan-out cell")
     parser.add_argument("--models", default=",".join(TRAIN_MODELS),
                         help="super-networks of the train_step and memory cases (comma-separated)")
+    parser.add_argument("--attack-model", default="sors_lenet5", choices=list(TRAIN_MODELS),
+                        help="super-network of the eot and pgd cases")
+    parser.add_argument("--ablation-model", default="sors_lenet5", choices=list(TRAIN_MODELS),
+                        help="super-network of the fastpaths case")
     parser.add_argument("--lenet-batch", type=int, default=None)
     parser.add_argument("--resnet-batch", type=int, default=None)
     parser.add_argument("--eot-batch", type=int, default=None, help="images per attack batch (eot, pgd)")
@@ -638,7 +655,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(device=device, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
                  eot_samples=args.eot_samples, fanout_cells=args.fanout_cells, cell_seconds=args.cell_seconds,
                  lenet_batch=args.lenet_batch, resnet_batch=args.resnet_batch, eot_batch=args.eot_batch,
-                 attack_steps=args.attack_steps, models=parse_models(args.models))
+                 attack_steps=args.attack_steps, models=parse_models(args.models),
+                 attack_model=args.attack_model, ablation_model=args.ablation_model)
     if args.quick:
         s.lenet_batch, s.resnet_batch, s.eot_batch = s.lenet_batch or 8, s.resnet_batch or 2, s.eot_batch or 8
         s.attack_steps = 1

@@ -110,7 +110,7 @@ class SuperNet(nn.Module):
     def check_path(self, path: torch.Tensor | list | tuple, batch_size: int) -> torch.Tensor:
         """Validate a path for a batch of ``batch_size``; returns it as a long tensor."""
         path = torch.as_tensor(path, dtype=torch.long)
-        counts = torch.tensor(self.choice_counts)
+        counts = torch.tensor(self.choice_counts, device=path.device)  # a path may live on the GPU (FixedPath buffer)
         if path.shape[-1] != len(counts) or path.dim() not in (1, 2):
             raise ValueError(f"path must have shape ({len(counts)},) or (B, {len(counts)}), got {tuple(path.shape)}")
         if path.dim() == 2 and path.shape[0] != batch_size:
