@@ -256,7 +256,7 @@ def sors_step_variant(model, x, y, paths, params, opt, lam=10.0, routing="blocks
     logits = model.forward_blocks(stacked, paths) if routing == "blocks" else \
         model(stacked, paths.repeat_interleave(b, dim=0))
     ce = F.cross_entropy(logits, y.repeat(k), reduction="none").view(k, b).mean(1).sum()
-    kernels = losses.input_gradient_kernels(x.device) if native_kernels else contextlib.nullcontext()
+    kernels = losses.input_gradient_kernels(ce) if native_kernels else contextlib.nullcontext()
     with kernels:
         grads = torch.autograd.grad(ce, stacked, create_graph=True)[0]
     total = ce + lam * ortho(grads.view(k, b, *x.shape[1:]))

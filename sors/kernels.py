@@ -1,53 +1,69 @@
 """Kernel choices for backward passes that produce input gradients (SORS training, attacks).
 
-On CPU, oneDNN's backward-data for convolutions with few input channels (the first layer of an
-image network) is several times slower than PyTorch's native kernel, while for wide layers it is
-the faster one. :class:`input_gradient_kernels` picks the native kernel for exactly those ops.
+On CPU, oneDNN's backward-data for a convolution with few input channels (the first layer of an
+image network) is several times slower than PyTorch's native kernel, while for wide layers oneDNN
+is the faster one. :class:`input_gradient_kernels` picks the native kernel for exactly those ops.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["input_gradient_kernels"]
 
 
-class input_gradient_kernels(TorchDispatchMode):
-    """Context for a backward that makes input gradients: on CPU, the input gradient of a
-    convolution with few input channels (an image network's first layer) is computed with
-    PyTorch's native kernel instead of oneDNN's; every other op runs unchanged. A no-op elsewhere.
+class input_gradient_kernels:
+    """``with input_gradient_kernels(loss): torch.autograd.grad(loss, x, ...)``: during backward
+    passes from ``roots`` (the outputs you differentiate), each CPU convolution with at most
+    ``max_channels`` input channels computes its gradients with PyTorch's native kernel instead of
+    oneDNN's; every other op is untouched. A no-op for graphs on other devices.
 
     Why: oneDNN's backward-data for 1-3 input channels is 3-4x slower than the native kernel
-    (LeNet-5 conv1 at batch 256: 20 ms vs 6 ms on one core), while for wider layers oneDNN is the
-    faster one; the SORS step (and every gradient attack) needs that first-layer input gradient.
+    (LeNet-5 conv1, batch 256, one core: 20 ms vs 6 ms), and the SORS step and every gradient
+    attack need that first-layer input gradient. The switch is flipped by hooks on just those graph
+    nodes (set on entry, removed on exit), so the rest of the backward pays nothing.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", max_channels: int = 4):
-        super().__init__()
-        self.active = torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    def __init__(self, *roots: torch.Tensor, max_channels: int = 4):
+        self.roots = [r for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
         self.max_channels = max_channels
+        self.handles: list = []
+        self.saved: bool | None = None
 
     def __enter__(self):
-        return super().__enter__() if self.active else self
+        self.saved = torch.backends.mkldnn.enabled
+        for node in self._narrow_convolutions():
+            self.handles.append(node.register_prehook(self._native))
+            self.handles.append(node.register_hook(self._restore))
+        return self
 
     def __exit__(self, *exc):
-        return super().__exit__(*exc) if self.active else False
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        torch.backends.mkldnn.enabled = self.saved
+        return False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten.convolution_backward.default and self._narrow_input(args):
-            saved = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False
-            try:
-                return func(*args, **kwargs)
-            finally:
-                torch.backends.mkldnn.enabled = saved
-        return func(*args, **kwargs)
+    def _native(self, grad_outputs):
+        torch.backends.mkldnn.enabled = False
 
-    def _narrow_input(self, args) -> bool:
-        # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
-        #                      transposed, output_padding, groups, output_mask)
-        inp, transposed, mask = args[1], args[7], args[10]
-        return bool(mask[0]) and not transposed and inp.device.type == "cpu" and inp.dim() == 4 \
-            and inp.shape[1] <= self.max_channels
+    def _restore(self, grad_inputs, grad_outputs):
+        torch.backends.mkldnn.enabled = self.saved
+
+    def _narrow_convolutions(self) -> list:
+        """ConvolutionBackward0 nodes of a CPU 2-d convolution with few input channels."""
+        found, seen, stack = [], set(), [r.grad_fn for r in self.roots]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ == "ConvolutionBackward0" and self._narrow(node):
+                found.append(node)
+            stack.extend(child for child, _ in node.next_functions)
+        return found
+
+    def _narrow(self, node) -> bool:
+        weight = node._saved_weight
+        return (weight.device.type == "cpu" and weight.dim() == 4 and not node._saved_transposed
+                and weight.shape[1] * node._saved_groups <= self.max_channels)

@@ -157,7 +157,7 @@ def test_native_input_gradient_kernels_give_the_same_double_backward_in_float32(
     def step(native):
         stacked = x.repeat(2, 1, 1, 1).requires_grad_()
         ce = F.cross_entropy(net.forward_blocks(stacked, paths), y.repeat(2))
-        with input_gradient_kernels("cpu") if native else torch.enable_grad():
+        with input_gradient_kernels(ce) if native else torch.enable_grad():
             g = torch.autograd.grad(ce, stacked, create_graph=True)[0]
         torch.autograd.backward(ce + 10 * losses.orthogonality_loss(g.view(2, 16, 1, 28, 28)), inputs=params)
         return g.detach()
@@ -179,8 +179,9 @@ def test_input_gradient_kernels_restore_the_onednn_switch_even_on_error():
     w = torch.randn(6, 1, 5, 5)
     x = torch.rand(2, 1, 28, 28, requires_grad=True)
     with pytest.raises(RuntimeError):
-        with input_gradient_kernels("cpu"):
-            out = F.conv2d(x, w)
+        out = F.conv2d(x, w)
+        with input_gradient_kernels(out.sum()) as kernels:
+            assert len(kernels.handles) == 2  # pre- and post-hook on the one narrow convolution
             torch.autograd.grad(out.sum(), x)
             raise RuntimeError("boom")
     assert torch.backends.mkldnn.enabled == before

@@ -112,7 +112,7 @@ def ce_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = 
     inp = x.detach().requires_grad_(True)
     out = model(inp)
     value = LOSSES[loss](out, y).sum()
-    with input_gradient_kernels(x.device):  # CPU: native kernel for the first layer's input gradient
+    with input_gradient_kernels(value):  # CPU: native kernel for the first layer's input gradient
         return torch.autograd.grad(value, inp)[0]
 
 

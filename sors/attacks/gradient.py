@@ -38,7 +38,7 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: in
             inp = x.detach().requires_grad_(True)
             out = repeat_forward(model, inp, copies)  # = model(inp.repeat(copies, ...)), shared layers once
             value = LOSSES[loss](out, y.repeat(copies)).sum()
-            with input_gradient_kernels(x.device):
+            with input_gradient_kernels(value):
                 total += torch.autograd.grad(value, inp)[0]
     return total / samples
 
