@@ -4,7 +4,8 @@ H100-class GPU).
 Runs the ``sors bench`` cases on CUDA, most important first, and writes results after every case
 so a cut-off run still leaves what it measured: SORS-ResNet-18 at CIFAR shapes (3x32x32), batch 128
 (SORS step vs vanilla step ratio, vs the sequential reference, images/s, peak memory), EOT-PGD with
-20 draws batched vs sequential, the fast-path ablation, PGD images/s, then SORS-LeNet-5.
+20 draws batched vs sequential, the fast-path ablation, PGD images/s, then SORS-LeNet-5, and
+last whether torch.compile helps (it cannot compile the double backward of the SORS step).
 
 Outputs (in ``$OUT`` when set, else only stdout): ``gpu_bench.json`` (machine + every row),
 ``gpu_bench.txt`` (the table). Exit 0 when every case ran, 1 when one failed or was skipped for
@@ -51,6 +52,7 @@ def plan(device: torch.device, quick: bool) -> list[tuple[str, bench.Settings]]:
         ("train_step", settings(models=lenet)),
         ("eot", settings(attack_model="sors_lenet5", repeats=min(reps, 5))),
         ("pgd", settings(attack_model="sors_lenet5", repeats=min(reps, 5))),
+        ("compile", settings(attack_model="sors_resnet18", repeats=min(reps, 5))),  # last: slow to build
     ]
 
 

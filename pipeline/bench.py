@@ -291,6 +291,53 @@ def case_fastpaths(s: Settings) -> list[Row]:
             for label in fns if label != "vanilla"]
 
 
+def case_compile(s: Settings) -> list[Row]:
+    """torch.compile where it could help: (1) the SORS step (AOTAutograd has no double backward:
+    expected to fall back to eager, and the row says why); (2) the first-order PGD input gradient
+    of one extracted sub-network, compiled vs eager after compilation (compile time in detail)."""
+    name = s.attack_model
+    batch = s.eot_batch or 256
+    model, x, y = train_inputs(name, batch, s.device)
+    paths = distinct_paths(model)
+    rows = []
+    compiled_forward = torch.compile(model.forward_blocks)
+    try:
+        stacked = x.repeat(2, 1, 1, 1).requires_grad_()
+        ce = F.cross_entropy(compiled_forward(stacked, paths), y.repeat(2))
+        g = torch.autograd.grad(ce, stacked, create_graph=True)[0]
+        losses.orthogonality_loss(g.view(2, batch, *x.shape[1:])).backward()
+        rows.append(Row("compile.sors_step", 1.0, "works", {"model": name}))
+    except Exception as err:  # noqa: BLE001 -- the expected outcome: report it, train eagerly
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        rows.append(Row("compile.sors_step", None, "falls back to eager", {"model": name, "reason": reason}))
+    sub = model.extract_subnet(paths[0]).to(s.device).eval()
+
+    def loss(inp):
+        return F.cross_entropy(sub(inp), y, reduction="sum")
+
+    compiled = torch.compile(loss)
+
+    def gradient(fn):
+        inp = x.detach().requires_grad_(True)
+        value = fn(inp)
+        with losses.input_gradient_kernels(value):
+            return torch.autograd.grad(value, inp)[0]
+
+    start = time.perf_counter()
+    try:
+        gradient(compiled)
+    except Exception as err:  # noqa: BLE001 -- no compiler toolchain etc.: report, keep eager
+        rows.append(Row("compile.pgd_gradient_speedup", None, "x eager", {"reason": str(err).splitlines()[0][:160]}))
+        return rows
+    compile_s = time.perf_counter() - start
+    times = measure({"eager": lambda: gradient(loss), "compiled": lambda: gradient(compiled)}, s.device,
+                    s.repeats, s.warmup)
+    rows.append(Row("compile.pgd_gradient_speedup", round(paired_ratio(times, "eager", "compiled"), 3), "x eager",
+                    {"model": name, "batch": batch, "compile_s": round(compile_s, 1),
+                     **{f"{k}_ms": ms(v) for k, v in times.items()}}))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # memory
 
@@ -572,7 +619,9 @@ CASES: dict[str, Callable[[Settings], list[Row]]] = {
     "pgd": case_pgd,
     "memory": case_memory,
     "fanout": case_fanout,
+    "compile": case_compile,
 }
+DEFAULT_CASES = ("train_step", "fastpaths", "eot", "pgd", "memory", "fanout")  # compile: opt-in (slow to build)
 
 
 def check_targets(rows: list[Row], targets: dict[str, tuple[str, float]]) -> None:
@@ -614,7 +663,8 @@ def parse_targets(items: list[str]) -> dict[str, tuple[str, float]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sors bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"comma-separated subset of {','.join(CASES)} (default: all but compile)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median; >= 5 for a report)")
     parser.add_argument("--warmup", type=int, default=1)
