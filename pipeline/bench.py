@@ -285,6 +285,13 @@ def case_fastpaths(s: Settings) -> list[Row]:
            "reference": step_functions(model, x, y, paths)["reference"]}
     for label, options in FAST_PATH_VARIANTS.items():
         fns[label] = (lambda o=options: sors_step_variant(model, x, y, paths, params, opt, **o))
+
+    def reuse_ce_weight_grads():  # an alternative, not a default: dCE/dtheta from the create_graph pass
+        opt.zero_grad(set_to_none=True)
+        losses.backward_into(losses.sors_loss(model, x, y, lam=10.0, paths=paths, weight_grads=True), params)
+        opt.step()
+
+    fns["+ CE weight grads from the first backward"] = reuse_ce_weight_grads
     times = measure(fns, s.device, s.repeats, s.warmup)
     return [Row(f"fastpaths.{label}", round(paired_ratio(times, label, "vanilla"), 3), "x vanilla step",
                 {"ms": ms(times[label]), "vanilla_ms": ms(times["vanilla"]), "model": s.ablation_model, "batch": batch})
