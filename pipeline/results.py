@@ -66,6 +66,17 @@ SCHEMA = pa.schema(list(FILE_SCHEMA) + [pa.field(k, pa.string()) for k in PARTIT
                    metadata=FILE_SCHEMA.metadata)
 
 
+class ResultsError(ValueError):
+    """A cell file that cannot be read (truncated, corrupt): the one-line message names the file."""
+
+
+def unreadable(path: str | os.PathLike, err: BaseException | None = None) -> ResultsError:
+    """The error for an unreadable cell file, saying how to recover (the cell is recomputed once gone)."""
+    why = f" ({type(err).__name__})" if err is not None else ""
+    return ResultsError(f"{path}: unreadable Parquet cell file, truncated or corrupt{why}; "
+                        "delete it and rerun to recompute that cell")
+
+
 def _safe(value: str) -> str:
     """A partition value usable in a path (attack and data set names are identifiers already)."""
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in str(value))
@@ -100,7 +111,10 @@ def write_row(root: str | os.PathLike, row: dict) -> Path:
 def read_row(path: str | os.PathLike) -> dict:
     """One cell file as a row dict, partition values restored from its path."""
     path = Path(path)
-    row = pq.read_table(path, schema=FILE_SCHEMA).to_pylist()[0]
+    try:
+        row = pq.read_table(path, schema=FILE_SCHEMA).to_pylist()[0]
+    except (pa.ArrowException, OSError, IndexError) as err:
+        raise unreadable(path, err) from None
     row["attack"] = path.parent.name.split("=", 1)[1]
     row["dataset"] = path.parent.parent.name.split("=", 1)[1]
     return row
@@ -120,8 +134,23 @@ def read_table(root: str | os.PathLike, filter_expr=None) -> pa.Table:
     dataset = pads.dataset([str(p) for p in paths], schema=FILE_SCHEMA.append(pa.field("dataset", pa.string()))
                            .append(pa.field("attack", pa.string())), format="parquet",
                            partitioning=PARTITIONING, partition_base_dir=str(Path(root)))
-    table = dataset.to_table(filter=filter_expr)
+    try:
+        table = dataset.to_table(filter=filter_expr)
+    except (pa.ArrowException, OSError) as err:
+        bad = next((p for p in paths if str(p) in str(err)), None) or next((p for p in paths if not is_intact(p)), root)
+        raise unreadable(bad, err) from None
     return table.select(SCHEMA.names)
+
+
+def is_intact(path: Path) -> bool:
+    """Cheap check that a Parquet file is whole: it starts and ends with the ``PAR1`` magic bytes."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            return head == b"PAR1" and handle.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def read_rows(root: str | os.PathLike, sweep: str | None = None) -> list[dict]:

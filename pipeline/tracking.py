@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Iterable
 
 log = logging.getLogger("pipeline.tracking")
+# MLflow's HTTP client retries a failing call for about 4 minutes by default; a sweep must not stall that
+# long per call while the server is down (what it cannot log, `sors sync` backfills). Users may override.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 TAG_SWEEP, TAG_TRIAL, TAG_HASH, TAG_PRESET, TAG_CODE = ("sors.sweep", "sors.trial", "sors.config_hash",
                                                         "sors.preset", "sors.code_version")
 
@@ -52,15 +56,25 @@ def _retry(call, *args, attempts: int = 5, **kwargs):
         try:
             return call(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 -- MLflow raises several types for transient store errors
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or unreachable(err):  # MLflow's HTTP layer has retried already
                 raise
             log.debug("MLflow call failed (%s), retrying", err)
             time.sleep(0.5 * (attempt + 1))
 
 
+def unreachable(err: BaseException) -> bool:
+    """True when ``err`` says the tracking server could not be reached (not worth retrying here)."""
+    text = str(err)
+    return isinstance(err, ConnectionError) or any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out"))
+
+
 def client(tracking_uri: str):
-    """An ``MlflowClient`` for ``tracking_uri``."""
+    """An ``MlflowClient`` for ``tracking_uri`` (bounded HTTP retries, see ``HTTP_DEFAULTS``)."""
     from mlflow.tracking import MlflowClient
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -87,6 +101,9 @@ def find_or_create_run(tracking_uri: str, experiment_id: str, trial: str, config
     with ``params`` and ``tags`` logged. Returns the run id."""
     from mlflow.entities import Param, RunTag
 
+    from pipeline.redact import redact_mapping
+
+    params, tags = redact_mapping(params), redact_mapping(tags)  # no credentials in params or tags
     mlflow_client = client(tracking_uri)
     found = mlflow_client.search_runs(
         [experiment_id], filter_string=f"tags.`{TAG_TRIAL}` = '{trial}' and tags.`{TAG_HASH}` = '{config_hash}'",
@@ -118,16 +135,22 @@ class EpochLogger:
 
     KEYS = ("loss", "ce", "ortho", "kd", "train_acc", "clean_acc", "grad_abs_cos", "grad_cos2", "lr", "seconds")
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str | None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.down_until = 0.0
 
     def __call__(self, epoch: int, row: dict) -> None:
+        if not self.run_id or time.time() < getattr(self, "down_until", 0.0):
+            return  # no run yet, or MLflow just failed: the trial's sync.track logs the epochs from the record
         metrics = {("epoch_seconds" if k == "seconds" else k): row[k] for k in self.KEYS if k in row}
         try:
             log_metrics(self.tracking_uri, self.run_id, metrics, step=epoch)
         except Exception as err:  # noqa: BLE001 -- tracking trouble must not kill a training run
-            log.warning("could not log epoch %d metrics to MLflow: %s", epoch, err)
+            from pipeline.redact import redact
+
+            self.down_until = time.time() + 60  # one slow failure a minute, not one per epoch
+            log.warning("could not log epoch %d metrics to MLflow: %s", epoch, redact((str(err).splitlines() or [""])[0]))
 
 
 def metric_key(row: dict) -> str:

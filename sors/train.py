@@ -246,6 +246,9 @@ def read_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as handle:  # torch.save writes a zip archive; anything else is not ours
+        if handle.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (no zip archive: empty, corrupt or another format)")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:

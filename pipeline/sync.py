@@ -1,0 +1,337 @@
+"""MLflow as the system of record, even when the tracking server was down: ``sors sync``.
+
+The results folder is written first and MLflow second. A trained model's record
+(``<results>/models/<sweep>/<trial>.json``: config, per-epoch history, checkpoint, hashes) and its
+Parquet cells hold everything its MLflow run should show, so :func:`track` can (re)build the run
+from them at any time, logging only what the run does not have yet:
+
+- the run itself (params = the resolved config, secrets redacted; tags), found by trial name and
+  config hash or created -- and its id written back into the record and the cells' rows;
+- per-epoch training metrics (step = epoch), the gradient probe, evaluation metrics (step = seed);
+- artifacts: the sors checkpoint, the cell files, the report when there is one; the model through
+  ``mlflow.pytorch.log_model``; the run's final status.
+
+A sweep trial calls :func:`track` itself when its evaluation is done. When MLflow cannot be reached
+the trial still finishes (checkpoint and Parquet are on disk), the record is marked
+``tracking.status = "incomplete"``, the CLI says so, and ``sors sync`` -- the same function --
+backfills the runs once the server is back. Running it twice logs nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline import results, tracking
+from pipeline.redact import redact
+
+log = logging.getLogger("pipeline.sync")
+COMPLETE, INCOMPLETE = "complete", "incomplete"
+EPOCH_KEYS = {k: ("epoch_seconds" if k == "seconds" else k) for k in tracking.EpochLogger.KEYS}
+
+
+class TrackingFailed(RuntimeError):
+    """MLflow could not be reached or refused a call; the results on disk are complete."""
+
+
+# ---------------------------------------------------------------- record state
+
+def _records(results_dir: str | Path, sweep: str | None = None) -> list[dict]:
+    from pipeline.sweep import load_records
+
+    root = Path(results_dir) / "models"
+    sweeps = [sweep] if sweep else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [r for name in sweeps for r in load_records(str(results_dir), name)]
+
+
+def pending(results_dir: str | Path, sweep: str | None = None, unknown: bool = False) -> list[dict]:
+    """Model records whose MLflow run is known to be incomplete (``unknown``: also records that
+    predate tracking status, which ``sors sync`` checks too)."""
+    def needs(record: dict) -> bool:
+        status = (record.get("tracking") or {}).get("status")
+        return status == INCOMPLETE or (unknown and status != COMPLETE)
+    return [r for r in _records(results_dir, sweep) if needs(r)]
+
+
+def mark(results_dir: str | Path, record: dict, status: str, error: str | None = None,
+         uri: str | None = None) -> None:
+    """Write the tracking outcome into the record file (``error``/``uri`` stored redacted)."""
+    from pipeline.sweep import save_record
+
+    if status == COMPLETE and (record.get("tracking") or {}).get("status") == COMPLETE:
+        return  # nothing new: leave the file as it is
+    record["tracking"] = {"status": status, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if error:
+        record["tracking"].update(error=redact(error), uri=redact(uri or ""))
+    save_record(str(results_dir), record)
+
+
+def one_line(err: BaseException) -> str:
+    """The most telling line of an MLflow/requests error (they run to several lines), redacted."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Connection refused" in line or "Max retries exceeded" in line:
+            return redact(f"{type(err).__name__}: {line}")[:300]
+    return redact(f"{type(err).__name__}: {lines[0] if lines else ''}")[:300]
+
+
+# ---------------------------------------------------------------- what a run is missing
+
+def _record_rows(results_dir: str | Path, record: dict) -> list[dict]:
+    store = Path(results_dir) / "cells"
+    return [r for r in results.read_rows(store, sweep=record["sweep"])
+            if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")]
+
+
+def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
+    """The record's run on this server, else the run found or created by trial name + config hash."""
+    from mlflow.exceptions import MlflowException
+
+    from sors import config as config_lib
+
+    run_id = record.get("mlflow_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return run_id
+        except MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")) + str(err):
+                raise
+    experiment = tracking.ensure_experiment(uri, record["sweep"], str(Path(results_dir) / "mlartifacts"))
+    cfg = config_lib.from_dict(record["config"])
+    tags = {tracking.TAG_SWEEP: record["sweep"], tracking.TAG_CODE: record.get("code_version", ""),
+            "sors.label": record.get("label", record["trial"])}
+    return tracking.find_or_create_run(uri, experiment, record["trial"], record.get("config_hash")
+                                       or config_lib.config_hash(cfg), config_lib.flat_dict(cfg), tags)
+
+
+def _link_rows(results_dir: str | Path, record: dict, rows: list[dict], run_id: str) -> list[dict]:
+    """Point the record and its cell rows at ``run_id`` (rows rewritten in place: still one per cell)."""
+    from pipeline.sweep import save_record
+
+    if record.get("mlflow_run_id") != run_id:
+        record["mlflow_run_id"] = run_id
+        save_record(str(results_dir), record)
+    store = Path(results_dir) / "cells"
+    linked = []
+    for row in rows:
+        if row.get("mlflow_run_id") != run_id:
+            row = dict(row, mlflow_run_id=run_id)
+            results.write_row(store, row)
+        linked.append(row)
+    return linked
+
+
+def _steps(client, run_id: str, key: str) -> set[int]:
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def _missing_metrics(client, run, wanted: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    """``{step: {key: value}}`` of ``wanted`` that the run lacks (history fetched only for keys it has)."""
+    have = run.data.metrics
+    steps_of: dict[str, set[int]] = {}
+    missing: dict[int, dict[str, float]] = {}
+    for step, metrics in wanted.items():
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            if key in have and key not in steps_of:
+                steps_of[key] = _steps(client, run.info.run_id, key)
+            if step not in steps_of.get(key, set()):
+                missing.setdefault(step, {})[key] = value
+    return missing
+
+
+def _epoch_metrics(record: dict) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for row in record.get("history") or []:
+        step = int(row.get("epoch", len(out) + 1))
+        out[step] = {name: row[k] for k, name in EPOCH_KEYS.items() if k in row}
+    if record.get("grad_mean_abs_cos") is not None:
+        out.setdefault(0, {})["final_grad_abs_cos_probe"] = record["grad_mean_abs_cos"]
+    return out
+
+
+def _artifact_names(client, run_id: str, path: str) -> set[str]:
+    """Base names of the files under artifact folder ``path`` (recursive)."""
+    names, folders = set(), [path]
+    while folders:
+        for info in client.list_artifacts(run_id, folders.pop()):
+            if info.is_dir:
+                folders.append(info.path)
+            else:
+                names.add(Path(info.path).name)
+    return names
+
+
+def _upload_missing(uri: str, client, run_id: str, files: list[Path], artifact_path: str) -> int:
+    present = _artifact_names(client, run_id, artifact_path)
+    todo = [f for f in files if f.is_file() and f.name not in present]
+    if todo:
+        tracking.log_artifacts(uri, run_id, todo, artifact_path)
+    return len(todo)
+
+
+# ---------------------------------------------------------------- the one function both paths use
+
+def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | None = None,
+          status: str | None = "FINISHED", report: bool = False) -> dict:
+    """Bring the record's MLflow run up to date with what is on disk; returns counts of what was logged.
+
+    ``rows``: the record's cell rows (default: read from the store). ``status``: the run's final
+    status (None: leave it). ``report``: also upload ``<results>/reports/<sweep>/`` files.
+    Raises whatever MLflow raises; :func:`track_or_mark` is the best-effort wrapper.
+    """
+    from tasks import storage
+
+    client = tracking.client(uri)
+    rows = _record_rows(results_dir, record) if rows is None else rows
+    run_id = _ensure_run(uri, results_dir, record, client)
+    rows = _link_rows(results_dir, record, rows, run_id)
+    run = client.get_run(run_id)
+    done = {"metrics": 0, "artifacts": 0, "model": 0}
+    wanted = _epoch_metrics(record) if record.get("run_name") else {}  # trained here (not `sors evaluate`)
+    for seed, metrics in tracking.eval_metrics(rows).items():
+        wanted.setdefault(seed, {}).update(metrics)
+    for step, metrics in sorted(_missing_metrics(client, run, wanted).items()):
+        tracking.log_metrics(uri, run_id, metrics, step=step)
+        done["metrics"] += len(metrics)
+    store = Path(results_dir) / "cells"
+    cell_files = [results.cell_path(store, r["dataset"], r["attack"], r["cell_id"]) for r in rows]
+    done["artifacts"] += _upload_missing(uri, client, run_id, cell_files, "cells")
+    if record.get("run_name") and record.get("checkpoint_uri"):
+        local = storage.local_copy(record["checkpoint_uri"])
+        done["artifacts"] += _upload_missing(uri, client, run_id, [local], "checkpoint")
+        if not (run.outputs and run.outputs.model_outputs):
+            from sors import train as train_lib
+
+            model, _, _ = train_lib.load_checkpoint(local)  # weights_only load
+            tracking.log_model(uri, run_id, model)
+            done["model"] = 1
+    if report:
+        folder = Path(results_dir) / "reports" / record["sweep"]
+        if folder.is_dir():
+            done["artifacts"] += _upload_missing(uri, client, run_id, sorted(folder.iterdir()), "report")
+    if status and client.get_run(run_id).info.status != status:
+        client.set_terminated(run_id, status)
+    return done
+
+
+def track_or_mark(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | None = None,
+                  status: str | None = "FINISHED", report: bool = False) -> dict | None:
+    """:func:`track`, recording the outcome in the record; never raises for MLflow trouble.
+
+    Returns what was logged, or None when tracking failed (the record then says ``incomplete``
+    with the reason, and ``sors sync`` picks it up)."""
+    try:
+        done = track(uri, results_dir, record, rows, status, report)
+    except Exception as err:  # noqa: BLE001 -- tracking trouble must not lose a finished trial
+        log.warning("MLflow tracking of %s/%s failed: %s", record.get("sweep"), record.get("trial"), one_line(err))
+        mark(results_dir, record, INCOMPLETE, one_line(err), uri)
+        return None
+    mark(results_dir, record, COMPLETE)
+    return done
+
+
+def experiment_or_none(uri: str, name: str, artifact_root: str | None = None) -> str | None:
+    """:func:`tracking.ensure_experiment`, or None (with a warning) when MLflow cannot be reached."""
+    try:
+        return tracking.ensure_experiment(uri, name, artifact_root)
+    except Exception as err:  # noqa: BLE001 -- the sweep goes on; its trials' records say what to sync
+        log.warning("MLflow unreachable, the sweep continues untracked: %s", one_line(err))
+        return None
+
+
+def run_or_none(uri: str, experiment_id: str | None, trial: str, config_hash: str, params: dict,
+                tags: dict) -> str | None:
+    """:func:`tracking.find_or_create_run`, or None when there is no experiment or MLflow fails."""
+    if experiment_id is None:
+        return None
+    try:
+        return tracking.find_or_create_run(uri, experiment_id, trial, config_hash, params, tags)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not create the MLflow run of %s: %s", trial, one_line(err))
+        return None
+
+
+def mark_failed(uri: str, run_id: str | None) -> None:
+    """Set a run's status to FAILED if MLflow answers (best effort: the error is what matters)."""
+    if run_id:
+        try:
+            tracking.client(uri).set_terminated(run_id, "FAILED")
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not mark MLflow run %s failed: %s", run_id, one_line(err))
+
+
+def failure_message(command: str, records: list[dict], results_dir: str, uri: str, sweep: str | None) -> str:
+    """The CLI's one line when runs could not be fully logged: what failed, that nothing is lost, the fix."""
+    first = (records[0].get("tracking") or {}).get("error", "unknown error")
+    target = f" {sweep}" if sweep else ""
+    return (f"sors {command}: tracking failed: {len(records)} run(s) not fully logged to MLflow at {redact(uri)} "
+            f"({first}); checkpoints and Parquet results are complete in {results_dir} -- once the server is back "
+            f"run `sors sync{target} --results-dir {results_dir} --tracking-uri {redact(uri)}`")
+
+
+# ---------------------------------------------------------------- `sors sync`
+
+def build_parser():
+    """``sors sync [SWEEP] --results-dir DIR --tracking-uri URI [--all]``."""
+    from pipeline.preflight import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="sors sync", description="backfill MLflow runs from the results folder "
+                                     "(after the tracking server was unreachable during a sweep)")
+    parser.add_argument("sweep", nargs="?", help="only this sweep (default: every sweep in the results folder)")
+    parser.add_argument("--results-dir", default="results", help="results folder (default ./results)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
+    parser.add_argument("--all", action="store_true", help="check every run, not only those marked incomplete")
+    return parser
+
+
+def run(args) -> int:
+    """Sync every pending record; prints one line per run. Returns 0, or 1 when some run still failed."""
+    from pipeline import preflight
+
+    results_dir = str(Path(args.results_dir).resolve())
+    if not (Path(results_dir) / "models").is_dir():
+        raise preflight.PreflightError(f"--results-dir {results_dir}: no trained models here (no models/ folder)")
+    uri = args.tracking_uri or tracking.default_tracking_uri(results_dir)
+    preflight.check_tracking(uri, results_dir)
+    preflight.check_store(Path(results_dir) / "cells")
+    todo = _records(results_dir, args.sweep) if args.all else pending(results_dir, args.sweep, unknown=True)
+    failed = 0
+    for record in todo:
+        start = time.perf_counter()
+        status = "FINISHED" if record.get("evaluated") else None
+        done = track_or_mark(uri, results_dir, record, status=status, report=True)
+        name = f"{record['sweep']}/{record['trial']}"
+        if done is None:
+            failed += 1
+            print(f"{name}: still failing: {record['tracking']['error']}", file=sys.stderr)
+        else:
+            print(f"{name}: run {record['mlflow_run_id']}: logged {done['metrics']} metric(s), "
+                  f"{done['artifacts']} artifact(s){', the model' if done['model'] else ''} "
+                  f"({time.perf_counter() - start:.1f} s)")
+    print(f"sors sync: {len(todo) - failed} of {len(todo)} run(s) up to date in MLflow at {redact(uri)}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sors sync ...``; exit 0 synced (or nothing to do), 1 some run still failing, 2 bad input."""
+    from pipeline.preflight import PreflightError
+    from sors.train import CheckpointError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else 2
+    try:
+        return run(args)
+    except (PreflightError, results.ResultsError, CheckpointError) as err:
+        print(f"sors sync: error: {redact(str(err).splitlines()[0])}", file=sys.stderr)
+        return 2

@@ -1,0 +1,548 @@
+"""Faults injected into real runs (local Ray, a real MLflow server, real Parquet), and the security
+defaults. Every fault test is marked ``fault``: ``pytest -m fault`` runs them alone.
+
+| fault                                   | test                                                        |
+| --------------------------------------- | ----------------------------------------------------------- |
+| Ray Train worker SIGKILLed mid-epoch     | test_a_killed_train_worker_resumes_from_its_last_checkpoint |
+| sweep driver SIGKILLed mid-sweep         | test_a_killed_sweep_driver_resumes_only_unfinished_trials    |
+| evaluation fan-out SIGKILLed mid-way     | test_a_killed_fanout_reruns_only_the_missing_cells           |
+| MLflow server unreachable during a sweep | test_mlflow_outage_during_a_sweep_is_backfilled_by_sync      |
+| truncated checkpoint or Parquet file     | test_truncated_*                                             |
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import cli, results
+from sors import config as config_lib
+from sors import train as train_lib
+
+pytestmark = pytest.mark.timeout(400)
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"data.name": "fashion_mnist", "data.n_test": 64, "train.optimizer": "adam", "train.lr": 0.002,
+        "train.batch_size": 32, "train.use_gpu": False}
+
+
+# ---------------------------------------------------------------- helpers
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy (returned) or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def is_ray_worker(pid: int) -> bool:
+    """True when ``pid`` is alive and is a Ray worker process (never signal a recycled pid)."""
+    try:
+        return "ray::" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def registered_epoch(run_dir: Path) -> int:
+    """The epoch of the checkpoint Ray Train has registered for a run (0 if none yet)."""
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+        return int(latest["checkpoint_dir_name"].split("_")[1]) if latest else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def make_epoch_recorder(path: str):
+    """An epoch hook (runs in the Ray Train worker) appending ``epoch pid`` lines to ``path``.
+    A closure, so Ray pickles it by value and workers need not import this test module."""
+    def record(epoch: int, row: dict) -> None:
+        with open(path, "a") as handle:
+            handle.write(f"{epoch} {os.getpid()}\n")
+    return record
+
+
+def wait_for_dead_jobs(ray, timeout: float = 60) -> None:
+    """After SIGKILLing a driver: wait until Ray has marked its job dead (its actors and tasks are gone)."""
+    me = ray.get_runtime_context().get_job_id()
+    wait_for(lambda: all(j["IsDead"] for j in ray._private.state.jobs() if j["JobID"] != me), timeout,
+             "Ray to clean up the killed driver's job")
+
+
+def spawn_driver(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """``sors ...`` as a separate driver process in its own session (so it can be killed alone)."""
+    log = open(cwd / "driver.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver process group this test started (a preempted node does no cleanup either)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def write_preset(path: Path, name: str, trials: list[dict], attacks=("fgsm",)) -> Path:
+    """A smoke-sized preset file (tiny subsets; clean + the given attacks at 50/255)."""
+    import yaml
+
+    base = dict(TINY, **{"data.n_train": 256, "eval.n_examples": 32, "eval.repeats": 1, "eval.all_paths": 2,
+                         "eval.batch_size": 32})
+    path.write_text(yaml.safe_dump({"name": name, "description": "fault-injection test", "base": base,
+                                    "trials": trials, "evaluation": {"clean": True,
+                                                                     "attacks": [{"name": a} for a in attacks],
+                                                                     "eps": ["50/255"], "seeds": [0]}}))
+    return path
+
+
+def store_rows(results_dir: Path) -> list[dict]:
+    return results.read_rows(results_dir / "cells")
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of the MLflow server: ``down()`` cuts every connection and
+    refuses new ones (the server "goes away"), ``up()`` listens again on the same port."""
+
+    def __init__(self, target_uri: str):
+        host, port = target_uri.rsplit("//", 1)[1].split(":")
+        self.target = (host, int(port))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listening = False
+        self.up()
+
+    def up(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        server.settimeout(0.1)
+        self._listening = True
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def down(self) -> None:
+        self._listening = False
+        time.sleep(0.3)  # the accept loop notices and closes the listening socket
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        with server:
+            while self._listening:
+                try:
+                    client, _ = server.accept()
+                except socket.timeout:
+                    continue
+                try:
+                    upstream = socket.create_connection(self.target)
+                except OSError:
+                    client.close()
+                    continue
+                with self._lock:
+                    self._open.update((client, upstream))
+                for src, dst in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A LeNet-5 checkpoint trained in-process (no Ray) on 256 real Fashion-MNIST images."""
+    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), dict(
+        TINY, **{"model.name": "lenet5", "data.n_train": 256, "train.epochs": 1})))
+    state = train_lib.fit(cfg)
+    return train_lib.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lenet.pt", state, cfg)
+
+
+# ---------------------------------------------------------------- 1. Ray Train worker killed mid-epoch
+
+@pytest.mark.fault
+@pytest.mark.ray
+def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
+    from pipeline import trainer
+
+    epochs = 4
+    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), dict(
+        TINY, **{"model.name": "sors_lenet5", "data.n_train": 1024, "train.epochs": epochs})))
+    log, storage, name = tmp_path / "epochs.log", tmp_path / "ray", "killed-worker"
+    killed = {}
+
+    def killer():
+        def ready():  # a checkpoint is registered and the worker that wrote it is still training
+            if not log.is_file() or registered_epoch(storage / name) < 1:
+                return None
+            pid = int(log.read_text().split()[1])
+            return pid if is_ray_worker(pid) else None
+        pid = wait_for(ready, 240, "the first registered checkpoint")
+        killed["registered"] = registered_epoch(storage / name)
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    outcome = trainer.fit(cfg, name, str(storage), epoch_hook=make_epoch_recorder(str(log)), max_failures=1)
+    thread.join(timeout=5)
+    assert killed.get("pid"), "the worker was never killed"
+
+    entries = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    first = [e for e, pid in entries if pid == killed["pid"]]
+    second = [e for e, pid in entries if pid != killed["pid"]]
+    assert len({pid for _, pid in entries}) == 2, entries  # one replacement worker
+    assert first == list(range(1, len(first) + 1)) and len(first) < epochs, entries  # killed mid-run
+    restored_from = second[0] - 1
+    assert second == list(range(second[0], epochs + 1)), entries
+    # restored from the last registered checkpoint (not from scratch), and no registered epoch was redone
+    assert killed["registered"] <= restored_from <= len(first), (killed, entries)
+
+    model, _, payload = train_lib.load_checkpoint(outcome.checkpoint_uri)
+    assert payload["epoch"] == epochs == outcome.metrics["epoch"]
+    assert [h["epoch"] for h in payload["history"]] == list(range(1, epochs + 1))
+    assert all(math.isfinite(h[k]) for h in payload["history"] for k in ("loss", "ce", "ortho", "clean_acc"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- 2. sweep driver killed mid-sweep
+
+@pytest.mark.fault
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep import load_record, record_path
+
+    # The student distils from the teacher, so it trains in a later stage: when the student is training,
+    # the teacher trial is finished (trained, evaluated, tracked) -- a deterministic point to kill at.
+    preset = write_preset(tmp_path / "two.yaml", "drvkill", [
+        {"name": "fast", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 1}},
+        {"name": "slow", "label": "SORS", "set": {"model.name": "sors_lenet5", "train.epochs": 5, "data.n_train": 512,
+                                                  "train.teacher": "trial:fast"}}])
+    results_dir = tmp_path / "results"
+    common = ["--results-dir", str(results_dir), "--tracking-uri", mlflow_server, "--no-progress"]
+
+    def slow_run() -> Path | None:
+        return next(iter((results_dir / "ray").glob("drvkill.slow.*")), None)
+
+    driver = spawn_driver(["sweep", str(preset), "--ray-address", ray_session.get_runtime_context().gcs_address,
+                           *common], tmp_path)
+    try:
+        wait_for(lambda: slow_run() and registered_epoch(slow_run()) >= 1, 300, "trial slow to checkpoint an epoch",
+                 0.1)
+    finally:
+        kill_driver(driver)
+    slow_epochs_before = registered_epoch(slow_run())
+    assert not record_path(str(results_dir), "drvkill", "slow").exists(), "slow finished before the kill"
+    assert load_record(str(results_dir), "drvkill", "fast")["tracking"]["status"] == "complete"
+    wait_for_dead_jobs(ray_session)
+
+    fast_record = record_path(str(results_dir), "drvkill", "fast").read_bytes()
+    fast_ckpt = Path(json.loads(fast_record)["checkpoint_uri"])
+    fast_ckpt_stat = fast_ckpt.stat().st_mtime_ns
+    fast_train_files = sorted(p.name for p in fast_ckpt.parent.parent.iterdir())
+    cells_before = {r["cell_id"]: r["created_at"] for r in store_rows(results_dir)}
+
+    code = cli.main(["sweep", str(preset), "--resume", *common])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 trial(s) run, 1 already done" in out
+
+    # the finished trial was not retrained, re-evaluated or re-recorded
+    assert record_path(str(results_dir), "drvkill", "fast").read_bytes() == fast_record
+    assert fast_ckpt.stat().st_mtime_ns == fast_ckpt_stat
+    assert sorted(p.name for p in fast_ckpt.parent.parent.iterdir()) == fast_train_files
+    rows = store_rows(results_dir)
+    assert len(rows) == 4 and len({r["cell_id"] for r in rows}) == 4  # 2 trials x (clean, fgsm), once each
+    for cell_id, created in cells_before.items():
+        assert {r["cell_id"]: r["created_at"] for r in rows}[cell_id] == created  # not recomputed
+
+    # the unfinished trial resumed from its epoch checkpoint: no registered epoch was trained twice
+    slow = load_record(str(results_dir), "drvkill", "slow")
+    assert slow["epochs"] == 5 and [h["epoch"] for h in slow["history"]] == list(range(1, 6))
+    client = MlflowClient(mlflow_server)
+    steps = [m.step for m in client.get_metric_history(slow["mlflow_run_id"], "loss")]
+    assert sorted(set(steps)) == list(range(1, 6))
+    assert all(steps.count(epoch) == 1 for epoch in range(1, slow_epochs_before + 1)), (steps, slow_epochs_before)
+    fast_run = client.get_run(json.loads(fast_record)["mlflow_run_id"])
+    assert [m.step for m in client.get_metric_history(fast_run.info.run_id, "loss")] == [1]
+    assert {r.info.status for r in client.search_runs([fast_run.info.experiment_id])} == {"FINISHED"}
+
+
+# ---------------------------------------------------------------- 3. evaluation fan-out killed mid-way
+
+@pytest.mark.fault
+@pytest.mark.ray
+def test_a_killed_fanout_reruns_only_the_missing_cells(ray_session, mlflow_server, tiny_checkpoint, tmp_path, capsys):
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    results_dir = tmp_path / "results"
+    args = ["evaluate", str(tiny_checkpoint), "--results-dir", str(results_dir), "--tracking-uri", mlflow_server,
+            "--name", "fanout-kill", "--no-progress", "--set", "eval.n_examples=64", "--set", "eval.repeats=1"]
+    total = 13  # clean + (fgsm, pgd, mim) x 4 eps, the default plan for Fashion-MNIST
+    driver = spawn_driver([*args, "--ray-address", ray_session.get_runtime_context().gcs_address], tmp_path)
+    try:
+        wait_for(lambda: 0 < len(results.files(results_dir / "cells")) < total, 240, "the first cells", 0.02)
+    finally:
+        kill_driver(driver)
+    wait_for_dead_jobs(ray_session)
+    done_before = {r["cell_id"]: r["created_at"] for r in store_rows(results_dir)}
+    assert 0 < len(done_before) < total, len(done_before)
+
+    # a writer killed mid-write leaves at most a hidden temporary file: plant one, truncated, to be sure
+    folder = results.files(results_dir / "cells")[0].parent
+    (folder / ".0123456789abcdef01234567.deadbeef.tmp").write_bytes(b"PAR1\x00\x01half a file")
+
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    rows = store_rows(results_dir)
+    assert len(rows) == total and len({r["cell_id"] for r in rows}) == total  # exactly one row per cell
+    by_id = {r["cell_id"]: r["created_at"] for r in rows}
+    assert all(by_id[cell] == created for cell, created in done_before.items())  # only the missing ones ran
+    # every reader sees whole rows only: the temporary file is invisible to pyarrow, pandas and DuckDB
+    cells = results_dir / "cells"
+    assert pads.dataset(str(cells), format="parquet", partitioning="hive").count_rows() == total
+    assert len(pd.read_parquet(cells)) == total
+    assert duckdb.sql(f"select count(*) from read_parquet('{cells}/**/*.parquet', hive_partitioning=true)"
+                      ).fetchall()[0][0] == total
+    assert not [p for p in cells.rglob("*") if p.is_file() and p.suffix != ".parquet" and not p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- 4. MLflow unreachable during a sweep
+
+@pytest.mark.fault
+@pytest.mark.ray
+def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep import load_record
+
+    preset = write_preset(tmp_path / "one.yaml", "outage",
+                          [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 1}}])
+    results_dir = tmp_path / "results"
+    proxy = TcpProxy(mlflow_server)
+
+    def outage():  # the server goes away once the trial has started training (after the run was created)
+        wait_for(lambda: any(p.name.startswith("outage.") for p in (results_dir / "ray").glob("*")), 240,
+                 "the trial to start training")
+        proxy.down()
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    code = cli.main(["sweep", str(preset), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri,
+                     "--no-progress"])
+    out, err = capsys.readouterr()
+    watcher.join(timeout=5)
+
+    # the work is done and on disk; the CLI says clearly that tracking failed and how to fix it
+    assert code == 1, err
+    message = [line for line in err.splitlines() if line.startswith("sors sweep: tracking failed")]
+    assert len(message) == 1 and "sors sync outage" in message[0] and "checkpoints and Parquet" in message[0]
+    record = load_record(str(results_dir), "outage", "lenet5")
+    assert record["evaluated"] and record["tracking"]["status"] == "incomplete"
+    assert train_lib.read_checkpoint(record["checkpoint_uri"])["epoch"] == 1
+    rows = store_rows(results_dir)
+    assert len(rows) == 2
+
+    proxy.up()
+    assert cli.main(["sync", "--results-dir", str(results_dir), "--tracking-uri", proxy.uri]) == 0
+    assert "1 of 1 run(s) up to date" in capsys.readouterr().out
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert set(config_lib.flat_dict(config_lib.from_dict(record["config"]))) <= set(run.data.params)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+    for row in rows:
+        key = "clean_eval" if row["attack"] == "none" else f"{row['attack']}_eps{row['eps']:.3f}"
+        assert run.data.metrics[f"{key}_acc"] == pytest.approx(row["accuracy"])
+    assert {"cells", "checkpoint", "report"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.outputs.model_outputs  # mlflow.pytorch.log_model
+    assert {r["mlflow_run_id"] for r in store_rows(results_dir)} == {run.info.run_id}
+    assert load_record(str(results_dir), "outage", "lenet5")["tracking"]["status"] == "complete"
+
+    # idempotent: a second sync finds nothing to log
+    assert cli.main(["sync", "--all", "--results-dir", str(results_dir), "--tracking-uri", proxy.uri]) == 0
+    assert "logged 0 metric(s), 0 artifact(s)" in capsys.readouterr().out
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+
+
+# ---------------------------------------------------------------- 5. truncated checkpoint or Parquet file
+
+@pytest.fixture
+def stored_results(tmp_path, tiny_checkpoint):
+    """A results folder as a finished `sors sweep smoke` leaves it for trial lenet5, built without Ray:
+    its checkpoint, model record and two evaluated cells (clean, FGSM) in the Parquet store."""
+    from pipeline import presets
+    from pipeline.sweep import cell_specs, save_record
+    from tasks import cells, storage
+
+    results_dir = tmp_path / "results"
+    ckpt = results_dir / "ray" / "smoke.lenet5" / "epoch_0001" / "model.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    trial = presets.build_sweep("smoke").trial("lenet5")
+    record = {"sweep": "smoke", "trial": "lenet5", "label": trial.label, "variants": [],
+              "config": config_lib.to_dict(trial.config), "config_hash": config_lib.config_hash(trial.config),
+              "run_name": "smoke.lenet5", "checkpoint_uri": str(ckpt), "checkpoint_sha256": storage.file_sha256(ckpt),
+              "mlflow_run_id": None, "history": [], "evaluated": True}
+    save_record(str(results_dir), record)
+    plan = presets.EvalPlan(clean=True, attacks=({"name": "fgsm"},), eps=(50 / 255,))
+    for spec in cell_specs(trial, record, plan, "smoke")[:2]:
+        _, row = cells.evaluate(spec)
+        results.write_row(results_dir / "cells", row)
+    return results_dir
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, command: str) -> str:
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"sors {command}: error: ") and "Traceback" not in out + err, err
+    return lines[0]
+
+
+@pytest.mark.fault
+def test_truncated_parquet_cell_is_named_in_one_line_and_nothing_is_touched(stored_results, tmp_path, capsys):
+    victim = results.files(stored_results / "cells")[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = _snapshot(tmp_path)
+    assert cli.main(["report", "--results-dir", str(stored_results), "--no-mlflow"]) == 2
+    assert str(victim) in _one_line_error(capsys, "report")
+    assert cli.main(["sweep", "smoke", "--results-dir", str(stored_results), "--no-progress"]) == 2
+    line = _one_line_error(capsys, "sweep")
+    assert str(victim) in line and "truncated or corrupt" in line and "delete it and rerun" in line
+    assert _snapshot(tmp_path) == before  # no report, no new cell, no MLflow store, no Ray state
+
+
+@pytest.mark.fault
+def test_truncated_checkpoints_are_named_in_one_line_and_nothing_is_touched(stored_results, tmp_path, capsys):
+    # `sors evaluate` on a truncated checkpoint
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(Path(json.loads((stored_results / "models/smoke/lenet5.json").read_text())["checkpoint_uri"])
+                    .read_bytes()[:3000])
+    before = _snapshot(tmp_path)
+    assert cli.main(["evaluate", str(cut), "--results-dir", str(tmp_path / "other")]) == 2
+    assert f"{cut}: unreadable checkpoint (truncated or corrupt" in _one_line_error(capsys, "evaluate")
+    assert _snapshot(tmp_path) == before and not (tmp_path / "other").exists()
+
+    # a sweep whose finished trial's checkpoint was truncated after training
+    record = json.loads((stored_results / "models/smoke/lenet5.json").read_text())
+    ckpt = Path(record["checkpoint_uri"])
+    ckpt.write_bytes(ckpt.read_bytes()[:3000])
+    before = _snapshot(tmp_path)
+    assert cli.main(["sweep", "smoke", "--resume", "--results-dir", str(stored_results), "--no-progress"]) == 2
+    line = _one_line_error(capsys, "sweep")
+    assert str(ckpt) in line and "truncated or changed" in line
+    assert _snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- security defaults
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_every_checkpoint_load_in_pipeline_and_tasks_goes_through_the_weights_only_reader():
+    offenders = []
+    for folder in ("pipeline", "tasks"):
+        for path in (REPO / folder).rglob("*.py"):
+            text = path.read_text()
+            for needle in ("torch.load(", "pickle.load", "weights_only=False", "mlflow.pytorch.load_model",
+                           "cloudpickle.load"):
+                if needle in text:
+                    offenders.append(f"{path.relative_to(REPO)}: {needle}")
+    assert offenders == []  # sors.train.read_checkpoint (torch.load(weights_only=True)) is the one reader
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_by_every_command(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state": {}, "config": {}, "x": _Payload(marker)}, evil)
+    assert cli.main(["evaluate", str(evil), "--results-dir", str(tmp_path / "results")]) == 2
+    assert f"{evil}: refused to load" in _one_line_error(capsys, "evaluate")
+    # ... as a teacher, and as the epoch checkpoint an interrupted trial would resume from
+    assert cli.main(["train", "--set", f"train.teacher={evil}", "--results-dir", str(tmp_path / "results")]) == 2
+    assert "refused to load" in _one_line_error(capsys, "train")
+    from pipeline import presets, trainer
+
+    trial = presets.build_sweep("smoke").trial("lenet5")
+    run_dir = tmp_path / "results" / "ray" / trainer.run_name("smoke", "lenet5", trial.config)
+    (run_dir / "epoch_0001").mkdir(parents=True)
+    (run_dir / "epoch_0001" / "model.pt").write_bytes(evil.read_bytes())
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "epoch_0001"}}))
+    assert cli.main(["sweep", "smoke", "--resume", "--results-dir", str(tmp_path / "results")]) == 2
+    assert "refused to load" in _one_line_error(capsys, "sweep")
+    assert not marker.exists()  # the payload never ran
+
+
+def test_no_secret_reaches_mlflow_params_or_the_console(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "secrets", str(tmp_path / "art"))
+    params = {"train.teacher": "https://bucket.s3.amazonaws.com/t.pt?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA9",
+              "data.root": "s3://alice:hunter2@storage.internal/data", "train.lambda": 10.0}
+    run_id = tracking.find_or_create_run(uri, experiment, "t", "hash", params, {"note": "token=abc123"})
+    run = MlflowClient(uri).get_run(run_id)
+    stored = json.dumps({**run.data.params, **run.data.tags})
+    for secret in ("s3cr3t", "AKIA9", "hunter2", "abc123"):
+        assert secret not in stored
+    assert run.data.params["data.root"] == "s3://alice:***@storage.internal/data"  # still says where
+
+    # the console: a password in the tracking URI is never printed, in errors or in normal output
+    assert cli.main(["sweep", "smoke", "--dry-run", "--tracking-uri", "http://bob:pa55word@127.0.0.1:1",
+                     "--results-dir", str(tmp_path / "r")]) == 2
+    out, err = capsys.readouterr()
+    assert "pa55word" not in out + err and "bob:***@" in err
+
+
+@pytest.mark.ray
+def test_the_local_ray_starts_no_dashboard(ray_session):
+    node = ray_session._private.worker.global_worker.node
+    assert not node.address_info.get("webui_url")  # include_dashboard=False: nothing listens on 8265
