@@ -349,26 +349,50 @@ def case_compile(s: Settings) -> list[Row]:
 # memory
 
 
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux /proc), 0 where unavailable."""
+def _status_bytes(field_name: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where unavailable."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux), 0 where unavailable."""
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS counter (VmHWM) from the current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process's address space since the last reset (VmHWM; ru_maxrss elsewhere)."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_child(name: str, batch: int, which: str) -> dict[str, float]:
-    """Run in a fresh process: one ``which`` step after one warm-up step of another kind... no: the
-    very first step, so the peak is the step's own. Returns MiB: rss_before, peak_rss, step_peak."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    """Run in a fresh process: the very first ``which`` step, so its peak is the step's own (nothing
+    cached by the allocator yet). Returns MiB: rss_before, peak_rss, step_peak (= peak - before).
+
+    VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (it survives exec)."""
     model, x, y = train_inputs(name, batch, torch.device("cpu"))
     fn = step_functions(model, x, y, distinct_paths(model))[which]
+    reset = reset_peak_rss()
     before = current_rss_bytes()
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     mib = 1024 * 1024
     return {"rss_before_mib": round(before / mib, 1), "peak_rss_mib": round(peak / mib, 1),
-            "step_peak_mib": round((peak - before) / mib, 1)}
+            "step_peak_mib": round((peak - before) / mib, 1), "peak_reset": reset}
 
 
 def _run_memory_child(name: str, batch: int, which: str, threads: int) -> dict[str, float]:
