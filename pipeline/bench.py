@@ -103,10 +103,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+CLOCK = {"name": "wall"}  # set by --clock
+
+
 def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 5,
             warmup: int = 1) -> dict[str, list[float]]:
-    """Wall seconds of each callable, ``repeats`` times, interleaved: the order alternates every
-    repeat (A B C, C B A, ...) so a slow drift of machine load hits every side alike."""
+    """Seconds of each callable, ``repeats`` times, interleaved: the order alternates every repeat
+    (A B C, C B A, ...) so a slow drift of machine load hits every side alike. Wall time unless
+    ``--clock process`` (CPU seconds of this process: with --threads 1, blind to other processes)."""
+    clock = CLOCKS[CLOCK["name"]]
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -116,10 +122,10 @@ def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: in
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -669,7 +675,9 @@ def format_table(info: dict[str, Any], rows: list[Row]) -> str:
     head = (f"sors bench  {info['date']}  device={info['device']}"
             + (f" ({info['gpu']})" if "gpu" in info else "")
             + f"\ncpu={info['cpu']}  cores={info['cores']}  torch threads={info['torch_threads']}  "
-              f"torch={info['torch']}  load={info['load_average']}")
+              f"torch={info['torch']}  load={info['load_average']}"
+              + (f" -> {info['load_average_end']}" if "load_average_end" in info else "")
+              + f"  clock={info.get('clock', 'wall')}")
     lines = [head, ""]
     width = max([len(r.name) for r in rows] + [10])
     lines.append(f"{'figure':<{width}}  {'value':>10}  {'unit':<30} {'target':<8} {'ok':<4} detail")
@@ -700,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median; >= 5 for a report)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall (default; the targets' clock) or process CPU time (use with --threads 1 "
+                             "on a shared machine)")
     parser.add_argument("--eot-samples", type=int, default=20)
     parser.add_argument("--fanout-cells", type=int, default=5)
     parser.add_argument("--cell-seconds", type=float, default=5.0, help="length of one fan-out cell")
@@ -764,7 +775,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    CLOCK["name"] = args.clock
     info = machine(s.device)
+    info["clock"] = args.clock
     rows: list[Row] = []
     for case in cases:
         rows.extend(CASES[case](s))
