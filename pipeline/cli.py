@@ -169,7 +169,8 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
     files = report.write_report(rows, records, out, title=f"sweep {sweep_name}", model_order=order)
     if log_mlflow:
         for record in records:
-            if record and record.get("mlflow_run_id"):
+            # a run whose tracking already failed gets its report from `sors sync` (no second timeout here)
+            if record and record.get("mlflow_run_id") and (record.get("tracking") or {}).get("status") != "incomplete":
                 try:
                     tracking.log_artifacts(opts.tracking_uri, record["mlflow_run_id"], files, "report")
                 except Exception as err:  # noqa: BLE001 -- the report exists on disk either way

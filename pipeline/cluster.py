@@ -31,7 +31,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         # A local machine is not a spot instance: skip Train V2's per-run preemption-watcher actor
         # (one Python process less per training run).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=object_store_memory, **options)
+        # address="local": always a new local instance, never a `ray start` cluster someone left on this machine
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=object_store_memory,
+                 **options)
     else:
         ray.init(address=address, **options)
 

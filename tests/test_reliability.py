@@ -247,35 +247,37 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
 
     from pipeline.sweep import load_record, record_path
 
-    # The student distils from the teacher, so it trains in a later stage: when the student is training,
-    # the teacher trial is finished (trained, evaluated, tracked) -- a deterministic point to kill at.
+    # Each trial's Ray Train run takes every CPU, so Tune runs the two trials one after the other: the
+    # driver is killed once one trial is finished (trained, evaluated, tracked) and the other has started.
+    workers = int(ray_session.cluster_resources()["CPU"])
     preset = write_preset(tmp_path / "two.yaml", "drvkill", [
-        {"name": "fast", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 1}},
-        {"name": "slow", "label": "SORS", "set": {"model.name": "sors_lenet5", "train.epochs": 5, "data.n_train": 512,
-                                                  "train.teacher": "trial:fast"}}])
+        {"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 2}},
+        {"name": "sors", "label": "SORS", "set": {"model.name": "sors_lenet5", "train.epochs": 1}}])
     results_dir = tmp_path / "results"
-    common = ["--results-dir", str(results_dir), "--tracking-uri", mlflow_server, "--no-progress"]
+    common = ["--results-dir", str(results_dir), "--tracking-uri", mlflow_server, "--no-progress",
+              "--set", f"train.num_workers={workers}"]
 
-    def slow_run() -> Path | None:
-        return next(iter((results_dir / "ray").glob("drvkill.slow.*")), None)
+    def one_finished_other_started():
+        records = {t: load_record(str(results_dir), "drvkill", t) for t in ("lenet5", "sors")}
+        finished = [t for t, r in records.items() if r and (r.get("tracking") or {}).get("status") == "complete"]
+        started = [t for t, r in records.items() if r is None and any((results_dir / "ray").glob(f"drvkill.{t}.*"))]
+        return (finished[0], started[0]) if len(finished) == 1 and started else None
 
     driver = spawn_driver(["sweep", str(preset), "--ray-address", ray_session.get_runtime_context().gcs_address,
                            *common], tmp_path)
     try:
-        wait_for(lambda: slow_run() and registered_epoch(slow_run()) >= 1, 300, "trial slow to checkpoint an epoch",
-                 0.1)
+        finished, unfinished = wait_for(one_finished_other_started, 300, "one trial finished, the other started", 0.1)
     finally:
         kill_driver(driver)
-    slow_epochs_before = registered_epoch(slow_run())
-    assert not record_path(str(results_dir), "drvkill", "slow").exists(), "slow finished before the kill"
-    assert load_record(str(results_dir), "drvkill", "fast")["tracking"]["status"] == "complete"
+    assert not record_path(str(results_dir), "drvkill", unfinished).exists(), "both finished before the kill"
     wait_for_dead_jobs(ray_session)
 
-    fast_record = record_path(str(results_dir), "drvkill", "fast").read_bytes()
-    fast_ckpt = Path(json.loads(fast_record)["checkpoint_uri"])
-    fast_ckpt_stat = fast_ckpt.stat().st_mtime_ns
-    fast_train_files = sorted(p.name for p in fast_ckpt.parent.parent.iterdir())
+    done_record = record_path(str(results_dir), "drvkill", finished).read_bytes()
+    done_ckpt = Path(json.loads(done_record)["checkpoint_uri"])
+    done_ckpt_mtime = done_ckpt.stat().st_mtime_ns
+    done_train_files = sorted(p.name for p in done_ckpt.parent.parent.iterdir())
     cells_before = {r["cell_id"]: r["created_at"] for r in store_rows(results_dir)}
+    assert len(cells_before) == 2  # the finished trial's clean + FGSM cells
 
     code = cli.main(["sweep", str(preset), "--resume", *common])
     out = capsys.readouterr().out
@@ -283,24 +285,23 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
     assert "1 trial(s) run, 1 already done" in out
 
     # the finished trial was not retrained, re-evaluated or re-recorded
-    assert record_path(str(results_dir), "drvkill", "fast").read_bytes() == fast_record
-    assert fast_ckpt.stat().st_mtime_ns == fast_ckpt_stat
-    assert sorted(p.name for p in fast_ckpt.parent.parent.iterdir()) == fast_train_files
+    assert record_path(str(results_dir), "drvkill", finished).read_bytes() == done_record
+    assert done_ckpt.stat().st_mtime_ns == done_ckpt_mtime
+    assert sorted(p.name for p in done_ckpt.parent.parent.iterdir()) == done_train_files
     rows = store_rows(results_dir)
-    assert len(rows) == 4 and len({r["cell_id"] for r in rows}) == 4  # 2 trials x (clean, fgsm), once each
-    for cell_id, created in cells_before.items():
-        assert {r["cell_id"]: r["created_at"] for r in rows}[cell_id] == created  # not recomputed
-
-    # the unfinished trial resumed from its epoch checkpoint: no registered epoch was trained twice
-    slow = load_record(str(results_dir), "drvkill", "slow")
-    assert slow["epochs"] == 5 and [h["epoch"] for h in slow["history"]] == list(range(1, 6))
+    assert len(rows) == 4 and len({r["cell_id"] for r in rows}) == 4  # 2 trials x (clean, FGSM), once each
+    assert all({r["cell_id"]: r["created_at"] for r in rows}[c] == t for c, t in cells_before.items())
     client = MlflowClient(mlflow_server)
-    steps = [m.step for m in client.get_metric_history(slow["mlflow_run_id"], "loss")]
-    assert sorted(set(steps)) == list(range(1, 6))
-    assert all(steps.count(epoch) == 1 for epoch in range(1, slow_epochs_before + 1)), (steps, slow_epochs_before)
-    fast_run = client.get_run(json.loads(fast_record)["mlflow_run_id"])
-    assert [m.step for m in client.get_metric_history(fast_run.info.run_id, "loss")] == [1]
-    assert {r.info.status for r in client.search_runs([fast_run.info.experiment_id])} == {"FINISHED"}
+    done_run = json.loads(done_record)["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(done_run, "loss")] == list(range(1, json.loads(done_record)
+                                                                                        ["epochs"] + 1))
+
+    # the unfinished trial finished, once, with its full epoch count, and is tracked
+    record = load_record(str(results_dir), "drvkill", unfinished)
+    assert record["evaluated"] and record["tracking"]["status"] == "complete"
+    assert [h["epoch"] for h in record["history"]] == list(range(1, record["epochs"] + 1))
+    runs = client.search_runs([client.get_run(done_run).info.experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("lenet5", "FINISHED"), ("sors", "FINISHED")]
 
 
 # ---------------------------------------------------------------- 3. evaluation fan-out killed mid-way
