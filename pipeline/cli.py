@@ -120,11 +120,13 @@ def _overrides(args) -> list[str]:
     return overrides
 
 
-def _preflight(args, opts, sweep=None) -> None:
-    """Check every input before anything is written or launched (PreflightError: one line)."""
+def _preflight(args, opts, sweep=None, configs=()) -> None:
+    """Check every input before anything is written or launched (PreflightError: one line).
+    ``configs``: run configs whose data sets must be readable (a sweep's trials are added)."""
     from pipeline import preflight
 
-    datasets = {(t.config.data.name, opts.data_root or t.config.data.root) for t in sweep.trials} if sweep else ()
+    configs = list(configs) + ([t.config for t in sweep.trials] if sweep else [])
+    datasets = {(c.data.name, opts.data_root or c.data.root) for c in configs}
     preflight.check_inputs(opts.results_dir, args.storage_path, opts.tracking_uri, args.ray_address, args.num_cpus,
                            datasets)
     preflight.check_store(opts.store)
@@ -265,7 +267,7 @@ def cmd_evaluate(args) -> int:
         cfg = config_lib.from_dict(payload["config"])
         label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
         models.append((uri, local, cfg, label))
-    _preflight(args, opts)
+    _preflight(args, opts, configs=[m[2] for m in models])
     eval_overrides = {k: v for k, v in map(config_lib.parse_assignment, args.overrides) if k.startswith("eval.")}
     specs, records = [], []
     code = tracking.code_version()
