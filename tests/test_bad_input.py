@@ -166,8 +166,7 @@ def workdir(tmp_path_factory):
 
 def _dry_run(workdir: Path, overrides: list[str], capsys) -> tuple[int, str, str]:
     argv = ["sweep", "smoke", "--dry-run", "--results-dir", str(workdir / "results")]
-    for item in overrides:
-        argv += ["--set", item]
+    argv += [f"--set={item}" for item in overrides]  # "--set=" form: a value may start with "-"
     code = cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
