@@ -501,7 +501,10 @@ def _log_mlflow(ctx: RunContext, meta: dict, summary: dict, files: list[Path], s
         client.set_terminated(run.info.run_id, "FINISHED" if meta["exit_code"] != EXIT_COULD_NOT_RUN else "FAILED")
         return run.info.run_id
     except Exception as err:  # noqa: BLE001 -- tracking trouble must not hide the verdict
-        log.warning("could not log the nightly to MLflow (%s): %s", ctx.tracking_uri, str(err).splitlines()[0])
+        from pipeline.redact import redact  # no password of the URI in the log
+
+        log.warning("could not log the nightly to MLflow (%s): %s", redact(ctx.tracking_uri),
+                    redact((str(err).splitlines() or [""])[0]))
         return None
 
 
@@ -551,7 +554,7 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     meta = {"name": cfg.name, "run_id": run_id, "run_date": started.date().isoformat(),
             "config_path": str(cfg.path), "overrides": list(args.overrides), "code_version": ctx.code_version,
             "baseline_run_id": baseline_id, "baseline_how": baseline_how, "self_accepted": baseline_id is None,
-            "models": models, "tracking_uri": ctx.tracking_uri, "cells_store": str(folder / "cells"),
+            "models": models, "tracking_uri": _redact(ctx.tracking_uri), "cells_store": str(folder / "cells"),
             "thresholds": {"min_drop_points": cfg.settings.min_drop, "clean_min_drop_points": cfg.settings.clean_min_drop,
                            "fail_on_new_warnings": th.fail_on_new_warnings},
             "exit_code": summary["exit_code"], "seconds": round(time.time() - started.timestamp(), 1)}
@@ -618,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare against this run instead of the accepted baseline (pinned)")
     cli._common(parser)
     return parser
+
+
+def _redact(text: str) -> str:
+    """``text`` without URI passwords or tokens (the run's JSON is shared and may reach MLflow)."""
+    from pipeline.redact import redact
+    return redact(text)
 
 
 def main(argv: list[str] | None = None) -> int:
