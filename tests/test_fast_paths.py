@@ -174,8 +174,8 @@ def test_native_input_gradient_kernels_give_the_same_double_backward_in_float32(
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
-def test_input_gradient_kernels_restore_the_onednn_switch_even_on_error():
-    before = torch.backends.mkldnn.enabled
+def test_input_gradient_kernels_restore_the_onednn_switch_and_threads_even_on_error():
+    before, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
     w = torch.randn(6, 1, 5, 5)
     x = torch.rand(2, 1, 28, 28, requires_grad=True)
     with pytest.raises(RuntimeError):
@@ -184,7 +184,7 @@ def test_input_gradient_kernels_restore_the_onednn_switch_even_on_error():
             assert len(kernels.handles) == 2  # pre- and post-hook on the one narrow convolution
             torch.autograd.grad(out.sum(), x)
             raise RuntimeError("boom")
-    assert torch.backends.mkldnn.enabled == before
+    assert torch.backends.mkldnn.enabled == before and torch.get_num_threads() == threads
 
 
 def test_training_backprops_parameters_only():
