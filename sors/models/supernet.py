@@ -218,7 +218,7 @@ def _route_distinct(module: nn.Module, inner: list[ChoiceLayer], columns: list[t
     ``inner`` (the choice layers inside ``module``). Returns the distinct outputs and the new map.
     """
     n = h.shape[0]
-    if isinstance(module, ChoiceLayer):
+    if isinstance(module, ChoiceLayer) and len(inner) == 1:
         # candidate-major key: the distinct rows come out grouped by candidate, no unsort needed
         distinct, inverse = torch.unique(columns[0] * n + index, return_inverse=True)
         counts = torch.bincount(distinct // n, minlength=module.num_choices).tolist()
