@@ -118,3 +118,19 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: attack loops are many small ops, and on 2 cores that are
+    shared (CI runners, other tenants) OpenMP spin-waits make 2 threads several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def lenet(trained_lenet):
+    """The trained LeNet-5 of :func:`trained_lenet`, in eval mode."""
+    return trained_lenet[0]

@@ -18,23 +18,12 @@ from sors.models import SuperNet, freeze_path
 EPS = 50 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The two cores are shared by several sessions; one intra-op thread avoids OpenMP spin-waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(-1) == y).float().mean().item()
-
-
-@pytest.fixture(scope="module")
-def lenet(trained_lenet):
-    return trained_lenet[0]
 
 
 @pytest.fixture(scope="module")

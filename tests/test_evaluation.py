@@ -20,18 +20,7 @@ from tests.conftest import make_config
 EPS = 50 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The two cores are shared by several sessions; one intra-op thread avoids OpenMP spin-waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def lenet(trained_lenet):
-    return trained_lenet[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
