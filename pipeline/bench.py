@@ -80,7 +80,7 @@ class Settings:
     """What the cases run with (``--quick`` shrinks sizes for smoke tests)."""
     device: torch.device
     repeats: int = 5
-    warmup: int = 1
+    warmup: int = 2
     quick: bool = False
     eot_samples: int = 20
     fanout_cells: int = 5
@@ -710,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(CASES)} (default: all but compile)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median; >= 5 for a report)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every side first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall (default; the targets' clock) or process CPU time (use with --threads 1 "
