@@ -59,7 +59,9 @@ class input_gradient_kernels:
     """
 
     def __init__(self, *roots: torch.Tensor, max_channels: int = 4):
-        self.roots = [r for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
+        # graphs on other devices have no oneDNN kernels: skip the walk
+        self.roots = [r for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None
+                      and r.device.type == "cpu"]
         self.max_channels = max_channels
         self.handles: list = []
         self.saved: bool | None = None
