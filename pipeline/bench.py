@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 from sors import losses, models
-from sors.kernels import retain_freed_memory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +79,7 @@ class Settings:
     """What the cases run with (``--quick`` shrinks sizes for smoke tests)."""
     device: torch.device
     repeats: int = 5
-    warmup: int = 2
+    warmup: int = 1
     quick: bool = False
     eot_samples: int = 20
     fanout_cells: int = 5
@@ -391,7 +390,6 @@ def memory_child(name: str, batch: int, which: str) -> dict[str, float]:
     cached by the allocator yet). Returns MiB: rss_before, peak_rss, step_peak (= peak - before).
 
     VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (it survives exec)."""
-    retain_freed_memory()  # as in training
     model, x, y = train_inputs(name, batch, torch.device("cpu"))
     fn = step_functions(model, x, y, distinct_paths(model))[which]
     reset = reset_peak_rss()
@@ -549,7 +547,6 @@ def bench_cell(n_examples: int, seed: int = 0, threads: int = 1) -> dict[str, fl
 
 
 def _cell(n_examples: int, seed: int, start: float) -> dict[str, float]:
-    retain_freed_memory()  # the same allocator setting in a Ray worker as in this process
     torch.manual_seed(seed)
     model = models.build("sors_lenet5").eval()
     try:
@@ -680,8 +677,7 @@ def format_table(info: dict[str, Any], rows: list[Row]) -> str:
             + f"\ncpu={info['cpu']}  cores={info['cores']}  torch threads={info['torch_threads']}  "
               f"torch={info['torch']}  load={info['load_average']}"
               + (f" -> {info['load_average_end']}" if "load_average_end" in info else "")
-              + f"  clock={info.get('clock', 'wall')}"
-              + ("  freed memory retained" if info.get("retain_freed_memory") else ""))
+              + f"  clock={info.get('clock', 'wall')}")
     lines = [head, ""]
     width = max([len(r.name) for r in rows] + [10])
     lines.append(f"{'figure':<{width}}  {'value':>10}  {'unit':<30} {'target':<8} {'ok':<4} detail")
@@ -710,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(CASES)} (default: all but compile)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median; >= 5 for a report)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every side first")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall (default; the targets' clock) or process CPU time (use with --threads 1 "
@@ -780,9 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     CLOCK["name"] = args.clock
-    retained = retain_freed_memory()  # as training does (sors.train.train_one_epoch): both sides alike
     info = machine(s.device)
-    info.update(clock=args.clock, retain_freed_memory=retained)
+    info["clock"] = args.clock
     rows: list[Row] = []
     for case in cases:
         rows.extend(CASES[case](s))

@@ -7,41 +7,9 @@ is the faster one. :class:`input_gradient_kernels` picks the native kernel for e
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
-
 import torch
 
-__all__ = ["input_gradient_kernels", "retain_freed_memory"]
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_RETAINED: list[bool] = []
-
-
-def retain_freed_memory() -> bool:
-    """Keep freed CPU tensor memory in the process instead of handing it back to the OS (glibc:
-    tensors below 32 MiB come from the heap, and the heap is not trimmed). Idempotent; returns
-    True when the setting is in force, False where it is not available (not Linux/glibc).
-
-    Why: a training step allocates and frees the same buffers every time; by default glibc maps
-    every buffer above its (adaptive) threshold fresh from the OS and unmaps it on free, so each
-    step page-faults its whole working set in again. The SORS step (double backprop, about 6x
-    the vanilla step's buffers) took ~6,000 minor faults and 13-15 ms of kernel time per step on
-    LeNet-5 at batch 128 (a quarter of the step); with this setting, none. Costs: the process
-    keeps its peak heap resident.
-    """
-    if _RETAINED:
-        return _RETAINED[0]
-    ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError):
-            ok = False
-    _RETAINED.append(ok)
-    return ok
+__all__ = ["input_gradient_kernels"]
 
 
 class input_gradient_kernels:
@@ -59,9 +27,7 @@ class input_gradient_kernels:
     """
 
     def __init__(self, *roots: torch.Tensor, max_channels: int = 4):
-        # graphs on other devices have no oneDNN kernels: skip the walk
-        self.roots = [r for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None
-                      and r.device.type == "cpu"]
+        self.roots = [r for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
         self.max_channels = max_channels
         self.handles: list = []
         self.saved: bool | None = None

@@ -5,8 +5,6 @@ plus the `sors bench` command's contract (table / JSON, exit codes) on a quick r
 """
 
 import json
-import resource
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline import bench
 from sors import losses, models
-from sors.kernels import input_gradient_kernels, retain_freed_memory
+from sors.kernels import input_gradient_kernels
 from sors.models.supernet import per_example_sampling, repeat_forward
 
 RTOL = 1e-6
@@ -305,23 +303,3 @@ def test_bench_attack_and_memory_cases_report_their_figures(capsys):
     assert rows["pgd.ratio_vs_torchattacks"]["detail"]["ours_images_per_s"] > 0
     memory = rows["memory.sors_lenet5.sors_step"]
     assert memory["unit"] == "MiB peak RSS" and memory["value"] > memory["detail"]["sors_rss_before_mib"]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting")
-def test_steps_reuse_freed_memory_instead_of_page_faulting_it_in_again():
-    assert retain_freed_memory()
-    torch.manual_seed(0)
-    net = models.build("sors_lenet5")
-    x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    paths, params = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]]), list(net.parameters())
-
-    def step():
-        net.zero_grad(set_to_none=True)
-        losses.backward_into(losses.sors_loss(net, x, y, lam=10.0, paths=paths), params)
-
-    step(), step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        step()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    assert faults < 400, f"{faults:.0f} page faults per step (1,000-7,000 when freed buffers go back to the OS)"
