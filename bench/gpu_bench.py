@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: no CUDA device visible (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    from sors.kernels import retain_freed_memory
+    retain_freed_memory()  # as sors.train and sors bench do
     start = time.monotonic()
     info, rows, log = describe(device), [], []
     print(f"gpu_bench: {info.get('gpu', info['cpu'])}, torch {info['torch']}", flush=True)

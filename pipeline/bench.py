@@ -26,7 +26,6 @@ is missed, 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from sors import losses, models
+from sors import kernels, losses, models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -253,18 +252,17 @@ def einsum_orthogonality(grads: torch.Tensor) -> torch.Tensor:
     return cos[i, j].pow(2).mean(dim=1).sum()
 
 
-def sors_step_variant(model, x, y, paths, params, opt, lam=10.0, routing="blocks", native_kernels=True,
+def sors_step_variant(model, x, y, paths, params, opt, lam=10.0, routing="blocks", fast_conv=True,
                       params_only=True, ortho=losses.orthogonality_loss) -> None:
     """The SORS step with each fast path switchable (same values, different cost)."""
     opt.zero_grad(set_to_none=True)
     k, b = paths.shape[0], x.shape[0]
-    stacked = x.detach().repeat(k, 1, 1, 1).requires_grad_()
-    logits = model.forward_blocks(stacked, paths) if routing == "blocks" else \
-        model(stacked, paths.repeat_interleave(b, dim=0))
+    with kernels.fast_input_gradients(fast_conv):  # decided at forward time, kept by the graph
+        stacked = x.detach().repeat(k, 1, 1, 1).requires_grad_()
+        logits = model.forward_blocks(stacked, paths) if routing == "blocks" else \
+            model(stacked, paths.repeat_interleave(b, dim=0))
     ce = F.cross_entropy(logits, y.repeat(k), reduction="none").view(k, b).mean(1).sum()
-    kernels = losses.input_gradient_kernels(ce) if native_kernels else contextlib.nullcontext()
-    with kernels:
-        grads = torch.autograd.grad(ce, stacked, create_graph=True)[0]
+    grads = torch.autograd.grad(ce, stacked, create_graph=True)[0]
     total = ce + lam * ortho(grads.view(k, b, *x.shape[1:]))
     torch.autograd.backward(total, inputs=params if params_only else None)
     opt.step()
@@ -273,7 +271,7 @@ def sors_step_variant(model, x, y, paths, params, opt, lam=10.0, routing="blocks
 FAST_PATH_VARIANTS: dict[str, dict[str, Any]] = {
     "all fast paths": {},
     "sorted per-example routing": {"routing": "sort"},
-    "oneDNN input-gradient kernels": {"native_kernels": False},
+    "built-in first-conv input gradient": {"fast_conv": False},
     "backward also w.r.t. the input": {"params_only": False},
     "einsum orthogonality loss": {"ortho": einsum_orthogonality},
 }
@@ -333,8 +331,7 @@ def case_compile(s: Settings) -> list[Row]:
     def gradient(fn):
         inp = x.detach().requires_grad_(True)
         value = fn(inp)
-        with losses.input_gradient_kernels(value):
-            return torch.autograd.grad(value, inp)[0]
+        return torch.autograd.grad(value, inp)[0]
 
     start = time.perf_counter()
     try:
@@ -390,6 +387,7 @@ def memory_child(name: str, batch: int, which: str) -> dict[str, float]:
     cached by the allocator yet). Returns MiB: rss_before, peak_rss, step_peak (= peak - before).
 
     VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (it survives exec)."""
+    kernels.retain_freed_memory()  # as in training
     model, x, y = train_inputs(name, batch, torch.device("cpu"))
     fn = step_functions(model, x, y, distinct_paths(model))[which]
     reset = reset_peak_rss()
@@ -547,6 +545,7 @@ def bench_cell(n_examples: int, seed: int = 0, threads: int = 1) -> dict[str, fl
 
 
 def _cell(n_examples: int, seed: int, start: float) -> dict[str, float]:
+    kernels.retain_freed_memory()  # the same allocator setting in a Ray worker as in this process
     torch.manual_seed(seed)
     model = models.build("sors_lenet5").eval()
     try:
@@ -677,7 +676,8 @@ def format_table(info: dict[str, Any], rows: list[Row]) -> str:
             + f"\ncpu={info['cpu']}  cores={info['cores']}  torch threads={info['torch_threads']}  "
               f"torch={info['torch']}  load={info['load_average']}"
               + (f" -> {info['load_average_end']}" if "load_average_end" in info else "")
-              + f"  clock={info.get('clock', 'wall')}")
+              + f"  clock={info.get('clock', 'wall')}"
+              + ("  freed memory retained" if info.get("retain_freed_memory") else ""))
     lines = [head, ""]
     width = max([len(r.name) for r in rows] + [10])
     lines.append(f"{'figure':<{width}}  {'value':>10}  {'unit':<30} {'target':<8} {'ok':<4} detail")
@@ -776,8 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     CLOCK["name"] = args.clock
+    retained = kernels.retain_freed_memory()  # as training does (sors.train.train_one_epoch): both sides alike
     info = machine(s.device)
-    info["clock"] = args.clock
+    info.update(clock=args.clock, retain_freed_memory=retained)
     rows: list[Row] = []
     for case in cases:
         rows.extend(CASES[case](s))

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sors.kernels import input_gradient_kernels
 from sors.models.supernet import SuperNet
 
 
@@ -101,8 +100,7 @@ def sors_loss(model: SuperNet, x: torch.Tensor, y: torch.Tensor, k: int = 2, lam
     params = [p for p in model.parameters() if p.requires_grad] if weight_grads else []
     # d(sum_k mean_b CE)/dx: each example's slice is its own dCE/dx up to the factor 1/B, and cos is
     # scale-free. One call for all K*B input gradients.
-    with input_gradient_kernels(ce):
-        grads = torch.autograd.grad(ce, [stacked] + params, create_graph=True, allow_unused=weight_grads)
+    grads = torch.autograd.grad(ce, [stacked] + params, create_graph=True, allow_unused=weight_grads)
     ortho = orthogonality_loss(grads[0].view(k, batch, *x.shape[1:]))
     if weight_grads:
         extra = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads[1:]))

@@ -28,6 +28,7 @@ from sors import config as config_lib
 from sors import data as data_lib
 from sors import losses, metrics
 from sors.config import RunConfig
+from sors.kernels import retain_freed_memory
 from sors.models import build_from_config
 from sors.models.supernet import SuperNet
 
@@ -126,6 +127,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     steps = max(1, math.ceil(len(index) / train.batch_size))
     sums = {"loss": 0.0, "ce": 0.0, "ortho": 0.0, "kd": 0.0, "train_acc": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
+    retain_freed_memory()  # CPU: steps reuse their buffers instead of page-faulting them in again
     for step in range(steps):
         batch = index[step * train.batch_size:(step + 1) * train.batch_size]
         x, y = images[batch].to(device), labels[batch].to(device)

@@ -5,14 +5,15 @@ plus the `sors bench` command's contract (table / JSON, exit codes) on a quick r
 """
 
 import json
+import resource
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline import bench
-from sors import losses, models
-from sors.kernels import input_gradient_kernels
+from sors import kernels, losses, models
 from sors.models.supernet import per_example_sampling, repeat_forward
 
 RTOL = 1e-6
@@ -147,44 +148,63 @@ def test_every_fast_path_switched_off_gives_the_same_gradients():
         assert_grads_close(other, first)
 
 
-def test_native_input_gradient_kernels_give_the_same_double_backward_in_float32():
-    torch.manual_seed(0)
-    net = models.build("sors_lenet5")
-    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    paths = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]])
-    params = list(net.parameters())
-
-    def step(native):
-        stacked = x.repeat(2, 1, 1, 1).requires_grad_()
-        ce = F.cross_entropy(net.forward_blocks(stacked, paths), y.repeat(2))
-        with input_gradient_kernels(ce) if native else torch.enable_grad():
-            g = torch.autograd.grad(ce, stacked, create_graph=True)[0]
-        torch.autograd.backward(ce + 10 * losses.orthogonality_loss(g.view(2, 16, 1, 28, 28)), inputs=params)
-        return g.detach()
-
-    g_native = step(True)
-    w_native = [p.grad.clone() if p.grad is not None else None for p in params]
-    net.zero_grad(set_to_none=True)
-    g_onednn = step(False)
-    w_onednn = [p.grad.clone() if p.grad is not None else None for p in params]
-    torch.testing.assert_close(g_native, g_onednn, rtol=1e-4, atol=1e-9)
-    for a, b in zip(w_native, w_onednn):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+CONV_SHAPES = [  # (c_in, c_out, kernel, padding, bias): LeNet-5's conv1, a ResNet stem, a padded RGBA layer
+    (1, 6, 5, 0, True), (3, 4, 3, 1, False), (4, 2, 3, 2, True)]
 
 
-def test_input_gradient_kernels_restore_the_onednn_switch_and_threads_even_on_error():
-    before, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
-    w = torch.randn(6, 1, 5, 5)
-    x = torch.rand(2, 1, 28, 28, requires_grad=True)
-    with pytest.raises(RuntimeError):
-        out = F.conv2d(x, w)
-        with input_gradient_kernels(out.sum()) as kernels:
-            assert len(kernels.handles) == 2  # pre- and post-hook on the one narrow convolution
-            torch.autograd.grad(out.sum(), x)
-            raise RuntimeError("boom")
-    assert torch.backends.mkldnn.enabled == before and torch.get_num_threads() == threads
+def _conv_second_order(x, weight, bias, padding):
+    """y = conv(x); g = dsum(y^2)/dx with a graph; the gradients of (y.sum() + sum(g^3)) w.r.t. x,
+    weight, bias: the first and second derivatives the SORS step takes of a first convolution."""
+    y = kernels.conv2d(x, weight, bias, padding=padding)
+    g = torch.autograd.grad((y * y).sum(), x, create_graph=True)[0]
+    wanted = [t for t in (x, weight, bias) if t is not None]
+    return [y, g, *torch.autograd.grad(y.sum() + (g ** 3).sum(), wanted)]
+
+
+@pytest.mark.parametrize("c_in,c_out,k,padding,bias", CONV_SHAPES)
+def test_fast_first_conv_equals_the_builtin_convolution_to_second_order(c_in, c_out, k, padding, bias):
+    g = torch.Generator().manual_seed(c_in)
+    x = torch.rand(3, c_in, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    fast = _conv_second_order(x, weight, b, (padding, padding))
+    assert fast[0].grad_fn is not None and "Narrow" in type(fast[0].grad_fn).__name__  # the fast path ran
+    with kernels.fast_input_gradients(False):
+        builtin = _conv_second_order(x, weight, b, (padding, padding))
+    assert "Narrow" not in type(builtin[0].grad_fn).__name__
+    for got, want in zip(fast, builtin):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda xx, ww: kernels.conv2d(xx, ww, padding=(padding, padding)),
+                                        (x[:1].detach().requires_grad_(), weight.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("case", ["wide", "stride 2", "no input gradient", "dilated"])
+def test_fast_first_conv_steps_aside_where_it_does_not_apply(case):
+    c_in, stride, dilation, needs_grad = {"wide": (8, 1, 1, True), "stride 2": (1, 2, 1, True),
+                                          "no input gradient": (1, 1, 1, False), "dilated": (1, 1, 2, True)}[case]
+    conv = models.layers.Conv2d(c_in, 4, 3, stride=stride, dilation=dilation, padding=1).double()
+    x = torch.rand(2, c_in, 10, 10, dtype=torch.float64, requires_grad=needs_grad)
+    out = conv(x)
+    assert "Narrow" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, stride, 1, dilation))
+
+
+def test_input_gradient_pass_skips_the_weight_gradient_and_the_param_pass_skips_the_input_gradient():
+    """Like built-in ops, the fast conv computes only what the backward call asks for."""
+    conv = models.layers.Conv2d(1, 6, 5)
+    x = torch.rand(4, 1, 12, 12, requires_grad=True)
+
+    def ops_during(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events()}
+
+    out = conv(x).pow(2).sum()
+    input_pass = ops_during(lambda: torch.autograd.grad(out, x, retain_graph=True))
+    assert "aten::convolution_backward" not in input_pass and "_InputGradient" in input_pass
+    param_pass = ops_during(lambda: torch.autograd.backward(out, inputs=[conv.weight, conv.bias]))
+    assert "aten::convolution_backward" in param_pass and "_InputGradient" not in param_pass
+    assert x.grad is None and conv.weight.grad is not None
 
 
 def test_training_backprops_parameters_only():
@@ -303,3 +323,23 @@ def test_bench_attack_and_memory_cases_report_their_figures(capsys):
     assert rows["pgd.ratio_vs_torchattacks"]["detail"]["ours_images_per_s"] > 0
     memory = rows["memory.sors_lenet5.sors_step"]
     assert memory["unit"] == "MiB peak RSS" and memory["value"] > memory["detail"]["sors_rss_before_mib"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting")
+def test_steps_reuse_freed_memory_instead_of_page_faulting_it_in_again():
+    assert kernels.retain_freed_memory()
+    torch.manual_seed(0)
+    net = models.build("sors_lenet5")
+    x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    paths, params = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]]), list(net.parameters())
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        losses.backward_into(losses.sors_loss(net, x, y, lam=10.0, paths=paths), params)
+
+    step(), step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    assert faults < 400, f"{faults:.0f} page faults per step (1,000-7,000 when freed buffers go back to the OS)"

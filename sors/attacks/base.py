@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sors.errors import ConfigError
-from sors.kernels import input_gradient_kernels
 
 _ATTACKS: dict[str, Callable[..., "Attack"]] = {}
 
@@ -112,8 +111,7 @@ def ce_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = 
     inp = x.detach().requires_grad_(True)
     out = model(inp)
     value = LOSSES[loss](out, y).sum()
-    with input_gradient_kernels(value):  # CPU: native kernel for the first layer's input gradient
-        return torch.autograd.grad(value, inp)[0]
+    return torch.autograd.grad(value, inp)[0]
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sors import kernels
+
 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std inside the model, so attacks operate on [0, 1] pixels."""
@@ -32,3 +34,14 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same values) whose input gradient, for a first layer on
+    the CPU (at most 4 input channels, stride 1), runs through :func:`sors.kernels.conv2d`: the
+    op that SORS training differentiates twice and every gradient attack calls each step."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(input, weight, bias)
+        return kernels.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from sors.models.layers import Normalize, default_stats
+from sors.models.layers import Conv2d, Normalize, default_stats
 from sors.models.registry import register
 from sors.models.supernet import ChoiceLayer, SuperNet
 
@@ -20,7 +20,7 @@ def _lenet_body(in_channels: int, num_classes: int, mean, std, wrap: Callable[[C
     def weight_layer(kind, c_in, c_out):
         c_in = in_channels if c_in is None else c_in
         c_out = num_classes if c_out is None else c_out
-        return wrap(lambda: nn.Conv2d(c_in, c_out, 5) if kind == "conv" else nn.Linear(c_in, c_out))
+        return wrap(lambda: Conv2d(c_in, c_out, 5) if kind == "conv" else nn.Linear(c_in, c_out))
 
     conv1, conv2, fc1, fc2, fc3 = (weight_layer(*spec) for spec in _LAYERS)
     return nn.Sequential(

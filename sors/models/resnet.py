@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sors.models.layers import Normalize, default_stats, group_norm
+from sors.models.layers import Conv2d, Normalize, default_stats, group_norm
 from sors.models.registry import register
 from sors.models.supernet import ChoiceLayer, SuperNet
 
@@ -21,7 +21,7 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {"batch": nn.BatchNorm2d, "group"
 
 def conv_norm(c_in: int, c_out: int, kernel: int, stride: int, norm: str) -> nn.Sequential:
     """conv (same padding, no bias) followed by a normalisation layer."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), NORMS[norm](c_out))
+    return nn.Sequential(Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), NORMS[norm](c_out))
 
 
 class ResidualBlock(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sors.models.layers import Normalize, default_stats
+from sors.models.layers import Conv2d, Normalize, default_stats
 from sors.models.registry import register
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -23,7 +23,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
                 continue
             c_out = max(1, int(item * width_scale))
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers += [Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
             c_in = c_out
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
         self.body = nn.Sequential(*layers)
