@@ -17,8 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sors.errors import ConfigError
+from sors.registry import Registry
 
-_ATTACKS: dict[str, Callable[..., "Attack"]] = {}
+ATTACKS: Registry[Callable[..., "Attack"]] = Registry("attack", "attack.name")
+register = ATTACKS.register  # @register("name") on ``factory(model, eps, **options)``
+available = ATTACKS.available
+check_name = ATTACKS.check_name
 
 # Paper settings (Sec. 4): L-inf radii on the pixel scale. MNIST-like: 25..100/255, CIFAR: 1..8/255.
 EPS_GRIDS: dict[str, tuple[float, ...]] = {
@@ -29,37 +33,16 @@ EPS_GRIDS: dict[str, tuple[float, ...]] = {
 }
 
 
-def register(name: str):
-    """Decorator: make ``factory(model, eps, **options)`` available as ``build(name, ...)``."""
-    def wrap(factory):
-        if name in _ATTACKS:
-            raise ValueError(f"attack {name!r} registered twice")
-        _ATTACKS[name] = factory
-        return factory
-    return wrap
-
-
-def available() -> list[str]:
-    """Registered attack names, sorted."""
-    return sorted(_ATTACKS)
-
-
-def check_name(name: str) -> None:
-    """Raise :class:`ConfigError` naming ``attack.name`` when ``name`` is not registered."""
-    if name not in _ATTACKS:
-        raise ConfigError("attack.name", f"unknown attack {name!r}", ", ".join(available()))
-
-
 def build(name: str, model: nn.Module, eps: float, **options) -> "Attack":
     """Build a registered attack on ``model`` with L-inf radius ``eps`` (pixel scale, in [0, 1]).
 
     ``options`` are the attack's own settings (``steps``, ``step_size``, ``eot_samples``...); ``None``
     values mean "the attack's default". Unknown names and options raise :class:`ConfigError`.
     """
-    check_name(name)
+    factory = ATTACKS[name]
     if not isinstance(eps, (int, float)) or not 0 <= float(eps) <= 1 or math.isnan(float(eps)):
         raise ConfigError("attack.eps", f"ε = {eps} is outside the pixel scale", "0 <= eps <= 1 (e.g. 25/255)")
-    return _ATTACKS[name](model, float(eps), **{k: v for k, v in options.items() if v is not None})
+    return factory(model, float(eps), **{k: v for k, v in options.items() if v is not None})
 
 
 def dataset_of(images: torch.Tensor, num_classes: int = 10) -> str:

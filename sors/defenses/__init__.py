@@ -23,16 +23,16 @@ from torch import nn
 
 from sors.defenses import transforms
 from sors.errors import ConfigError
+from sors.registry import Registry
 
-_DEFENSES: dict[str, tuple[Callable[..., torch.Tensor], dict, bool]] = {}
+DEFENSES: Registry[tuple[Callable[..., torch.Tensor], dict, bool]] = Registry("defense", "defense.name")
+available = DEFENSES.available
 
 
 def register(name: str, fn: Callable[..., torch.Tensor], defaults: dict, differentiable: bool) -> None:
     """Register transform ``fn(x, **options)`` under ``name``; ``differentiable``: whether its own
     gradient is useful (else BPDA applies)."""
-    if name in _DEFENSES:
-        raise ValueError(f"defense {name!r} registered twice")
-    _DEFENSES[name] = (fn, defaults, differentiable)
+    DEFENSES.add(name, (fn, defaults, differentiable))
 
 
 register("median", transforms.median_smooth, {"kernel": 2}, differentiable=True)
@@ -40,11 +40,6 @@ register("bit_depth", transforms.bit_depth, {"bits": 5}, differentiable=False)
 register("jpeg", transforms.jpeg_compress, {"quality": 75, "subsample": True}, differentiable=False)
 register("dnn_jpeg", transforms.dnn_jpeg, {"quality": 50, "band": 5, "qs": 40.0, "subsample": False},
          differentiable=False)
-
-
-def available() -> list[str]:
-    """Registered defense names, sorted."""
-    return sorted(_DEFENSES)
 
 
 class InputTransform(nn.Module):
@@ -56,9 +51,7 @@ class InputTransform(nn.Module):
 
     def __init__(self, name: str, bpda: bool = True, **options):
         super().__init__()
-        if name not in _DEFENSES:
-            raise ConfigError("defense.name", f"unknown defense {name!r}", ", ".join(available()))
-        fn, defaults, differentiable = _DEFENSES[name]
+        fn, defaults, differentiable = DEFENSES[name]
         unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise ConfigError(f"defense.{unknown[0]}", f"not an option of defense {name!r}", ", ".join(sorted(defaults)))
