@@ -187,9 +187,23 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
 
 # ---------------------------------------------------------------- commands
 
+def _checked_run(args, opts, sweep):
+    """Preflight (exits 2 on bad input), then the dry-run plan (its exit code) or the sweep on the
+    cluster named by ``--address`` (its summary); Ray is shut down afterwards if we started it."""
+    from pipeline.sweep import run_sweep
+
+    _preflight(args, opts, sweep)
+    if args.dry_run:
+        return _dry_run(sweep)
+    started = _connect(args)
+    try:
+        return run_sweep(sweep, opts)
+    finally:
+        _shutdown(started)
+
+
 def cmd_train(args) -> int:
     from pipeline import presets
-    from pipeline.sweep import run_sweep
 
     if args.help_keys:
         from sors import config as config_lib
@@ -197,14 +211,9 @@ def cmd_train(args) -> int:
         return EXIT_OK
     sweep = presets.single_trial_sweep(_overrides(args), trial_name=args.name)
     opts = _options(args).resolved()
-    _preflight(args, opts, sweep)
-    if args.dry_run:
-        return _dry_run(sweep)
-    started = _connect(args)
-    try:
-        summary = run_sweep(sweep, opts)
-    finally:
-        _shutdown(started)
+    summary = _checked_run(args, opts, sweep)
+    if isinstance(summary, int):
+        return summary
     record = summary.records[0]
     last = (record.get("history") or [{}])[-1]
     print(f"trained {record['trial']}: {record['epochs']} epochs, clean_acc {last.get('clean_acc', float('nan')):.4f}")
@@ -215,7 +224,6 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline import presets
-    from pipeline.sweep import run_sweep
 
     if args.list or not args.preset:
         for name in presets.available():
@@ -223,14 +231,9 @@ def cmd_sweep(args) -> int:
         return EXIT_OK if args.list else EXIT_BAD_INPUT
     sweep = presets.build_sweep(args.preset, _overrides(args), sweep_name=args.name)
     opts = _options(args, resume=args.resume).resolved()
-    _preflight(args, opts, sweep)
-    if args.dry_run:
-        return _dry_run(sweep)
-    started = _connect(args)
-    try:
-        summary = run_sweep(sweep, opts)
-    finally:
-        _shutdown(started)
+    summary = _checked_run(args, opts, sweep)
+    if isinstance(summary, int):
+        return summary
     files, table = _publish_report(sweep.name, summary.rows, summary.records, opts)
     print(table)
     print(f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
