@@ -4,7 +4,7 @@ One nightly run trains the configured reference models -- or reuses a model whos
 hash and code version are unchanged -- evaluates the fixed attack suite through the sweep's Ray
 fan-out, and compares every cell with the accepted baseline run::
 
-    sors nightly --config infra/nightly/smoke.yaml        # exit 0 no regression, 1 regression, 2 could not run
+    sors nightly --config infra/nightly/smoke.yaml        # exit 0 no regression, 1 regression (or runs MLflow missed), 2 could not run
     sors nightly --accept 20250102T020000Z-3f9a           # promote a run to the baseline of its nightly
 
 A cell *regresses* when its accuracy drops by more than ``min_drop`` points AND the drop is
@@ -293,14 +293,17 @@ def self_baseline(rows: Iterable[dict]) -> list[dict]:
     return [dict(line, verdict="baseline", fails=False) for line in lines]
 
 
-def summarize(lines: list[dict]) -> dict:
-    """Counts per verdict, the failing lines' count, and the exit code they imply (0 or 1)."""
+def summarize(lines: list[dict], tracking_missed: int = 0) -> dict:
+    """Counts per verdict, the failing lines' count, the runs MLflow missed, and the status and exit
+    code they imply: "regression" (1), "tracking-incomplete" (1: no regression, but the MLflow record
+    people browse lacks runs; ``sors sync`` repairs it from the files on disk), else "passed" (0)."""
     counts: dict[str, int] = {}
     for line in lines:
         counts[line["verdict"]] = counts.get(line["verdict"], 0) + 1
     failing = sum(1 for line in lines if line["fails"])
-    return {"cells": len(lines), "failing": failing, "verdicts": counts,
-            "exit_code": EXIT_REGRESSION if failing else EXIT_OK}
+    status = "regression" if failing else ("tracking-incomplete" if tracking_missed else "passed")
+    return {"cells": len(lines), "failing": failing, "verdicts": counts, "tracking_missed": tracking_missed,
+            "status": status, "exit_code": EXIT_OK if status == "passed" else EXIT_REGRESSION}
 
 
 # ---------------------------------------------------------------- reports
@@ -334,7 +337,10 @@ def headline(meta: dict, summary: dict) -> str:
     if summary["failing"]:
         return (f"REGRESSION: {summary['failing']} of {summary['cells']} cells against baseline "
                 f"{meta['baseline_run_id']}")
-    return f"no regression: {summary['cells']} cells against baseline {meta['baseline_run_id']}"
+    verdict = f"no regression: {summary['cells']} cells against baseline {meta['baseline_run_id']}"
+    if summary.get("tracking_missed"):
+        return f"TRACKING INCOMPLETE: {summary['tracking_missed']} run(s) missing from MLflow; {verdict}"
+    return verdict
 
 
 def render_markdown(meta: dict, lines: list[dict], summary: dict) -> str:
@@ -347,7 +353,11 @@ def render_markdown(meta: dict, lines: list[dict], summary: dict) -> str:
            f"({th['clean_min_drop_points']:g} for clean accuracy) and each accuracy is outside the other's "
            f"95% interval; new sanity warnings {'fail' if th['fail_on_new_warnings'] else 'are reported'}",
            f"- models: " + ", ".join(f"{m['trial']} {m['how']}" for m in meta.get("models", [])),
-           f"- verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())), ""]
+           f"- verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items()))]
+    if summary.get("tracking_missed"):
+        out.append(f"- tracking: {summary['tracking_missed']} model run(s) not fully logged to MLflow "
+                   f"({meta['tracking_uri']}); `sors sync` backfills them from this folder")
+    out.append("")
     failing = [line for line in lines if line["fails"]]
     if failing:
         out += ["## Failing cells", ""]
@@ -514,7 +524,7 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     root = nightly_root(results_dir, cfg.name)
     baseline_id, baseline_how = _baseline(cfg, root, results_dir, args.baseline)
     _check_data(cfg, args.data_root)  # before importing Ray: a missing data set fails in seconds
-    from pipeline import cli, results, tracking
+    from pipeline import cli, results, sync, tracking
     from pipeline import sweep as sweep_lib
     run_id = new_run_id()
     folder = run_dir(root, run_id)
@@ -550,7 +560,8 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     except BaseException as err:
         _record_failure(ctx, err, started)
         raise NightlyError(_one_line(err)) from err
-    summary = summarize(lines)
+    missed = sync.pending(folder, cfg.sweep.name)
+    summary = summarize(lines, tracking_missed=len(missed))
     meta = {"name": cfg.name, "run_id": run_id, "run_date": started.date().isoformat(),
             "config_path": str(cfg.path), "overrides": list(args.overrides), "code_version": ctx.code_version,
             "baseline_run_id": baseline_id, "baseline_how": baseline_how, "self_accepted": baseline_id is None,
@@ -559,13 +570,15 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
                            "fail_on_new_warnings": th.fail_on_new_warnings},
             "exit_code": summary["exit_code"], "seconds": round(time.time() - started.timestamp(), 1)}
     files = write_reports(folder, meta, lines, summary)
-    status = "regression" if summary["exit_code"] == EXIT_REGRESSION else "passed"
+    status = summary["status"]
     mlflow_run = _log_mlflow(ctx, meta, summary, files, status)
     _update_run(ctx, status=status, exit_code=summary["exit_code"], mlflow_run_id=mlflow_run, summary=summary,
                 models=models, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if baseline_id is None:
         accept(results_dir, run_id, how="first run (no baseline yet)")
     _print_summary(meta, lines, summary, files)
+    if missed:
+        print(sync.failure_message("nightly", missed, str(folder), ctx.tracking_uri, cfg.sweep.name), file=sys.stderr)
     return summary["exit_code"]
 
 

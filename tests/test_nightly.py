@@ -56,6 +56,20 @@ def test_a_large_significant_drop_regresses_and_clean_drops_are_named_apart():
     assert compare_cell(row(0.90, attack="none", eps=0.0), row(0.80, attack="none", eps=0.0), lenient)["verdict"] == "ok"
 
 
+def test_runs_mlflow_missed_fail_an_otherwise_passing_nightly_and_the_report_says_how_to_repair():
+    lines = [compare_cell(row(0.50), row(0.50), Thresholds())]
+    meta = {"baseline_run_id": "b1", "run_id": "r2", "name": "smoke", "run_date": "2026-11-28",
+            "code_version": "abc", "config_path": "c.yaml", "tracking_uri": "http://mlflow:5000",
+            "thresholds": {"min_drop_points": 2.0, "clean_min_drop_points": 1.0, "fail_on_new_warnings": False}}
+    tracked, untracked = nightly.summarize(lines), nightly.summarize(lines, tracking_missed=2)
+    assert (tracked["status"], tracked["exit_code"]) == ("passed", 0)
+    assert (untracked["status"], untracked["exit_code"]) == ("tracking-incomplete", 1)
+    assert nightly.headline(meta, untracked).startswith("TRACKING INCOMPLETE: 2 run(s)")
+    assert "`sors sync`" in nightly.render_markdown(meta, lines, untracked)
+    regressed = nightly.summarize([compare_cell(row(0.50), row(0.30), Thresholds())], tracking_missed=2)
+    assert regressed["status"] == "regression"  # the regression is the news; tracking is secondary
+
+
 def test_improvements_are_reported_and_do_not_fail():
     line = compare_cell(row(0.40), row(0.55), Thresholds())
     assert (line["verdict"], line["fails"]) == ("improved", False)
