@@ -11,6 +11,7 @@ not in the files. The columns are documented in ``notes/SCHEMA.md``.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -103,9 +104,27 @@ def write_row(root: str | os.PathLike, row: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{k: row.get(k) for k in FILE_SCHEMA.names}], schema=FILE_SCHEMA)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a failed write leaves nothing behind
     return path
+
+
+def remove_stale_temporaries(root: str | os.PathLike, older_than_s: float = 3600.0) -> int:
+    """Delete the temporary cell files (``.<cell>.<id>.tmp``) that a killed writer left behind and
+    nobody has touched for ``older_than_s`` seconds (a live writer renames its file within seconds).
+    Readers skip them anyway; this keeps the store tidy. Returns how many were removed."""
+    cutoff, removed = time.time() - older_than_s, 0
+    for tmp in Path(root).glob("dataset=*/attack=*/.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # its writer finished or another cleaner got there first
+            continue
+    return removed
 
 
 def read_row(path: str | os.PathLike) -> dict:

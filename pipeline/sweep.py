@@ -176,13 +176,15 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     return record
 
 
-def run_trial(params: dict) -> dict:
+def run_trial(params: dict, ctx: dict) -> dict:
     """Tune function trainable: train one model (unless its record exists), then evaluate its cells.
 
-    ``params``: ``{"ctx": sweep context, "spec": {"trial": presets.trial_to_dict(...), "run_id": MLflow run}}``.
+    ``params``: ``{"spec": {"trial": presets.trial_to_dict(...), "run_id": MLflow run}}``; ``ctx``: the
+    sweep context, bound with ``tune.with_parameters`` -- it holds the tracking URI, which may carry
+    credentials, and Tune writes the param space in plain text (params.json) into every trial folder.
     Reports ``cells_new``/``cells_skipped`` to Tune as cells finish (the driver's progress bars).
     """
-    ctx, spec = params["ctx"], params["spec"]
+    spec = params["spec"]
     trial, run_id = presets.trial_from_dict(spec["trial"]), spec["run_id"]
     opts = SweepOptions(**ctx["options"])
     plan = presets.EvalPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in ctx["evaluation"].items()})
@@ -328,7 +330,7 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     bars = _ACTIVE_BARS["sweep"] = _Bars(sum(t.config.train.epochs or 0 for t in needs_training),
                                          sum(n_cells(t) for t in todo), opts.progress)
     gpu = any(trainer.use_gpu(t.config) for t in todo)
-    trainable = tune.with_resources(run_trial, TRIAL_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_RESOURCES)
     experiment = f"{sweep.name}-stage{k}"
     path = f"{opts.storage_path.rstrip('/')}/{experiment}"
     try:
@@ -336,7 +338,7 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
         if tuner is None:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"ctx": ctx, "spec": tune.grid_search(grid)},
+                param_space={"spec": tune.grid_search(grid)},
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=cluster.max_concurrent_trials(max(t.config.train.num_workers for t in todo), gpu),
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
@@ -383,6 +385,7 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     ctx = _context(sweep, opts, code_version)
     experiment_id = sync.experiment_or_none(opts.tracking_uri, sweep.name, opts.artifact_root)
     summary = SweepSummary(sweep=sweep.name)
+    results.remove_stale_temporaries(opts.store)  # what writers killed in an earlier run left behind
     before = {p.name for p in results.files(opts.store)}
     for k, stage in enumerate(presets.stages(sweep.trials)):
         _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)

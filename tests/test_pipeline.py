@@ -105,6 +105,33 @@ def test_rewriting_a_cell_replaces_its_row(tmp_path):
     assert results.is_done(tmp_path, _spec()) and not results.is_done(tmp_path, _spec(seed=3))
 
 
+def test_a_failed_cell_write_leaves_no_file_and_stale_temporaries_are_swept(tmp_path, monkeypatch):
+    import os
+    import time
+    from datetime import datetime, timezone
+
+    row = {"cell_id": _spec().cell_id, "schema_version": 1, "dataset": "fashion_mnist", "attack": "pgd",
+           "eps": 25 / 255, "n": 10, "correct": 3.0, "accuracy": 0.3, "sanity_flags": [],
+           "created_at": datetime.now(timezone.utc)}
+
+    def disk_full(table, where):
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.pq, "write_table", disk_full)
+    with pytest.raises(OSError):
+        results.write_row(tmp_path, row)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # the half-written temporary went with the error
+
+    folder = tmp_path / "dataset=fashion_mnist" / "attack=pgd"  # a writer SIGKILLed an hour ago, one writing now
+    stale, live = folder / f".{row['cell_id']}.0badf00d.tmp", folder / f".{row['cell_id']}.5eed5eed.tmp"
+    for tmp in (stale, live):
+        tmp.write_bytes(b"PAR1 half a file")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    assert results.remove_stale_temporaries(tmp_path) == 1
+    assert live.exists() and not stale.exists()
+
+
 # ---------------------------------------------------------------- Ray Train: 2 workers
 
 @pytest.mark.ray

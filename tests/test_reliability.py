@@ -379,6 +379,8 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
     assert train_lib.read_checkpoint(record["checkpoint_uri"])["epoch"] == 1
     rows = store_rows(results_dir)
     assert len(rows) == 2
+    trial_files = list((results_dir / "ray").rglob("params.*"))
+    assert trial_files and not any(proxy.uri.encode() in f.read_bytes() for f in trial_files)  # the URI may hold a password
 
     proxy.up()
     assert cli.main(["sync", "--results-dir", str(results_dir), "--tracking-uri", proxy.uri]) == 0
