@@ -72,54 +72,38 @@ def test_orthogonality_loss_equals_the_einsum_formula_with_its_gradient(k):
 # the SORS step
 
 
-@pytest.mark.parametrize("paths", [
-    [[0, 1, 2, 0, 1], [1, 2, 0, 1, 2]],  # every layer differs
-    [[0, 1, 2, 0, 1], [0, 1, 0, 2, 1], [2, 1, 2, 0, 0]],  # K=3, some layers shared by all or some
-    [[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]],  # the same path twice
-])
-def test_sors_step_equals_the_sequential_reference_on_lenet(paths):
-    net = lenet()
-    x, y = batch((1, 28, 28))
-    teacher = torch.softmax(torch.randn(4, 10, dtype=torch.float64), -1)
-    paths = torch.tensor(paths)
+def _resnet_paths(net):
+    return [[i % m for m in net.choice_counts] for i in (0, 1)]  # every layer differs
+
+
+@pytest.mark.parametrize("make,shape,n,paths,distill", [
+    (lenet, (1, 28, 28), 4, [[0, 1, 2, 0, 1], [1, 2, 0, 1, 2]], True),  # every layer differs
+    (lenet, (1, 28, 28), 4, [[0, 1, 2, 0, 1], [0, 1, 0, 2, 1], [2, 1, 2, 0, 0]], True),  # K=3, some shared
+    (lenet, (1, 28, 28), 4, [[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]], True),  # the same path twice
+    (small_resnet, (3, 16, 16), 3, _resnet_paths, False),  # choice layers nested in residual blocks
+], ids=["lenet-differ", "lenet-k3", "lenet-same", "resnet-nested"])
+def test_sors_step_equals_the_sequential_reference(make, shape, n, paths, distill):
+    net = make()
+    x, y = batch(shape, n=n)
+    teacher = torch.softmax(torch.randn(n, 10, dtype=torch.float64), -1) if distill else None
+    paths = torch.tensor(paths(net) if callable(paths) else paths)
     params = [p for p in net.parameters() if p.requires_grad]
-    fast = ref = None
-
-    def run_fast():
-        nonlocal fast
-        fast = losses.sors_loss(net, x, y, lam=10.0, paths=paths, teacher_probs=teacher)
-        losses.backward_into(fast, params)
-
-    def run_ref():
-        nonlocal ref
-        ref = losses.sors_loss_reference(net, x, y, paths, lam=10.0, teacher_probs=teacher)
-        ref.total.backward()
-
-    g_fast, g_ref = param_grads(net, run_fast), param_grads(net, run_ref)
-    torch.testing.assert_close(fast.ortho, ref.ortho, rtol=RTOL, atol=0)
-    torch.testing.assert_close(fast.total, ref.total, rtol=RTOL, atol=0)
-    torch.testing.assert_close(fast.logits, ref.logits, rtol=RTOL, atol=1e-12)
-    assert_grads_close(g_fast, g_ref)
-
-
-def test_sors_step_equals_the_reference_on_a_resnet_with_nested_choice_layers():
-    net = small_resnet()
-    x, y = batch((3, 16, 16), n=3)
-    paths = torch.tensor([[i % m for m in net.choice_counts] for i in (0, 1)])
-    params = list(net.parameters())
-    holder = {}
+    parts = {}
 
     def run(which):
         if which == "fast":
-            holder[which] = losses.sors_loss(net, x, y, lam=10.0, paths=paths)
-            losses.backward_into(holder[which], params)
+            parts[which] = losses.sors_loss(net, x, y, lam=10.0, paths=paths, teacher_probs=teacher)
+            losses.backward_into(parts[which], params)
         else:
-            holder[which] = losses.sors_loss_reference(net, x, y, paths, lam=10.0)
-            holder[which].total.backward()
+            parts[which] = losses.sors_loss_reference(net, x, y, paths, lam=10.0, teacher_probs=teacher)
+            parts[which].total.backward()
 
     g_fast, g_ref = param_grads(net, lambda: run("fast")), param_grads(net, lambda: run("ref"))
-    assert holder["ref"].ortho > 1e-6  # input gradients that carry signal, not rounding noise
-    torch.testing.assert_close(holder["fast"].ortho, holder["ref"].ortho, rtol=RTOL, atol=0)
+    fast, ref = parts["fast"], parts["ref"]
+    assert ref.ortho > 1e-6  # input gradients that carry signal, not rounding noise
+    torch.testing.assert_close(fast.ortho, ref.ortho, rtol=RTOL, atol=0)
+    torch.testing.assert_close(fast.total, ref.total, rtol=RTOL, atol=0)
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=RTOL, atol=1e-12)
     assert_grads_close(g_fast, g_ref)
 
 
