@@ -57,7 +57,7 @@ def plan(device: torch.device, quick: bool) -> list[tuple[str, bench.Settings]]:
 
 
 # Cases that take long before they measure anything start only this early (seconds into the run).
-START_BY = {"compile": 150.0}
+START_BY = {"compile": 120.0}
 
 
 def describe(device: torch.device) -> dict:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     info, rows, log = describe(device), [], []
     print(f"gpu_bench: {info.get('gpu', info['cpu'])}, torch {info['torch']}", flush=True)
     for case, settings in plan(device, args.quick):
-        model = settings.attack_model if case in ("eot", "pgd") else (
+        model = settings.attack_model if case in ("eot", "pgd", "compile") else (
             settings.ablation_model if case == "fastpaths" else ",".join(settings.models))
         entry = {"case": case, "model": model}
         if time.monotonic() - start > min(args.budget, START_BY.get(case, args.budget)):

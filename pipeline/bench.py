@@ -78,7 +78,7 @@ class Settings:
     """What the cases run with (``--quick`` shrinks sizes for smoke tests)."""
     device: torch.device
     repeats: int = 5
-    warmup: int = 1
+    warmup: int = 2
     quick: bool = False
     eot_samples: int = 20
     fanout_cells: int = 5
@@ -191,8 +191,10 @@ def train_inputs(name: str, batch: int, device: torch.device, dtype=torch.float3
 
 def step_functions(model, x, y, paths, lam: float = 10.0) -> dict[str, Callable[[], None]]:
     """Zero-grad + loss + backward + SGD step, three ways: ``vanilla`` (CE on paths[0]), ``sors``
-    (:func:`sors.losses.sors_loss` as training runs it), ``reference`` (sequential, ``.backward()``).
-    The SGD step has lr 0, so every repeat does the same work on the same weights."""
+    (:func:`sors.losses.sors_loss` as training runs it), ``reference`` (sequential, ``.backward()``,
+    on stock convolutions: the straightforward implementation as ensemble trainers run it; our models'
+    first-conv fast path would otherwise speed it up too). The SGD step has lr 0, so every repeat
+    does the same work on the same weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)
     paths = paths.cpu()  # paths stay on the CPU: they pick modules, and .tolist() on a GPU tensor syncs
@@ -209,7 +211,9 @@ def step_functions(model, x, y, paths, lam: float = 10.0) -> dict[str, Callable[
 
     def reference():
         opt.zero_grad(set_to_none=True)
-        losses.sors_loss_reference(model, x, y, paths, lam=lam).total.backward()
+        with kernels.fast_input_gradients(False):  # chosen at forward time, kept by the graph
+            parts = losses.sors_loss_reference(model, x, y, paths, lam=lam)
+        parts.total.backward()
         opt.step()
 
     return {"vanilla": vanilla, "sors": sors, "reference": reference}
@@ -296,6 +300,13 @@ def case_fastpaths(s: Settings) -> list[Row]:
         opt.step()
 
     fns["+ CE weight grads from the first backward"] = reuse_ce_weight_grads
+
+    def sequential_on_fast_conv():  # the reference with only the first-conv fast path: what batching adds
+        opt.zero_grad(set_to_none=True)
+        losses.sors_loss_reference(model, x, y, paths, lam=10.0).total.backward()
+        opt.step()
+
+    fns["sequential paths (reference) on the fast first conv"] = sequential_on_fast_conv
     times = measure(fns, s.device, s.repeats, s.warmup)
     return [Row(f"fastpaths.{label}", round(paired_ratio(times, label, "vanilla"), 3), "x vanilla step",
                 {"ms": ms(times[label]), "vanilla_ms": ms(times["vanilla"]), "model": s.ablation_model, "batch": batch})
@@ -706,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(CASES)} (default: all but compile)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median; >= 5 for a report)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every side first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall (default; the targets' clock) or process CPU time (use with --threads 1 "

@@ -124,7 +124,8 @@ class SuperNet(nn.Module):
             path = self.sample_path(batch_size=x.shape[0] if self.per_example else None)
         else:
             path = self.check_path(path, x.shape[0])
-        self._activate(path.to(x.device))
+        # one path for the batch is only read as Python ints: keep it off the GPU (no copy, no sync)
+        self._activate(path.to(x.device) if path.dim() == 2 else path)
         return self.body(x)
 
     def forward_blocks(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
