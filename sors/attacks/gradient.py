@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sors.attacks.base import LOSSES, Attack, ce_gradient, project_linf, register
+from sors.attacks.base import LOSSES, Attack, ce_gradient, linf_box, project_linf, register
 from sors.errors import ConfigError
 from sors.models.supernet import per_example_sampling, repeat_forward
 
@@ -118,9 +118,10 @@ class PGD(_SignAttack):
         return project_linf(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
 
     def perturb(self, x, y):
+        low, high = linf_box(x, self.eps)
         adv = self.start(x)
         for _ in range(self.options["steps"]):
-            adv = project_linf(adv + self.step_size * self.gradient(adv, y).sign(), x, self.eps)
+            adv = torch.clamp(adv.add_(self.gradient(adv, y).sign_(), alpha=self.step_size), low, high)
         return adv
 
 
@@ -154,11 +155,12 @@ class MIM(PGD):
     defaults = {**PGD.defaults, "steps": 10, "step_fraction": 0.1, "decay": 1.0}
 
     def perturb(self, x, y):
+        low, high = linf_box(x, self.eps)
         adv = self.start(x)
         momentum = torch.zeros_like(x)
         for _ in range(self.options["steps"]):
             grad = self.gradient(adv, y)
             scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
             momentum = grad / scale + self.options["decay"] * momentum
-            adv = project_linf(adv + self.step_size * momentum.sign(), x, self.eps)
+            adv = torch.clamp(adv.add_(momentum.sign(), alpha=self.step_size), low, high)
         return adv
