@@ -20,6 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 __all__ = ["conv2d", "conv_transpose_narrow", "fast_input_gradients", "retain_freed_memory", "NARROW_CHANNELS"]
 
@@ -142,8 +143,8 @@ def _fast_path_applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
     dilation 1, one group, integer zero padding of at most k - 1."""
     return (_ENABLED[0] and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
             and x.dim() == 4 and weight.shape[1] <= NARROW_CHANNELS and groups == 1
-            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and not isinstance(padding, str)
-            and all(0 <= p <= k - 1 for p, k in zip(padding, weight.shape[2:])))
+            and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and not isinstance(padding, str)
+            and all(0 <= p <= k - 1 for p, k in zip(_pair(padding), weight.shape[2:])))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=(1, 1),
@@ -152,7 +153,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     and has at most :data:`NARROW_CHANNELS` channels (stride 1), that gradient and its derivatives
     take the fast path above. x: (B, C_in, H, W); weight: (C_out, C_in, kh, kw)."""
     if _fast_path_applies(x, weight, stride, padding, dilation, groups):
-        return _NarrowConv2d.apply(x, weight, bias, tuple(padding))
+        return _NarrowConv2d.apply(x, weight, bias, _pair(padding))
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

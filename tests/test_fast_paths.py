@@ -151,10 +151,10 @@ def test_fast_first_conv_equals_the_builtin_convolution_to_second_order(c_in, c_
     x = torch.rand(3, c_in, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
-    fast = _conv_second_order(x, weight, b, (padding, padding))
+    fast = _conv_second_order(x, weight, b, padding)  # an int, as F.conv2d takes it
     assert fast[0].grad_fn is not None and "Narrow" in type(fast[0].grad_fn).__name__  # the fast path ran
     with kernels.fast_input_gradients(False):
-        builtin = _conv_second_order(x, weight, b, (padding, padding))
+        builtin = _conv_second_order(x, weight, b, padding)
     assert "Narrow" not in type(builtin[0].grad_fn).__name__
     for got, want in zip(fast, builtin):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-12)
