@@ -274,7 +274,10 @@ class FixedPath(nn.Module):
     def __init__(self, supernet: SuperNet, path):
         super().__init__()
         self.net = supernet  # not named `supernet`: a fixed path is deterministic
-        self.register_buffer("path", torch.as_tensor(path, dtype=torch.long), persistent=False)
+        # a plain attribute, not a buffer: it stays on the host when the model moves to a GPU, so
+        # checking it and reading its ints each forward costs no device copy and no sync
+        path = torch.as_tensor(path, dtype=torch.long).cpu()
+        self.path = supernet.check_path(path, path.shape[0] if path.dim() == 2 else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x, self.path)
