@@ -331,13 +331,13 @@ def cell_name(line: dict) -> str:
 
 def headline(meta: dict, summary: dict) -> str:
     """One line: the verdict of the run."""
-    if meta.get("self_accepted"):
-        return (f"no baseline yet: run {meta['run_id']} accepted itself as the baseline "
-                f"({summary['cells']} cells)")
-    if summary["failing"]:
+    if summary["failing"]:  # a first run compares with itself: it never fails
         return (f"REGRESSION: {summary['failing']} of {summary['cells']} cells against baseline "
                 f"{meta['baseline_run_id']}")
-    verdict = f"no regression: {summary['cells']} cells against baseline {meta['baseline_run_id']}"
+    if meta.get("self_accepted"):
+        verdict = f"no baseline yet: run {meta['run_id']} accepted itself as the baseline ({summary['cells']} cells)"
+    else:
+        verdict = f"no regression: {summary['cells']} cells against baseline {meta['baseline_run_id']}"
     if summary.get("tracking_missed"):
         return f"TRACKING INCOMPLETE: {summary['tracking_missed']} run(s) missing from MLflow; {verdict}"
     return verdict

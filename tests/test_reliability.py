@@ -405,6 +405,44 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
 
 
+@pytest.mark.fault
+@pytest.mark.ray
+def test_mlflow_outage_during_a_nightly_fails_it_and_names_the_sync_command(ray_session, mlflow_server, tmp_path,
+                                                                             capsys):
+    import yaml
+
+    from pipeline import nightly
+
+    config = write_preset(tmp_path / "night.yaml", "night",
+                          [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5"}}])
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "nightly": {"min_drop": 2.0}}))
+    results_dir = tmp_path / "results"
+    proxy = TcpProxy(mlflow_server)
+
+    def outage():  # MLflow goes away once the trial trains: the night's models and cells finish untracked
+        wait_for(lambda: any("lenet5" in p.name for p in results_dir.glob("nightly/night/runs/*/*/ray/*")), 240,
+                 "the nightly's trial to start training")
+        proxy.down()
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    code = nightly.main(["--config", str(config), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri,
+                         "--no-progress"])
+    out, err = capsys.readouterr()
+    watcher.join(timeout=5)
+    proxy.up()
+
+    assert code == 1, out + err  # no regression (a first run accepts itself), but the MLflow record is partial
+    assert out.strip().splitlines()[-1].startswith("sors nightly: exit 1: TRACKING INCOMPLETE: 1 run(s)")
+    message = [line for line in err.splitlines() if line.startswith("sors nightly: tracking failed")]
+    assert len(message) == 1 and "sors sync" in message[0]
+    run_json = next(results_dir.glob("nightly/night/runs/*/*/run.json"))
+    run = json.loads(run_json.read_text())
+    assert (run["status"], run["exit_code"], run["summary"]["tracking_missed"]) == ("tracking-incomplete", 1, 1)
+    # the advice works: the sync it names backfills the night's model run from the run folder
+    assert cli.main(["sync", "--results-dir", str(run_json.parent), "--tracking-uri", proxy.uri]) == 0
+    assert "1 of 1 run(s) up to date" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- 5. truncated checkpoint or Parquet file
 
 @pytest.fixture
