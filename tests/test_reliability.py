@@ -7,6 +7,7 @@ defaults. Every fault test is marked ``fault``: ``pytest -m fault`` runs them al
 | sweep driver SIGKILLed mid-sweep         | test_a_killed_sweep_driver_resumes_only_unfinished_trials    |
 | evaluation fan-out SIGKILLed mid-way     | test_a_killed_fanout_reruns_only_the_missing_cells           |
 | MLflow server unreachable during a sweep | test_mlflow_outage_during_a_sweep_is_backfilled_by_sync      |
+| ... during a nightly                     | test_mlflow_outage_during_a_nightly_fails_it_and_names_...   |
 | truncated checkpoint or Parquet file     | test_truncated_*                                             |
 """
 
