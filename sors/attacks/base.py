@@ -81,15 +81,15 @@ class eval_mode:
         return False
 
 
-def project_linf(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clip ``adv`` into the L-inf ball of radius ``eps`` around ``x`` and into [0, 1]."""
-    return torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0)
-
-
 def linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The eps-ball around ``x`` (pixels in [0, 1]) intersected with [0, 1], as per-pixel (low, high)
-    bounds: ``torch.clamp(adv, low, high)`` equals :func:`project_linf` in one op instead of five."""
+    bounds. Iterative attacks compute it once and project each step with ``torch.clamp(adv, low, high)``."""
     return (x - eps).clamp_(0.0, 1.0), (x + eps).clamp_(0.0, 1.0)
+
+
+def project_linf(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip ``adv`` into the L-inf ball of radius ``eps`` around ``x`` and into [0, 1]."""
+    return torch.clamp(adv, *linf_box(x, eps))
 
 
 def ce_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
