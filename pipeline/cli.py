@@ -134,7 +134,7 @@ def _preflight(args, opts, sweep=None, configs=()) -> None:
         preflight.check_checkpoints(sweep, opts)
 
 
-def _dry_run(sweep) -> int:
+def _dry_run(sweep) -> None:
     """Print what a sweep would run: each trial with the options that differ from the defaults."""
     from pipeline import presets
     from sors import config as config_lib
@@ -147,7 +147,6 @@ def _dry_run(sweep) -> int:
         changed = {k: v for k, v in config_lib.flat_dict(trial.config).items() if v != defaults.get(k)}
         options = " ".join(f"{k}={redact(v)}" for k, v in sorted(changed.items()))
         print(f"  {trial.name} ({trial.label}) config {config_lib.config_hash(trial.config)[:8]}: {options}")
-    return EXIT_OK
 
 
 def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
@@ -188,13 +187,15 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
 # ---------------------------------------------------------------- commands
 
 def _checked_run(args, opts, sweep):
-    """Preflight (exits 2 on bad input), then the dry-run plan (its exit code) or the sweep on the
-    cluster named by ``--address`` (its summary); Ray is shut down afterwards if we started it."""
+    """Preflight (exits 2 on bad input), then either the dry-run plan (returns None: nothing ran) or
+    the sweep on the cluster named by ``--address`` (returns its summary); Ray is shut down
+    afterwards if we started it."""
     from pipeline.sweep import run_sweep
 
     _preflight(args, opts, sweep)
     if args.dry_run:
-        return _dry_run(sweep)
+        _dry_run(sweep)
+        return None
     started = _connect(args)
     try:
         return run_sweep(sweep, opts)
@@ -212,8 +213,8 @@ def cmd_train(args) -> int:
     sweep = presets.single_trial_sweep(_overrides(args), trial_name=args.name)
     opts = _options(args).resolved()
     summary = _checked_run(args, opts, sweep)
-    if isinstance(summary, int):
-        return summary
+    if summary is None:  # a dry run: inputs checked, plan printed
+        return EXIT_OK
     record = summary.records[0]
     last = (record.get("history") or [{}])[-1]
     print(f"trained {record['trial']}: {record['epochs']} epochs, clean_acc {last.get('clean_acc', float('nan')):.4f}")
@@ -232,8 +233,8 @@ def cmd_sweep(args) -> int:
     sweep = presets.build_sweep(args.preset, _overrides(args), sweep_name=args.name)
     opts = _options(args, resume=args.resume).resolved()
     summary = _checked_run(args, opts, sweep)
-    if isinstance(summary, int):
-        return summary
+    if summary is None:  # a dry run: inputs checked, plan printed
+        return EXIT_OK
     files, table = _publish_report(sweep.name, summary.rows, summary.records, opts)
     print(table)
     print(f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
