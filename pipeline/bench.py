@@ -289,8 +289,8 @@ def case_fastpaths(s: Settings) -> list[Row]:
     paths = distinct_paths(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
-    fns = {"vanilla": step_functions(model, x, y, paths)["vanilla"],
-           "reference": step_functions(model, x, y, paths)["reference"]}
+    steps = step_functions(model, x, y, paths)
+    fns = {"vanilla": steps["vanilla"], "reference": steps["reference"]}
     for label, options in FAST_PATH_VARIANTS.items():
         fns[label] = (lambda o=options: sors_step_variant(model, x, y, paths, params, opt, **o))
 
