@@ -150,6 +150,15 @@ class TcpProxy:
                 sock.close()
             self._open.clear()
 
+    def down_when(self, condition, what: str) -> threading.Thread:
+        """Go down once ``condition()`` holds (polled for up to 240 s), from a watcher thread (returned)."""
+        def watch():
+            wait_for(condition, 240, what)
+            self.down()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        return watcher
+
     def _accept(self, server: socket.socket) -> None:
         with server:
             while self._listening:
@@ -360,12 +369,9 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
     results_dir = tmp_path / "results"
     proxy = TcpProxy(mlflow_server)
 
-    def outage():  # the server goes away once the trial has started training (after the run was created)
-        wait_for(lambda: any(p.name.startswith("outage.") for p in (results_dir / "ray").glob("*")), 240,
-                 "the trial to start training")
-        proxy.down()
-    watcher = threading.Thread(target=outage, daemon=True)
-    watcher.start()
+    # the server goes away once the trial has started training (after the run was created)
+    watcher = proxy.down_when(lambda: any(p.name.startswith("outage.") for p in (results_dir / "ray").glob("*")),
+                              "the trial to start training")
     code = cli.main(["sweep", str(preset), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri,
                      "--no-progress"])
     out, err = capsys.readouterr()
@@ -420,12 +426,9 @@ def test_mlflow_outage_during_a_nightly_fails_it_and_names_the_sync_command(ray_
     results_dir = tmp_path / "results"
     proxy = TcpProxy(mlflow_server)
 
-    def outage():  # MLflow goes away once the trial trains: the night's models and cells finish untracked
-        wait_for(lambda: any("lenet5" in p.name for p in results_dir.glob("nightly/night/runs/*/*/ray/*")), 240,
-                 "the nightly's trial to start training")
-        proxy.down()
-    watcher = threading.Thread(target=outage, daemon=True)
-    watcher.start()
+    # MLflow goes away once the trial trains: the night's models and cells finish untracked
+    watcher = proxy.down_when(lambda: any("lenet5" in p.name for p in results_dir.glob("nightly/night/runs/*/*/ray/*")),
+                              "the nightly's trial to start training")
     code = nightly.main(["--config", str(config), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri,
                          "--no-progress"])
     out, err = capsys.readouterr()
