@@ -107,11 +107,15 @@ def test_sors_step_equals_the_sequential_reference(make, shape, n, paths, distil
     assert_grads_close(g_fast, g_ref)
 
 
-def test_weight_grads_from_the_input_gradient_backward_add_up_to_the_same_step():
+def lenet_step():
+    """A float64 SORS-LeNet-5, a batch, two paths sharing one layer, and the parameter list."""
     net = lenet()
     x, y = batch((1, 28, 28))
-    paths = torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 2, 2]])
-    params = list(net.parameters())
+    return net, x, y, torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 2, 2]]), list(net.parameters())
+
+
+def test_weight_grads_from_the_input_gradient_backward_add_up_to_the_same_step():
+    net, x, y, paths, params = lenet_step()
     reuse = param_grads(net, lambda: losses.backward_into(
         losses.sors_loss(net, x, y, lam=10.0, paths=paths, weight_grads=True), params))
     plain = param_grads(net, lambda: losses.sors_loss_reference(net, x, y, paths, lam=10.0).total.backward())
@@ -120,10 +124,7 @@ def test_weight_grads_from_the_input_gradient_backward_add_up_to_the_same_step()
 
 def test_every_fast_path_switched_off_gives_the_same_gradients():
     """The bench's ablation variants differ in cost only."""
-    net = lenet()
-    x, y = batch((1, 28, 28))
-    paths = torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 2, 2]])
-    params = list(net.parameters())
+    net, x, y, paths, params = lenet_step()
     opt = torch.optim.SGD(params, lr=0.0)
     grads = {label: param_grads(net, lambda o=options: bench.sors_step_variant(net, x, y, paths, params, opt, **o))
              for label, options in bench.FAST_PATH_VARIANTS.items()}
