@@ -76,11 +76,25 @@ def make_epoch_recorder(path: str):
     return record
 
 
-def wait_for_dead_jobs(ray, timeout: float = 60) -> None:
-    """After SIGKILLing a driver: wait until Ray has marked its job dead (its actors and tasks are gone)."""
+def zombie_actors(ray) -> list[str]:
+    """``class (job)`` of every non-detached actor still alive although its job is dead: Ray force-kills a
+    killed driver's actors only after a 30 s grace period, and until then they can still reserve resources."""
+    dead = {j["JobID"] for j in ray._private.state.jobs() if j["IsDead"]}
+    return [f"{a['ActorClassName']} ({a['JobID']})" for a in ray._private.state.actors().values()
+            if a["State"] != "DEAD" and a["JobID"] in dead and not a["IsDetached"]]
+
+
+def wait_for_dead_jobs(ray, timeout: float = 120) -> None:
+    """After SIGKILLing a driver: wait until Ray has marked its job dead and killed its actors (a placement
+    group one of them reserved in the meantime is the resumed run's to reclaim: pipeline.cluster)."""
     me = ray.get_runtime_context().get_job_id()
-    wait_for(lambda: all(j["IsDead"] for j in ray._private.state.jobs() if j["JobID"] != me), timeout,
-             "Ray to clean up the killed driver's job")
+
+    def cleaned_up():
+        return all(j["IsDead"] for j in ray._private.state.jobs() if j["JobID"] != me) and not zombie_actors(ray)
+    try:
+        wait_for(cleaned_up, timeout, "Ray to clean up the killed driver's job", interval=0.5)
+    except AssertionError as err:
+        raise AssertionError(f"{err}: still alive: {zombie_actors(ray)}") from None
 
 
 def spawn_driver(argv: list[str], cwd: Path) -> subprocess.Popen:
@@ -94,6 +108,20 @@ def kill_driver(proc: subprocess.Popen) -> None:
     """SIGKILL the driver process group this test started (a preempted node does no cleanup either)."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def run_driver(argv: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
+    """Run ``sors ...`` to completion as a separate driver; returns (exit code, its output). A driver still
+    running after ``timeout`` s is killed and the test fails naming where it hung -- in a separate process,
+    a hang cannot take the test session's own Ray connection down with it."""
+    proc = spawn_driver(argv, cwd)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_driver(proc)
+        raise AssertionError(f"sors {argv[0]} still running after {timeout:.0f} s:\n"
+                             + (cwd / "driver.log").read_text(errors="replace")[-3000:]) from None
+    return proc.returncode, (cwd / "driver.log").read_text(errors="replace")
 
 
 def write_preset(path: Path, name: str, trials: list[dict], attacks=("fgsm",)) -> Path:
@@ -252,7 +280,8 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp
 @pytest.mark.fault
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflow_server, tmp_path, capsys):
+@pytest.mark.timeout(900)  # kill wait (300 s) + clean-up wait (120 s) + resumed driver (300 s), each bounded
+def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipeline.sweep import load_record, record_path
@@ -273,8 +302,8 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
         started = [t for t, r in records.items() if r is None and any((results_dir / "ray").glob(f"drvkill.{t}.*"))]
         return (finished[0], started[0]) if len(finished) == 1 and started else None
 
-    driver = spawn_driver(["sweep", str(preset), "--ray-address", ray_session.get_runtime_context().gcs_address,
-                           *common], tmp_path)
+    address = ray_session.get_runtime_context().gcs_address
+    driver = spawn_driver(["sweep", str(preset), "--ray-address", address, *common], tmp_path)
     try:
         finished, unfinished = wait_for(one_finished_other_started, 300, "one trial finished, the other started", 0.1)
     finally:
@@ -289,9 +318,8 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
     cells_before = {r["cell_id"]: r["created_at"] for r in store_rows(results_dir)}
     assert len(cells_before) == 1  # the finished trial's (clean accuracy) cell
 
-    code = cli.main(["sweep", str(preset), "--resume", *common])
-    out = capsys.readouterr().out
-    assert code == 0
+    code, out = run_driver(["sweep", str(preset), "--resume", "--ray-address", address, *common], tmp_path, 300)
+    assert code == 0, out[-3000:]
     assert "1 trial(s) run, 1 already done" in out
 
     # the finished trial was not retrained, re-evaluated or re-recorded
@@ -591,3 +619,20 @@ def test_no_secret_reaches_mlflow_params_or_the_console(tmp_path, capsys):
 def test_the_local_ray_starts_no_dashboard(ray_session):
     node = ray_session._private.worker.global_worker.node
     assert not node.address_info.get("webui_url")  # include_dashboard=False: nothing listens on 8265
+
+
+@pytest.mark.ray
+def test_reclaiming_orphaned_placement_groups_leaves_live_jobs_reservations_alone(ray_session):
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from pipeline import cluster
+
+    mine = placement_group([{"CPU": 1}])
+    assert mine.wait(60)
+    try:
+        # this job is alive, so its reservation is not an orphan (whatever earlier tests' killed drivers left)
+        assert mine.id.binary() not in {pg.placement_group_id for pg in cluster.orphaned_placement_groups()}
+        assert mine.id.binary() not in {pg.placement_group_id for pg in cluster.reclaim_orphaned_placement_groups()}
+        assert placement_group_table(mine)["state"] == "CREATED"
+    finally:
+        remove_placement_group(mine)
