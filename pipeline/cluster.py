@@ -100,6 +100,20 @@ def has_gpu() -> bool:
     return resources().get("GPU", 0) >= 1
 
 
+def shortage(workers: int, use_gpu: bool) -> str | None:
+    """One line saying that fewer CPUs (GPUs) are free than one training run of ``workers`` needs -- Ray
+    Train then retries placing its workers for ever, silently -- or None when they are free now."""
+    kind = "GPU" if use_gpu else "CPU"
+    free, total = ray.available_resources().get(kind, 0.0), resources().get(kind, 0.0)
+    if free >= workers:
+        return None
+    if total < workers:
+        return (f"the cluster has {total:g} {kind}s in all and a training run needs {workers}: "
+                f"it waits until the cluster grows (autoscaling) -- lower train.num_workers otherwise")
+    return (f"only {free:g} of the cluster's {total:g} {kind}s are free and a training run needs {workers}: "
+            f"it waits until other jobs release them")
+
+
 def max_concurrent_trials(workers_per_trial: int, use_gpu: bool) -> int:
     """How many training runs fit at once: GPUs (or CPUs) divided by the workers one run needs."""
     total = resources().get("GPU" if use_gpu else "CPU", 1)

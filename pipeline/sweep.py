@@ -330,6 +330,9 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     bars = _ACTIVE_BARS["sweep"] = _Bars(sum(t.config.train.epochs or 0 for t in needs_training),
                                          sum(n_cells(t) for t in todo), opts.progress)
     gpu = any(trainer.use_gpu(t.config) for t in todo)
+    shortage = cluster.shortage(max(t.config.train.num_workers for t in needs_training), gpu) if needs_training else None
+    if shortage:
+        log.warning("sweep %s: %s", sweep.name, shortage)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_RESOURCES)
     experiment = f"{sweep.name}-stage{k}"
     path = f"{opts.storage_path.rstrip('/')}/{experiment}"

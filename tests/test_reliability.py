@@ -636,3 +636,22 @@ def test_reclaiming_orphaned_placement_groups_leaves_live_jobs_reservations_alon
         assert placement_group_table(mine)["state"] == "CREATED"
     finally:
         remove_placement_group(mine)
+
+
+@pytest.mark.ray
+def test_a_sweep_says_when_other_jobs_hold_the_cpus_its_training_needs(ray_session):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline import cluster
+
+    total = int(ray_session.cluster_resources()["CPU"])
+    # what earlier tests reserved is counted as free again within moments (Ray's resource view lags)
+    wait_for(lambda: cluster.shortage(total, use_gpu=False) is None, 30, "every CPU to be free")
+    held = placement_group([{"CPU": 1}])
+    assert held.wait(60)
+    try:
+        message = wait_for(lambda: cluster.shortage(total, use_gpu=False), 10, "Ray to count the reserved CPU")
+        assert f"only {total - 1} of the cluster's {total} CPUs are free and a training run needs {total}" in message
+    finally:
+        remove_placement_group(held)
+    wait_for(lambda: cluster.shortage(total, use_gpu=False) is None, 10, "Ray to count the CPU as free again")
