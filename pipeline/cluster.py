@@ -8,6 +8,8 @@ import warnings
 
 import ray
 
+log = logging.getLogger("pipeline.cluster")
+
 
 def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
             quiet: bool = True) -> None:
@@ -38,7 +40,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         ray.init(address=address, **options)
         reclaimed = reclaim_orphaned_placement_groups()
         if reclaimed:
-            logging.getLogger("pipeline.cluster").warning(
+            log.warning(
                 "removed %d placement group(s) left behind by killed drivers (they held %s)", len(reclaimed),
                 ", ".join(sorted({f"{k}={v:g}" for pg in reclaimed for k, v in _pg_resources(pg).items()})))
 
@@ -69,7 +71,7 @@ def reclaim_orphaned_placement_groups() -> list:
     try:
         orphans = orphaned_placement_groups()
     except Exception as err:  # noqa: BLE001 -- internal Ray API: a change there must not stop a run
-        logging.getLogger("pipeline.cluster").debug("cannot list placement groups: %s", err)
+        log.debug("cannot list placement groups: %s", err)
         return []
     reclaimed = []
     for pg in orphans:
@@ -77,7 +79,7 @@ def reclaim_orphaned_placement_groups() -> list:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             reclaimed.append(pg)
         except Exception as err:  # noqa: BLE001 -- already removed by Ray in the meantime
-            logging.getLogger("pipeline.cluster").debug("could not remove placement group: %s", err)
+            log.debug("could not remove placement group: %s", err)
     return reclaimed
 
 
