@@ -13,10 +13,10 @@ from sors.attacks import adaptive as _adaptive  # noqa: F401  (registers autoatt
 from sors.attacks import cw as _cw  # noqa: F401
 from sors.attacks import gradient as _gradient  # noqa: F401
 from sors.attacks.adaptive import TORCHATTACKS_HINT, AutoAttackRand, TransferAttack
-from sors.attacks.base import EPS_GRIDS, Attack, available, build, check_name, dataset_of, eval_mode, project_linf
+from sors.attacks.base import EPS_GRIDS, Attack, available, build, check_name, dataset_of, eval_mode, info, project_linf
 from sors.attacks.cw import CarliniWagnerL2
 from sors.attacks.gradient import EOTPGD, FGSM, MIM, PGD, EnsemblePGD, NoAttack, eot_gradient
 
 __all__ = ["Attack", "AutoAttackRand", "available", "build", "CarliniWagnerL2", "check_name", "dataset_of",
-           "EnsemblePGD", "EOTPGD", "EPS_GRIDS", "eot_gradient", "eval_mode", "FGSM", "MIM", "NoAttack", "PGD",
+           "EnsemblePGD", "EOTPGD", "EPS_GRIDS", "eot_gradient", "eval_mode", "info", "FGSM", "MIM", "NoAttack", "PGD",
            "project_linf", "TORCHATTACKS_HINT", "TransferAttack"]

@@ -22,7 +22,7 @@ def _torchattacks():
     return torchattacks
 
 
-@register("autoattack_rand")
+@register("autoattack_rand", label="AA-rand", order=70)
 class AutoAttackRand(Attack):
     """APGD-CE then APGD-DLR (on the examples the first did not fool), each step's gradient averaged
     over ``eot_samples`` (20) sequential draws of the model, ``steps`` (100, as in AutoAttack)
@@ -94,5 +94,7 @@ def _transfer_factory(name: str, base: str):
     return factory
 
 
-for _name, _base in (("transfer", "pgd"), ("transfer_fgsm", "fgsm"), ("transfer_pgd", "pgd"), ("transfer_mim", "mim")):
-    register(_name)(_transfer_factory(_name, _base))
+for _order, (_name, _base) in enumerate((("transfer", "pgd"), ("transfer_fgsm", "fgsm"), ("transfer_pgd", "pgd"),
+                                         ("transfer_mim", "mim"))):
+    register(_name, label=f"transfer-{_base.upper()}" if _name != "transfer" else "transfer", order=80 + _order,
+             transfer=True)(_transfer_factory(_name, _base))

@@ -20,9 +20,20 @@ from sors.errors import ConfigError
 from sors.registry import Registry
 
 ATTACKS: Registry[Callable[..., "Attack"]] = Registry("attack", "attack.name")
-register = ATTACKS.register  # @register("name") on ``factory(model, eps, **options)``
+# @register("name", label=..., order=..., randomized_only=..., transfer=..., unbounded=...) on
+# ``factory(model, eps, **options)``. Facts: ``label`` (table column), ``order`` (column rank, lower
+# first), ``randomized_only`` (pointless on a deterministic model: it equals a plainer attack there),
+# ``transfer`` (crafted on ``attack.source``), ``unbounded`` (no eps-ball: one cell, eps 0).
+register = ATTACKS.register
 available = ATTACKS.available
 check_name = ATTACKS.check_name
+
+
+def info(name: str) -> dict[str, Any]:
+    """The registered facts of attack ``name`` with defaults filled: label, order, randomized_only,
+    transfer, unbounded. :class:`ConfigError` for an unknown name."""
+    facts = {"label": name, "order": 1000, "randomized_only": False, "transfer": False, "unbounded": False}
+    return {**facts, **ATTACKS.facts(name)}
 
 # Paper settings (Sec. 4): L-inf radii on the pixel scale. MNIST-like: 25..100/255, CIFAR: 1..8/255.
 EPS_GRIDS: dict[str, tuple[float, ...]] = {

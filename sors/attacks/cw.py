@@ -18,7 +18,7 @@ from sors.errors import ConfigError
 PAPER_DEFAULTS = {"mnist": (10000, 0.0), "fashion_mnist": (10000, 0.0), "cifar10": (100, 0.0), "cifar100": (100, 1.0)}
 
 
-@register("cw")
+@register("cw", label="C&W", order=40, unbounded=True)
 class CarliniWagnerL2(Attack):
     """C&W-L2. Options: ``steps`` (Adam iterations per binary-search step; None: 10000 on
     MNIST-like data, 100 on CIFAR), ``kappa`` (confidence; None: 1 on CIFAR-100, else 0), ``lr``

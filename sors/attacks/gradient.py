@@ -41,7 +41,7 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: in
     return total / samples
 
 
-@register("none")
+@register("none", label="Clean", order=0)
 class NoAttack(Attack):
     """Identity: clean accuracy as a cell like any other."""
 
@@ -78,7 +78,7 @@ class _SignAttack(Attack):
                             self.options.get("loss", "ce"), self.options.get("max_batch"))
 
 
-@register("fgsm")
+@register("fgsm", label="FGSM", order=10)
 class FGSM(_SignAttack):
     """Fast gradient sign method: one step of size eps along sign(dCE/dx), clipped to [0, 1]."""
 
@@ -93,7 +93,7 @@ class FGSM(_SignAttack):
         return (x + self.eps * self.gradient(x, y).sign()).clamp(0.0, 1.0)
 
 
-@register("pgd")
+@register("pgd", label="PGD", order=20)
 class PGD(_SignAttack):
     """Projected gradient descent (Madry et al.): ``steps`` sign steps of ``step_size`` (default
     eps * ``step_fraction``; paper: 7 steps of eps/4), each projected onto the eps-ball and [0, 1].
@@ -125,7 +125,7 @@ class PGD(_SignAttack):
         return adv
 
 
-@register("eot_pgd")
+@register("eot_pgd", label="EOT-PGD", order=60, randomized_only=True)
 class EOTPGD(PGD):
     """PGD whose every step follows the gradient averaged over ``eot_samples`` (default 20) random
     draws of the model (expectation over transformation, Athalye et al. 2018). The draws run as one
@@ -135,7 +135,7 @@ class EOTPGD(PGD):
     defaults = {**PGD.defaults, "eot_samples": 20}
 
 
-@register("ensemble_pgd")
+@register("ensemble_pgd", label="ens-PGD", order=50, randomized_only=True)
 class EnsemblePGD(PGD):
     """The paper's gradient-ensemble adaptive attack (Table 9): each PGD step follows the mean
     gradient of ``eot_samples`` (k, the table's 2..5; default 5) sub-networks sampled for the batch,
@@ -146,7 +146,7 @@ class EnsemblePGD(PGD):
     defaults = {**PGD.defaults, "eot_samples": 5}
 
 
-@register("mim")
+@register("mim", label="MIM", order=30)
 class MIM(PGD):
     """Momentum iterative FGSM (Dong et al. 2018): ``steps`` (10) sign steps of eps/10 along the
     accumulated L1-normalised gradient, momentum ``decay`` 1.0."""
