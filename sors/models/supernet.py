@@ -302,3 +302,25 @@ class per_example_sampling:
         for net, value in zip(self.nets, self.saved):
             net.per_example = value
         return False
+
+
+def enumerable(model: nn.Module, limit: int) -> bool:
+    """True when ``model`` is itself a :class:`SuperNet` (not a wrapper that averages or adds noise)
+    with at most ``limit`` paths, so an expectation over its random path is an exact finite sum."""
+    return isinstance(model, SuperNet) and 0 < model.num_paths <= limit
+
+
+def every_path(net: SuperNet) -> torch.Tensor:
+    """All ``net.num_paths`` paths, (P, L) long, in lexicographic order of the choice indices."""
+    grids = torch.meshgrid(*[torch.arange(m) for m in net.choice_counts], indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=1)
+
+
+def every_path_logits(net: SuperNet, x: torch.Tensor, paths: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of ``x`` (B, C, H, W) under every path, (P, B, K), in one call: the paths run as
+    copies of the batch through :meth:`SuperNet.forward_copies`, so each layer is computed once per
+    distinct (image, choices so far) -- a tree, about 30x one forward for SORS-LeNet-5's 1,024
+    paths. Differentiable in ``x``."""
+    paths = every_path(net) if paths is None else paths
+    rows = paths.repeat_interleave(x.shape[0], dim=0)  # copy-major: row p*B + b takes path p
+    return net.forward_copies(x, paths.shape[0], rows).view(paths.shape[0], x.shape[0], -1)

@@ -1,51 +1,11 @@
-"""AutoAttack's ``rand`` version (APGD-CE + APGD-DLR with EOT over 20 draws; Croce & Hein 2020)
-through torchattacks, and transfer attacks (examples crafted on a source model; Table 5)."""
+"""Transfer attacks: examples crafted on a source model, scored on the target (Table 5)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from sors.attacks.base import Attack, build, check_name, model_device, register
 from sors.errors import ConfigError
-
-TORCHATTACKS_HINT = "pip install --no-deps torchattacks==3.5.1"
-
-
-def _torchattacks():
-    """Import torchattacks lazily (it pins old `requests`, so it is not a runtime dependency)."""
-    try:
-        import torchattacks
-    except ImportError as err:
-        raise ImportError(f"attack 'autoattack_rand' needs torchattacks, which is not installed: "
-                          f"{TORCHATTACKS_HINT}") from err
-    return torchattacks
-
-
-@register("autoattack_rand", label="AA-rand", order=70)
-class AutoAttackRand(Attack):
-    """APGD-CE then APGD-DLR (on the examples the first did not fool), each step's gradient averaged
-    over ``eot_samples`` (20) sequential draws of the model, ``steps`` (100, as in AutoAttack)
-    iterations, one restart. ``seed``: APGD's start seed (None: drawn from torch's global generator,
-    so the evaluation's per-cell seed decides it). The global RNG state is restored afterwards."""
-
-    name = "autoattack_rand"
-    defaults = {"steps": 100, "eot_samples": 20, "seed": None}
-
-    def perturb(self, x, y):
-        ta = _torchattacks()
-        seed = self.options["seed"]
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        attacks = [ta.APGD(self.model, norm="Linf", eps=self.eps, steps=self.options["steps"], n_restarts=1,
-                           seed=seed, loss=loss, eot_iter=self.options["eot_samples"]) for loss in ("ce", "dlr")]
-        for attack in attacks:
-            attack.set_device(x.device)
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        # APGD re-seeds torch's global generator; keep that from leaking into the caller.
-        with torch.random.fork_rng(devices=devices):
-            return ta.MultiAttack(attacks)(x, y)
-
 
 class TransferAttack(Attack):
     """Black-box transfer (Table 5): the ``base`` attack (fgsm, pgd, mim...) is run on ``source``;
