@@ -75,7 +75,8 @@ class AttackConfig:
 class EvalConfig:
     repeats: int = 5  # scoring repeated over fresh path draws
     n_examples: int = 1000  # test images per cell
-    all_paths: int = 64  # paths for the worst-case ("correct under every path") view
+    all_paths: int = 64  # sampled paths for the worst-case ("correct under every path") view
+    exact_paths_max: int = 4096  # a super-network with at most this many paths: every path, exactly
     batch_size: int = 250
     seed: int = 0
 
@@ -295,4 +296,5 @@ def validate(cfg: RunConfig) -> None:
     _check(e.repeats >= 1, "eval.repeats", f"{e.repeats}", "an integer >= 1")
     _check(e.n_examples >= 1, "eval.n_examples", f"{e.n_examples}", "an integer >= 1")
     _check(e.all_paths >= 0, "eval.all_paths", f"{e.all_paths}", "an integer >= 0")
+    _check(e.exact_paths_max >= 0, "eval.exact_paths_max", f"{e.exact_paths_max}", "an integer >= 0 (0: always sample)")
     _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size}", "an integer >= 1")

@@ -124,12 +124,12 @@ def _load_cifar_split(name: str, root: Path, split: str) -> tuple[torch.Tensor, 
     return images.contiguous(), torch.tensor(ds.targets, dtype=torch.long)
 
 
-def _subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int):
-    """A fixed random subset of size n (seeded), or everything when n is None or >= N."""
-    if n is None or n >= len(labels):
-        return images, labels
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
-    return images[order], labels[order]
+def subset_index(total: int, n: int | None, seed: int) -> torch.Tensor:
+    """Indices into a split of ``total`` examples of the fixed random subset of size ``n`` (seeded),
+    or ``arange(total)`` when n is None or >= total: (min(n, total),) long."""
+    if n is None or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 def load(name: str, split: str, root: str | None = None, n: int | None = None, seed: int = 0):
@@ -147,13 +147,22 @@ def load(name: str, split: str, root: str | None = None, n: int | None = None, s
     Raises:
         DataNotFoundError: the files are missing; the message names them, the folder and how to get them.
     """
+    images, labels, _ = load_indexed(name, split, root, n, seed)
+    return images, labels
+
+
+def load_indexed(name: str, split: str, root: str | None = None, n: int | None = None, seed: int = 0):
+    """:func:`load`, plus each kept example's index in the full split: ``(images, labels, index)``
+    with index (N,) long. The same image has the same index in every cell and every run, so
+    per-example outcomes of different attacks or nights can be paired."""
     spec(name)
     if split not in _IDX_FILES:
         raise ConfigError("split", f"unknown split {split!r}", "train, test")
     folder = Path(root if root else default_root(name)).expanduser()
     loader = _load_cifar_split if name.startswith("cifar") else _load_idx_split
     images, labels = loader(name, folder, split)
-    return _subset(images, labels, n, seed)
+    index = subset_index(len(labels), n, seed)
+    return images[index], labels[index], index
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:

@@ -10,6 +10,9 @@ Protocol (:func:`evaluate_cell`):
 3. For randomized models, the worst-case view: the fraction of examples classified correctly
    under EVERY one of ``eval.all_paths`` (64) draws (each draw is one path for all examples).
 4. Per-cell sanity checks (:mod:`sors.checks`) are recorded in ``sanity_flags``.
+5. Per-example outcomes are kept: each example's index in its split, its correctness averaged over
+   the scoring draws and its minimum over them, so worst cases over attacks and paired tests
+   between cells need no rerun.
 
 Seeds: the attack, each scoring repeat, each worst-case draw and the gradient check get their own
 seed derived from the cell's ``seed``; torch's global generator is restored afterwards.
@@ -40,14 +43,17 @@ from sors.config import AttackConfig, EvalConfig
 from sors.errors import ConfigError
 from sors.metrics import wilson_interval
 from sors.models import is_randomized, per_example_sampling
-from sors.models.supernet import SuperNet
+from sors.models.supernet import SuperNet, enumerable, every_path_logits
 
 
 @dataclass
 class CellResult:
     """One evaluation cell. ``correct`` is the sum over examples of the mean-over-repeats
     correctness (so ``accuracy = correct / n``); ``ci_low``/``ci_high`` the 95% interval;
-    ``all_path_accuracy`` the worst-case view (None for deterministic models)."""
+    ``all_path_accuracy`` the worst-case view (None for deterministic models), exact over every
+    path when ``all_path_exact`` (``all_path_count`` paths), else over that many sampled paths.
+    ``example_index`` (n,) indexes the examples in their split; ``example_correct`` is each one's
+    correctness averaged over the scoring draws, ``example_correct_min`` its minimum over them."""
 
     attack: str
     norm: str
@@ -65,6 +71,11 @@ class CellResult:
     seconds: float
     attack_spec: dict
     extra: dict = field(default_factory=dict)
+    all_path_exact: bool = False
+    all_path_count: int | None = None
+    example_index: list[int] = field(default_factory=list)
+    example_correct: list[float] = field(default_factory=list)
+    example_correct_min: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -101,10 +112,17 @@ def _batches(n: int, size: int):
 
 
 def craft(attack: attacks_lib.Attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-          models: Sequence[nn.Module | None] = ()) -> torch.Tensor:
-    """Adversarial images for all ``images``, in batches, under the path draws of ``seed``."""
+          models: Sequence[nn.Module | None] = ()) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Adversarial images for all ``images``, in batches, under the path draws of ``seed``; and, for
+    a suite, each member's per-example fresh-draw accuracy (``attack.member_correct``; NaN where the
+    member did not run), concatenated over the batches: ``(adv (N, C, H, W), {member: [N floats]})``."""
+    outputs, members = [], {}
     with path_draws(models, seed):
-        return torch.cat([attack(images[s], labels[s]) for s in _batches(len(labels), batch_size)])
+        for s in _batches(len(labels), batch_size):
+            outputs.append(attack(images[s], labels[s]))
+            for label, values in getattr(attack, "member_correct", {}).items():
+                members.setdefault(label, []).extend(float(v) for v in values)
+    return torch.cat(outputs), members
 
 
 @torch.no_grad()
@@ -115,13 +133,20 @@ def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device) ->
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, repeats: int, seed: int,
           batch_size: int = 250, device=None) -> torch.Tensor:
     """Per-example correctness averaged over ``repeats`` fresh draws, one path per example: (n,) in [0, 1]."""
+    return score_draws(model, images, labels, repeats, seed, batch_size, device).mean(0)
+
+
+def score_draws(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, repeats: int, seed: int,
+                batch_size: int = 250, device=None) -> torch.Tensor:
+    """Correctness of every example under each of ``repeats`` fresh draws (one path per example):
+    (repeats, n) float in {0, 1}. Draw r is seeded by ``derive_seed(seed, "score", r)``."""
     device = device or model_device(model)
-    correct = torch.zeros(len(labels))
+    rows = []
     with eval_mode(model), per_example_sampling(model):
         for r in range(repeats):
             with path_draws([model], derive_seed(seed, "score", r)):
-                correct += (_predict(model, images, batch_size, device) == labels.cpu()).float()
-    return correct / repeats
+                rows.append((_predict(model, images, batch_size, device) == labels.cpu()).float())
+    return torch.stack(rows) if rows else torch.zeros(0, len(labels))
 
 
 def all_path_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, draws: int, seed: int,
@@ -138,6 +163,36 @@ def all_path_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return ok
 
 
+def every_path_correct(net: SuperNet, images: torch.Tensor, labels: torch.Tensor, rows_per_call: int = 65536,
+                       device=None) -> torch.Tensor:
+    """Whether each example is classified correctly under EVERY path of ``net``, enumerated: (n,) bool.
+    Exact (no sampling); runs :func:`every_path_logits` on chunks of at most ``rows_per_call``
+    image-paths."""
+    device = device or model_device(net)
+    chunk = max(1, rows_per_call // net.num_paths)
+    ok = torch.ones(len(labels), dtype=torch.bool)
+    with eval_mode(net), torch.no_grad():
+        for s in _batches(len(labels), chunk):
+            logits = every_path_logits(net, images[s].to(device))
+            ok[s] = (logits.argmax(-1).cpu() == labels[s].cpu()).all(0)
+    return ok
+
+
+def worst_case_paths(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eval_cfg: EvalConfig, seed: int,
+                     device=None) -> tuple[float | None, bool, int | None]:
+    """``(all_path_accuracy, exact, paths)`` for a randomized model (``(None, False, None)`` for a
+    deterministic one, or when ``eval.all_paths`` is 0 and the model cannot be enumerated)."""
+    if not is_randomized(model):
+        return None, False, None
+    if enumerable(model, eval_cfg.exact_paths_max):
+        correct = every_path_correct(model, images, labels, device=device)
+        return float(correct.float().mean()) if len(labels) else 0.0, True, model.num_paths
+    if eval_cfg.all_paths <= 0:
+        return None, False, None
+    correct = all_path_correct(model, images, labels, eval_cfg.all_paths, seed, eval_cfg.batch_size, device)
+    return float(correct.float().mean()) if len(labels) else 0.0, False, eval_cfg.all_paths
+
+
 def _distortion(adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     delta = (adv - x).flatten(1)
     changed = delta.abs().amax(1) > 0
@@ -145,6 +200,12 @@ def _distortion(adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     return {"mean_l2": float(l2[changed].mean()) if changed.any() else 0.0,
             "max_linf": float(delta.abs().max()) if delta.numel() else 0.0,
             "changed_fraction": float(changed.float().mean()) if len(changed) else 0.0}
+
+
+def _mean_defined(values: list[float]) -> float | None:
+    """Mean of the non-NaN values (None when there are none)."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else None
 
 
 def build_attack(model: nn.Module, attack: AttackConfig, source_model: nn.Module | None = None,
@@ -160,7 +221,8 @@ def build_attack(model: nn.Module, attack: AttackConfig, source_model: nn.Module
 
 def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
                   eval_cfg: EvalConfig, seed: int = 0, source_model: nn.Module | None = None, device="cpu",
-                  num_classes: int = 10, attack_options: dict | None = None, dataset: str | None = None) -> CellResult:
+                  num_classes: int = 10, attack_options: dict | None = None, dataset: str | None = None,
+                  example_index: torch.Tensor | None = None) -> CellResult:
     """Evaluate one cell; see the module docstring for the protocol.
 
     Args:
@@ -171,6 +233,8 @@ def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         eval_cfg: n_examples (cap), repeats, all_paths, batch_size.
         attack_options: extra attack options (``random_start``, ``kappa``, ``binary_search_steps``...).
         dataset: data set family for dataset-dependent defaults (C&W); None: guessed from the images.
+        example_index: (N,) each image's index in its split (:func:`sors.data.load_indexed`);
+            None: 0..N-1.
     """
     start = time.perf_counter()
     n = min(eval_cfg.n_examples, len(labels))
@@ -183,17 +247,20 @@ def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     randomized = is_randomized(model)
     repeats = eval_cfg.repeats if randomized else 1
 
-    adv = craft(adversary, x, y, eval_cfg.batch_size, derive_seed(seed, "attack"), [model, source_model]).cpu()
-    per_example = score(model, adv, y, repeats, seed, eval_cfg.batch_size, device)
+    adv, member_outcomes = craft(adversary, x, y, eval_cfg.batch_size, derive_seed(seed, "attack"), [model, source_model])
+    adv = adv.cpu()
+    draws = score_draws(model, adv, y, repeats, seed, eval_cfg.batch_size, device)
+    per_example = draws.mean(0)
     correct = float(per_example.sum())
     accuracy = correct / n if n else 0.0
     low, high = wilson_interval(accuracy, n)
-    all_path = None
-    if randomized and eval_cfg.all_paths > 0:
-        all_path = float(all_path_correct(model, adv, y, eval_cfg.all_paths, seed, eval_cfg.batch_size, device)
-                         .float().mean())
+    all_path, exact, path_count = worst_case_paths(model, adv, y, eval_cfg, seed, device)
+    index = torch.arange(n) if example_index is None else torch.as_tensor(example_index)[:n]
 
     extra = _distortion(adv, x)
+    if member_outcomes:  # the suite: which member broke what (fresh-draw accuracy of its points)
+        extra["members"] = {label: _mean_defined(values) for label, values in member_outcomes.items()}
+        extra["member_attacked"] = {label: sum(v == v for v in values) for label, values in member_outcomes.items()}
     spec = adversary.spec
     zero_fraction = None
     if attack.name != "none":
@@ -206,7 +273,10 @@ def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return CellResult(attack=attack.name, norm=spec["norm"], eps=float(spec["eps"]), steps=spec.get("steps"),
                       eot_samples=spec.get("eot_samples"), repeats=repeats, n=n, correct=correct, accuracy=accuracy,
                       ci_low=low, ci_high=high, all_path_accuracy=all_path, sanity_flags=flags,
-                      seconds=time.perf_counter() - start, attack_spec=spec, extra=extra)
+                      seconds=time.perf_counter() - start, attack_spec=spec, extra=extra, all_path_exact=exact,
+                      all_path_count=path_count, example_index=[int(i) for i in index],
+                      example_correct=per_example.tolist(),
+                      example_correct_min=(draws.amin(0) if len(draws) else per_example).tolist())
 
 
 def paper_attacks(dataset: str, names: Sequence[str] = ("none", "fgsm", "pgd", "mim", "cw"),

@@ -22,7 +22,7 @@ from sors.models.factory import wrap_average
 from sors.models.supernet import SuperNet
 from tasks import storage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-example outcomes, exact-or-sampled worst case over paths
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class CellSpec:
         """What determines the cell's result (and so its id)."""
         attack = {"name": self.attack.name, "eps": round(float(self.attack.eps), 8), "steps": self.attack.steps,
                   "eot_samples": self.attack.eot_samples}
-        evaluation = {"repeats": self.eval.repeats, "n_examples": self.eval.n_examples, "all_paths": self.eval.all_paths}
+        evaluation = {"repeats": self.eval.repeats, "n_examples": self.eval.n_examples, "all_paths": self.eval.all_paths,
+                      "exact_paths_max": self.eval.exact_paths_max}
         return {"checkpoint_sha256": self.checkpoint_sha256, "attack": attack, "eval": evaluation,
                 "average_paths": self.average_paths, "seed": self.seed}
 
@@ -67,9 +68,10 @@ def load_model(spec: CellSpec, device="cpu"):
 
 
 def test_images(spec: CellSpec, cfg: RunConfig):
-    """The cell's test images (N, C, H, W) in [0, 1] and labels: ``eval.n_examples`` of the test split."""
+    """The cell's test images (N, C, H, W) in [0, 1], labels (N,) and their indices in the test split
+    (N,): ``eval.n_examples`` of the test split."""
     root = spec.data_root or cfg.data.root
-    return data_lib.load(cfg.data.name, "test", root, n=spec.eval.n_examples, seed=cfg.data.seed)
+    return data_lib.load_indexed(cfg.data.name, "test", root, n=spec.eval.n_examples, seed=cfg.data.seed)
 
 
 def n_ops_of(model, cfg: RunConfig) -> int | None:
@@ -85,12 +87,13 @@ def evaluate(spec: CellSpec, device="cpu"):
     from sors import evaluation
 
     model, cfg = load_model(spec, device)
-    images, labels = test_images(spec, cfg)
+    images, labels, index = test_images(spec, cfg)
     eval_cfg = dataclasses.replace(spec.eval, seed=spec.seed)
     num_classes = data_lib.spec(cfg.data.name).num_classes
     start = time.perf_counter()
     result = evaluation.evaluate_cell(model, images, labels, spec.attack, eval_cfg, seed=spec.seed,
-                                      device=device, num_classes=num_classes, dataset=cfg.data.name)
+                                      device=device, num_classes=num_classes, dataset=cfg.data.name,
+                                      example_index=index)
     result.extra["role"] = spec.role
     seconds = getattr(result, "seconds", None) or time.perf_counter() - start
     return result, make_row(spec, cfg, result, n_ops_of(model, cfg), seconds)
@@ -125,6 +128,11 @@ def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds:
         "ci_low": float(result.ci_low),
         "ci_high": float(result.ci_high),
         "all_path_accuracy": None if result.all_path_accuracy is None else float(result.all_path_accuracy),
+        "all_path_exact": bool(result.all_path_exact),
+        "all_path_count": None if result.all_path_count is None else int(result.all_path_count),
+        "example_index": [int(i) for i in result.example_index],
+        "example_correct": [float(v) for v in result.example_correct],
+        "example_correct_min": [float(v) for v in result.example_correct_min],
         "sanity_flags": [str(f) for f in (result.sanity_flags or [])],
         "seconds": float(seconds),
         "attack_spec": json.dumps(result.attack_spec or {}, sort_keys=True, default=str),
