@@ -21,10 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from sors.attacks.base import ce_gradient, eval_mode
+from sors.attacks.base import ce_gradient, eval_mode, info
 from sors.config import AttackConfig
-
-ITERATIVE = ("pgd", "mim", "eot_pgd", "ensemble_pgd", "autoattack_rand")
 CHANCE_MARGIN = 0.05  # eps = 1 must bring accuracy to chance + 5 points
 DEFAULT_TOL = 0.01
 
@@ -127,7 +125,8 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
 
     Checks: iterative attacks not weaker than FGSM; more steps not weaker (same attack, eps and
     samples); EOT-PGD not weaker than PGD; white-box not weaker than the transfer attack with the
-    same base; autoattack_rand not weaker than EOT-PGD. ``results`` are
+    same base; the adaptive suite not weaker than any other attack at its eps (else it misses an
+    attack and its headline number over-credits the defense). ``results`` are
     :class:`sors.evaluation.CellResult` (or anything with the same fields).
     """
     flags: dict[int, list[str]] = defaultdict(list)
@@ -140,7 +139,7 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
 
     for i, r in enumerate(results):
         eps = r.eps
-        if r.attack in ITERATIVE and _reaches_eps(r):
+        if info(r.attack)["iterative"] and _reaches_eps(r):
             for j in at("fgsm", eps):
                 if significantly_higher(r, results[j], tol):
                     flags[i].append(_weaker(r, results[j], "an iterative attack should not be weaker than one step "
@@ -155,12 +154,13 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
             for j in pgds:
                 if significantly_higher(r, results[j], tol):
                     flags[i].append(_weaker(r, results[j], "averaging gradients over draws should not weaken PGD"))
-        if r.attack == "autoattack_rand":
-            for j in at("eot_pgd", eps):
-                if significantly_higher(r, results[j], tol):
-                    flags[i].append(_weaker(r, results[j], "APGD keeps the first point that fooled one draw; on a "
-                                                           "randomized model report the stronger of the two"))
-        if r.attack.startswith("transfer"):
+        if info(r.attack)["suite"]:
+            for j, other in enumerate(results):
+                if j != i and other.attack != r.attack and round(other.eps, 9) == round(eps, 9) \
+                        and significantly_higher(r, other, tol):
+                    flags[i].append(_weaker(r, other, "the adaptive suite should be the strongest attack; "
+                                                      "add the stronger one to its members"))
+        if info(r.attack)["transfer"]:
             base = (r.attack_spec or {}).get("base") or r.attack.partition("_")[2] or "pgd"
             same_steps = [j for j in at(base, eps) if results[j].steps == r.steps]
             for j in same_steps or at(base, eps):
@@ -188,11 +188,11 @@ def sanity_attacks(attacks: Sequence[AttackConfig], randomized: bool = False) ->
             extra.append(cfg)
 
     for a in attacks:
-        if a.name in ITERATIVE:
+        if info(a.name)["iterative"]:
             add(AttackConfig("fgsm", a.eps))
         if a.name == "eot_pgd":
             add(AttackConfig("pgd", a.eps, a.steps))
-        if a.name.startswith("transfer"):
+        if info(a.name)["transfer"]:
             add(AttackConfig(a.name.partition("_")[2] or "pgd", a.eps, a.steps))
     pgd = [a for a in attacks if a.name == "pgd" and a.eps < 1]
     if pgd:

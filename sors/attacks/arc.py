@@ -55,7 +55,7 @@ def nearest_boundary(model, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, t
     return zeta, sign_dir, unit_dir
 
 
-@register("arc", label="ARC", order=72)
+@register("arc", label="ARC", order=72, iterative=True)
 class ARC(Attack):
     """ARC over sampled paths. Options: ``steps`` (outer iterations, 20), ``members`` (draws per
     iteration, 8), ``eot_samples`` (fixed draws that score a candidate, 32), ``step_size`` (local

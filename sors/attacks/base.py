@@ -23,7 +23,9 @@ ATTACKS: Registry[Callable[..., "Attack"]] = Registry("attack", "attack.name")
 # @register("name", label=..., order=..., randomized_only=..., transfer=..., unbounded=...) on
 # ``factory(model, eps, **options)``. Facts: ``label`` (table column), ``order`` (column rank, lower
 # first), ``randomized_only`` (pointless on a deterministic model: it equals a plainer attack there),
-# ``transfer`` (crafted on ``attack.source``), ``unbounded`` (no eps-ball: one cell, eps 0).
+# ``transfer`` (crafted on ``attack.source``), ``unbounded`` (no eps-ball: one cell, eps 0),
+# ``iterative`` (many gradient steps: must not be weaker than FGSM), ``suite`` (a worst case over
+# other attacks: must not be weaker than any of them).
 register = ATTACKS.register
 available = ATTACKS.available
 check_name = ATTACKS.check_name
@@ -31,8 +33,9 @@ check_name = ATTACKS.check_name
 
 def info(name: str) -> dict[str, Any]:
     """The registered facts of attack ``name`` with defaults filled: label, order, randomized_only,
-    transfer, unbounded. :class:`ConfigError` for an unknown name."""
-    facts = {"label": name, "order": 1000, "randomized_only": False, "transfer": False, "unbounded": False}
+    transfer, unbounded, iterative, suite. :class:`ConfigError` for an unknown name."""
+    facts = {"label": name, "order": 1000, "randomized_only": False, "transfer": False, "unbounded": False,
+             "iterative": False, "suite": False}
     return {**facts, **ATTACKS.facts(name)}
 
 # Paper settings (Sec. 4): L-inf radii on the pixel scale. MNIST-like: 25..100/255, CIFAR: 1..8/255.

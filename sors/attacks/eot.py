@@ -34,17 +34,18 @@ def examples_per_forward(attack: Attack, max_batch: int | None, draws: int | Non
     return None if not max_batch else max(1, max_batch // rows)
 
 
-@register("eot_apgd", label="EOT-APGD", order=62)
+@register("eot_apgd", label="EOT-APGD", order=62, iterative=True)
 class EOTAPGD(Attack):
     """APGD on the expected softmax over ``eot_samples`` (32) path draws per example, one batched
     forward per step. Options: ``steps`` (100), ``restarts`` (2: the first from the clean image, then
     uniform in the ball; ``random_start``: every one from a uniform point), ``loss`` (``expected_ce`` or ``expected_margin``; also ``mean_ce``,
     ``mean_dlr``), ``stop_when_broken`` (True: an example wrong under every draw of a step stops),
-    ``max_batch`` (rows = examples x draws per forward, 16384)."""
+    ``max_batch`` (rows = examples x draws per forward), ``sequential_draws`` (False: the draws run
+    as one batched forward; True: as separate forwards, the straightforward reference)."""
 
     name = "eot_apgd"
     defaults = {"steps": 100, "eot_samples": 32, "restarts": 2, "loss": "expected_ce", "random_start": False,
-                "stop_when_broken": True,
+                "stop_when_broken": True, "sequential_draws": False,
                 "max_batch": 65536, "exact_paths_max": EXACT_PATHS_MAX}
 
     def validate(self) -> None:
@@ -57,7 +58,7 @@ class EOTAPGD(Attack):
     def run(self, x: torch.Tensor, y: torch.Tensor, loss: str, best: BestPoints | None = None) -> BestPoints:
         """APGD with ``loss`` on (x, y); updates and returns ``best``."""
         draws = draws_for(self, self.options["eot_samples"])
-        objective = eot_objective(self.model, loss, draws)
+        objective = eot_objective(self.model, loss, draws, self.options["sequential_draws"])
         return apgd(objective, x, y, self.eps, self.options["steps"], self.options["restarts"],
                     random_start=self.options["random_start"], stop_when_broken=self.options["stop_when_broken"], best=best,
                     max_examples=examples_per_forward(self, self.options["max_batch"], draws))
@@ -66,7 +67,7 @@ class EOTAPGD(Attack):
         return self.run(x, y, self.options["loss"]).adv
 
 
-@register("autoattack_rand", label="AA-rand", order=70)
+@register("autoattack_rand", label="AA-rand", order=70, iterative=True)
 class AutoAttackRand(Attack):
     """APGD-CE then APGD-DLR with EOT over ``eot_samples`` (20) draws (mean of per-draw gradients),
     ``steps`` (100) each, one restart, on every example. Each run's output is scored over
@@ -74,7 +75,8 @@ class AutoAttackRand(Attack):
     runs only on the examples APGD-CE left correct under some fresh draw."""
 
     name = "autoattack_rand"
-    defaults = {"steps": 100, "eot_samples": 20, "select_draws": 64, "max_batch": 65536, "exact_paths_max": 0}
+    defaults = {"steps": 100, "eot_samples": 20, "select_draws": 64, "max_batch": 65536, "exact_paths_max": 0,
+                "stop_when_broken": True, "sequential_draws": False}
 
     def perturb(self, x, y):
         draws = draws_for(self, self.options["eot_samples"])
@@ -82,11 +84,13 @@ class AutoAttackRand(Attack):
         per_forward = examples_per_forward(self, self.options["max_batch"], draws)
         kept = BestPoints(x.clone(), draw_accuracy(self.model, x, y, select), torch.zeros(len(y), device=x.device))
         for loss in ("mean_ce", "mean_dlr"):
-            index = torch.nonzero(kept.correct > 0).squeeze(1)
+            stop = self.options["stop_when_broken"]
+            index = torch.nonzero(kept.correct > 0 if stop else kept.correct > -1).squeeze(1)
             if len(index) == 0:
                 break
-            found = apgd(eot_objective(self.model, loss, draws), x[index], y[index], self.eps, self.options["steps"],
-                         restarts=1, stop_when_broken=True, max_examples=per_forward)
+            objective = eot_objective(self.model, loss, draws, self.options["sequential_draws"])
+            found = apgd(objective, x[index], y[index], self.eps, self.options["steps"], restarts=1,
+                         stop_when_broken=stop, max_examples=per_forward)
             fresh = draw_accuracy(self.model, found.adv, y[index], select)
             kept.offer(index, found.adv, fresh, torch.ones_like(fresh))
         return kept.adv

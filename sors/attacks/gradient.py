@@ -93,7 +93,7 @@ class FGSM(_SignAttack):
         return (x + self.eps * self.gradient(x, y).sign()).clamp(0.0, 1.0)
 
 
-@register("pgd", label="PGD", order=20)
+@register("pgd", label="PGD", order=20, iterative=True)
 class PGD(_SignAttack):
     """Projected gradient descent (Madry et al.): ``steps`` sign steps of ``step_size`` (default
     eps * ``step_fraction``; paper: 7 steps of eps/4), each projected onto the eps-ball and [0, 1].
@@ -125,7 +125,7 @@ class PGD(_SignAttack):
         return adv
 
 
-@register("eot_pgd", label="EOT-PGD", order=60, randomized_only=True)
+@register("eot_pgd", label="EOT-PGD", order=60, randomized_only=True, iterative=True)
 class EOTPGD(PGD):
     """PGD whose every step follows the gradient averaged over ``eot_samples`` (default 20) random
     draws of the model (expectation over transformation, Athalye et al. 2018). The draws run as one
@@ -135,7 +135,7 @@ class EOTPGD(PGD):
     defaults = {**PGD.defaults, "eot_samples": 20}
 
 
-@register("ensemble_pgd", label="ens-PGD", order=50, randomized_only=True)
+@register("ensemble_pgd", label="ens-PGD", order=50, randomized_only=True, iterative=True)
 class EnsemblePGD(PGD):
     """The paper's gradient-ensemble adaptive attack (Table 9): each PGD step follows the mean
     gradient of ``eot_samples`` (k, the table's 2..5; default 5) sub-networks sampled for the batch,
@@ -146,7 +146,7 @@ class EnsemblePGD(PGD):
     defaults = {**PGD.defaults, "eot_samples": 5}
 
 
-@register("mim", label="MIM", order=30)
+@register("mim", label="MIM", order=30, iterative=True)
 class MIM(PGD):
     """Momentum iterative FGSM (Dong et al. 2018): ``steps`` (10) sign steps of eps/10 along the
     accumulated L1-normalised gradient, momentum ``decay`` 1.0."""

@@ -87,26 +87,31 @@ def resolve_draws(model: nn.Module, samples: int, exact_paths_max: int = EXACT_P
     return samples if is_randomized(model) else 1
 
 
-def draw_logits(model: nn.Module, x: torch.Tensor, draws: int | None) -> torch.Tensor:
+def draw_logits(model: nn.Module, x: torch.Tensor, draws: int | None, sequential: bool = False) -> torch.Tensor:
     """Logits of ``draws`` independent path draws per example, (draws, B, K), in one batched forward
     (:func:`repeat_forward` under :func:`per_example_sampling`). ``draws == 1``: one plain forward;
-    ``draws is None``: every path of a super-network (:func:`every_path_logits`), (P, B, K)."""
+    ``draws is None``: every path of a super-network (:func:`every_path_logits`), (P, B, K).
+    ``sequential``: the straightforward form instead, ``draws`` separate forwards each drawing one
+    path for the whole batch (the reference the benchmark compares against)."""
     if draws is None:
         return every_path_logits(model, x)
+    if sequential:
+        return torch.stack([model(x) for _ in range(draws)])
     if draws == 1:
         return model(x).unsqueeze(0)
     with per_example_sampling(model):
         return repeat_forward(model, x, draws).view(draws, x.shape[0], -1)
 
 
-def eot_objective(model: nn.Module, loss: str = "expected_ce", draws: int | None = 32) -> Objective:
+def eot_objective(model: nn.Module, loss: str = "expected_ce", draws: int | None = 32,
+                  sequential: bool = False) -> Objective:
     """The :data:`Objective` of ``loss`` (see the module docstring) over ``draws`` draws per example
-    (None: over every path, exactly)."""
+    (None: over every path, exactly; ``sequential``: see :func:`draw_logits`)."""
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown objective loss {loss!r}; allowed: {', '.join(LOSS_NAMES)}")
 
     def objective(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = draw_logits(model, x, draws)
+        logits = draw_logits(model, x, draws, sequential)
         correct = (logits.detach().argmax(-1) == y).float().mean(0)
         return _loss(loss, logits, y), correct
 

@@ -41,23 +41,29 @@ DEFAULT_MEMBERS: tuple[tuple[str, dict], ...] = (
 )
 
 
+_STRAIGHTFORWARD = {"sequential_draws": True, "stop_when_broken": False, "exact_paths_max": 0}
+REFERENCE_OPTIONS = {"eot_apgd": _STRAIGHTFORWARD, "autoattack_rand": _STRAIGHTFORWARD}
+
+
 def member_label(name: str, options: dict) -> str:
     """A member's name in ``last_stats`` and cell extras: ``eot_apgd:expected_ce``, ``arc``..."""
     return f"{name}:{options['loss']}" if "loss" in options else name
 
 
-@register("adaptive", label="Adaptive", order=5)
+@register("adaptive", label="Adaptive", order=5, iterative=True, suite=True)
 class AdaptiveSuite(Attack):
     """Worst case over ``members`` (default :data:`DEFAULT_MEMBERS`). Options: ``steps`` /
     ``eot_samples`` (for the EOT-APGD members: 100 / 32), ``restarts`` (EOT-APGD, 1 each: the second member is the restart, from a random start with another loss),
     ``select_draws`` (fresh draws that score each member's output, 64), ``members`` (a list of
-    ``(name, options)``). After a call, ``last_stats`` holds per member the examples it attacked and
+    ``(name, options)``), ``reference`` (True: the straightforward implementation the benchmark
+    compares against: every member on every example, draws as sequential forwards, no early stop,
+    no exact expectations). After a call, ``last_stats`` holds per member the examples it attacked and
     the fresh-draw accuracy of its points, and ``member_correct[label]`` per example (NaN where the
     member did not run because the example was already broken)."""
 
     name = "adaptive"
     defaults = {"steps": 100, "eot_samples": 32, "restarts": 1, "select_draws": 64, "members": DEFAULT_MEMBERS,
-                "exact_paths_max": EXACT_PATHS_MAX}
+                "exact_paths_max": EXACT_PATHS_MAX, "reference": False}
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +83,8 @@ class AdaptiveSuite(Attack):
             if name == "eot_apgd":
                 options = {"steps": self.options["steps"], "eot_samples": self.options["eot_samples"],
                            "restarts": self.options["restarts"], **options}
+            if self.options["reference"] and name in REFERENCE_OPTIONS:
+                options.update(REFERENCE_OPTIONS[name])
             built.append((member_label(name, options), ATTACKS[name](self.model, self.eps, **options)))
         return built
 
@@ -85,7 +93,7 @@ class AdaptiveSuite(Attack):
         kept = BestPoints(x.clone(), draw_accuracy(self.model, x, y, select), torch.zeros(len(y), device=x.device))
         self.member_correct, self.last_stats = {}, {"clean": float(kept.correct.mean()) if len(y) else 0.0}
         for label, member in self.members():
-            index = torch.nonzero(kept.correct > 0).squeeze(1)
+            index = torch.nonzero(kept.correct > (-1 if self.options["reference"] else 0)).squeeze(1)
             outcome = torch.full((len(y),), float("nan"), device=x.device)
             started = time.perf_counter()
             if len(index):
