@@ -16,6 +16,11 @@ from typing import Callable, Iterable
 import ray
 
 from pipeline import results
+from pipeline.cliutil import last_line
+from sors import checks
+from sors import data as data_lib
+from sors.evaluation import CellResult
+from tasks import cells
 from tasks.cells import CellSpec
 
 log = logging.getLogger("pipeline.fanout")
@@ -45,8 +50,6 @@ def evaluate_cell_task(spec: CellSpec, store_root: str) -> dict:
     """Ray task: evaluate one cell and write its row. Returns the row."""
     import torch
 
-    from tasks import cells
-
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     _, row = cells.evaluate(spec, device=device)
@@ -58,12 +61,6 @@ def describe(spec: CellSpec) -> str:
     """Short human name of a cell, for progress and errors."""
     attack = "clean" if spec.attack.name == "none" else f"{spec.attack.name} eps={spec.attack.eps:.4f}"
     return f"{spec.variant or spec.trial} {attack} seed={spec.seed}"
-
-
-def _error_line(err: BaseException) -> str:
-    text = str(getattr(err, "cause", None) or err).strip().splitlines()
-    lines = [line for line in text if line.strip()]
-    return lines[-1][:300] if lines else type(err).__name__
 
 
 def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
@@ -88,8 +85,8 @@ def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
         try:
             row = ray.get(ready[0])
         except Exception as err:  # noqa: BLE001 -- one broken cell must not lose the others
-            summary.failures.append((describe(spec), _error_line(err)))
-            log.error("cell %s failed: %s", describe(spec), _error_line(err))
+            summary.failures.append((describe(spec), last_line(err)))
+            log.error("cell %s failed: %s", describe(spec), last_line(err))
             continue
         if on_done:
             on_done(row)
@@ -100,11 +97,6 @@ def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
 
 def apply_cross_cell_flags(store_root: str, rows: list[dict]) -> int:
     """Run ``sors.checks.cross_cell_flags`` per evaluated model and store new flags. Returns rows changed."""
-    try:
-        from sors import checks
-        from sors.evaluation import CellResult
-    except ImportError:
-        return 0
     changed = 0
     by_model: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -122,7 +114,6 @@ def apply_cross_cell_flags(store_root: str, rows: list[dict]) -> int:
 
 
 def _num_classes(row: dict) -> int:
-    from sors import data as data_lib
     return data_lib.spec(row["dataset"]).num_classes
 
 

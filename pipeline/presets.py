@@ -32,9 +32,11 @@ from typing import Any
 
 import yaml
 
+from sors import attacks, checks
 from sors import config as config_lib
 from sors.config import AttackConfig, RunConfig
 from sors.errors import ConfigError
+from sors.models import registry
 
 PRESET_DIR = Path(__file__).parent / "presets"
 TEACHER_PREFIX = "trial:"
@@ -91,7 +93,6 @@ class EvalPlan:
                 if randomized or a.name not in RANDOMIZED_ONLY_ATTACKS]
         if not self.sanity:
             return main
-        from sors import checks
         return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
 
     def attack_configs(self) -> list[AttackConfig]:
@@ -277,13 +278,8 @@ def _check_unique(names: list[str]) -> None:
 
 def _check_names(sweep: Sweep) -> None:
     """Model and attack names against their registries, before anything is launched."""
-    from sors.models import registry
     for trial in sweep.trials:
         registry.check_name(trial.config.model.name)
-    try:
-        from sors import attacks
-    except ImportError:  # attacks library not installed: the cells will fail with the reason
-        return
     known = set(attacks.available()) | {"none"}
     for entry in sweep.evaluation.attacks:
         if entry["name"] not in known:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 from sors import config as config_lib
 from sors import data as data_lib
+from sors import evaluation
 from sors import train as train_lib
 from sors.config import AttackConfig, EvalConfig, RunConfig
 from sors.models.factory import wrap_average
@@ -82,8 +83,6 @@ def n_ops_of(model, cfg: RunConfig) -> int | None:
 
 def evaluate(spec: CellSpec, device="cpu"):
     """Run one cell. Returns ``(CellResult, row)``; ``row`` follows ``notes/SCHEMA.md``."""
-    from sors import evaluation
-
     model, cfg = load_model(spec, device)
     images, labels = test_images(spec, cfg)
     eval_cfg = dataclasses.replace(spec.eval, seed=spec.seed)

@@ -64,12 +64,6 @@ def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "cells").exists()  # nothing ran
 
 
-def test_a_delegated_command_whose_module_is_missing_says_so_and_exits_2(monkeypatch, capsys):
-    monkeypatch.setitem(cli.DELEGATED, "bench", "pipeline.no_such_module")
-    assert cli.main(["bench", "--anything"]) == 2
-    assert "sors bench: not built yet" in capsys.readouterr().err
-
-
 # ---------------------------------------------------------------- cells and the Parquet store
 
 def _spec(**changes):

@@ -284,7 +284,7 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp
 def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep import load_record, record_path
+    from pipeline.records import load_record, record_path
 
     # One trial's Ray Train run takes every CPU, so Tune runs the two trials one after the other: the
     # driver is killed once one trial is finished (trained, evaluated, tracked) and the other has started.
@@ -390,7 +390,7 @@ def test_a_killed_fanout_reruns_only_the_missing_cells(ray_session, mlflow_serve
 def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep import load_record
+    from pipeline.records import load_record
 
     preset = write_preset(tmp_path / "one.yaml", "outage",
                           [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 1}}])
@@ -482,7 +482,8 @@ def stored_results(tmp_path, tiny_checkpoint):
     """A results folder as a finished `sors sweep smoke` leaves it for trial lenet5, built without Ray:
     its checkpoint, model record and two evaluated cells (clean, FGSM) in the Parquet store."""
     from pipeline import presets
-    from pipeline.sweep import cell_specs, save_record
+    from pipeline.records import save_record
+    from pipeline.sweep import cell_specs
     from tasks import cells, storage
 
     results_dir = tmp_path / "results"
