@@ -308,8 +308,8 @@ def _nightly(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from pipeline import bench  # heavy
-    return bench.main(argv)
+    from bench import cli as bench_cli  # heavy
+    return bench_cli.main(argv)
 
 
 def _sync(argv: list[str]) -> int:
