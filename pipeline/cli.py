@@ -205,20 +205,12 @@ def cmd_sweep(args) -> int:
     return _tracking_outcome("sweep", opts, sweep.name)
 
 
-def _default_plan(dataset: str):
-    from pipeline.presets import EvalPlan  # heavy
-    from sors import attacks  # heavy
-
-    return EvalPlan(clean=True, attacks=({"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
-                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
-
-
 def cmd_evaluate(args) -> int:
     import dataclasses
 
     from pipeline import fanout, presets, results  # heavy
+    from pipeline import sweep as sweep_lib  # heavy
     from sors import train as train_lib  # heavy
-    from tasks.cells import CellSpec  # heavy
 
     opts = _options(args).resolved()
     if args.label and len(args.label) != len(args.checkpoints):
@@ -237,21 +229,15 @@ def cmd_evaluate(args) -> int:
     experiment = tracking.ensure_experiment(opts.tracking_uri, args.name, opts.artifact_root)
     for uri, local, cfg, label in models:
         eval_cfg = config_lib.apply_overrides(cfg, eval_overrides).eval
-        source = presets.build_sweep(args.preset, args.overrides).evaluation if args.preset else _default_plan(cfg.data.name)
-        if not args.preset:
-            source = presets._eval_plan({"evaluation": dataclasses.asdict(source)},
-                                        [(k, v) for k, v in map(config_lib.parse_assignment, args.overrides)
-                                         if k.startswith("attack.")])
+        plan = (presets.build_sweep(args.preset, args.overrides).evaluation if args.preset
+                else presets.evaluation_plan(presets.default_plan(cfg.data.name), args.overrides))
         sha = storage.file_sha256(local)
         run_id = tracking.find_or_create_run(opts.tracking_uri, experiment, label, sha[:16], config_lib.flat_dict(cfg),
                                              {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code})
-        randomized = presets.is_randomized_arch(cfg.model.name)
-        for attack, role in source.cells(randomized):
-            for seed in source.seeds:
-                specs.append(CellSpec(checkpoint_uri=uri, checkpoint_sha256=sha, dataset=cfg.data.name, attack=attack,
-                                      eval=eval_cfg, seed=seed, sweep=args.name, trial=label, variant=label,
-                                      model_label=label, role=role, mlflow_run_id=run_id, code_version=code,
-                                      data_root=args.data_root))
+        # the sweep's cell builder: one trial of this checkpoint as trained (no variants), its eval settings
+        trial = presets.TrialSpec(name=label, label=label, config=dataclasses.replace(cfg, eval=eval_cfg))
+        record = {"checkpoint_uri": uri, "checkpoint_sha256": sha, "mlflow_run_id": run_id}
+        specs += sweep_lib.cell_specs(trial, record, plan, args.name, code, args.data_root)
         records.append({"sweep": args.name, "trial": label, "label": label, "checkpoint_uri": uri,
                         "checkpoint_sha256": sha, "mlflow_run_id": run_id, "config": config_lib.to_dict(cfg),
                         "config_hash": config_lib.config_hash(cfg), "variants": [], "evaluated": True,

@@ -21,13 +21,9 @@ from sors import checks
 from sors import data as data_lib
 from sors.evaluation import CellResult
 from tasks import cells
-from tasks.cells import CellSpec
+from tasks.cells import CellSpec, row_to_result
 
 log = logging.getLogger("pipeline.fanout")
-
-
-class CellFailed(RuntimeError):
-    """One or more cells raised; the message names the first and why."""
 
 
 @dataclass
@@ -115,20 +111,3 @@ def apply_cross_cell_flags(store_root: str, rows: list[dict]) -> int:
 
 def _num_classes(row: dict) -> int:
     return data_lib.spec(row["dataset"]).num_classes
-
-
-def row_to_result(row: dict, result_cls):
-    """Rebuild a ``CellResult`` from a stored row (for the cross-cell checks and tables)."""
-    import dataclasses
-    import json
-
-    values = {"attack": row["attack"], "norm": row["norm"], "eps": row["eps"], "steps": row["steps"],
-              "eot_samples": row["eot_samples"], "repeats": row["repeats"], "n": row["n"], "correct": row["correct"],
-              "accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-              "all_path_accuracy": row["all_path_accuracy"], "sanity_flags": list(row["sanity_flags"] or []),
-              "seconds": row["seconds"], "attack_spec": json.loads(row["attack_spec"] or "{}"),
-              "extra": json.loads(row["extra"] or "{}")}
-    if dataclasses.is_dataclass(result_cls):
-        names = {f.name for f in dataclasses.fields(result_cls)}
-        values = {k: v for k, v in values.items() if k in names}
-    return result_cls(**values)
