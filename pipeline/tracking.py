@@ -205,9 +205,3 @@ def log_model(tracking_uri: str, run_id: str, model) -> None:
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
-
-def set_tags(tracking_uri: str, run_id: str, tags: dict) -> None:
-    """Set run tags."""
-    mlflow_client = client(tracking_uri)
-    for key, value in tags.items():
-        _retry(mlflow_client.set_tag, run_id, key, str(value))
