@@ -128,7 +128,7 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     opts = SweepOptions(**ctx["options"])
     name = trainer.run_name(ctx["sweep"], trial.name, trial.config)
     hook = tracking.EpochLogger(opts.tracking_uri, run_id)
-    outcome = trainer.fit(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
+    outcome = trainer.train_on_ray(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
                           callbacks=[TuneReportCallback()])
     local = storage.local_copy(outcome.checkpoint_uri)
     model, cfg, payload = train_lib.load_checkpoint(local)
