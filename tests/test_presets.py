@@ -32,7 +32,7 @@ def test_quick_preset_is_the_readme_job():
     assert all(c.data.name == "fashion_mnist" and c.data.n_train is None for c in models.values())
     cells = sweep.evaluation.attack_configs()
     assert cells[0].name == "none"
-    assert {c.name for c in cells[1:]} == {"fgsm", "pgd", "mim", "eot_pgd"}
+    assert {c.name for c in cells[1:]} == {"adaptive", "fgsm", "pgd", "mim", "eot_pgd"}
     assert sorted({round(c.eps * 255) for c in cells[1:]}) == [25, 50, 75, 100]
 
 
