@@ -28,13 +28,15 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
+from sors import attacks, checks
 from sors import config as config_lib
 from sors.config import AttackConfig, RunConfig
 from sors.errors import ConfigError
+from sors.models import registry
 
 PRESET_DIR = Path(__file__).parent / "presets"
 TEACHER_PREFIX = "trial:"
@@ -42,9 +44,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths",)
 ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
-# Attacks that average gradients over random draws of the model: on a deterministic model every draw is
-# the same, so they equal PGD at eot_samples times its cost -- evaluated on randomized models only.
-RANDOMIZED_ONLY_ATTACKS = ("eot_pgd", "ensemble_pgd")
 
 
 @dataclass(frozen=True)
@@ -88,10 +87,9 @@ class EvalPlan:
         only when ``randomized``), then, with
         ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
         main = [(a, "main") for a in self.attack_configs()
-                if randomized or a.name not in RANDOMIZED_ONLY_ATTACKS]
+                if randomized or not _randomized_only(a.name)]
         if not self.sanity:
             return main
-        from sors import checks
         return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
 
     def attack_configs(self) -> list[AttackConfig]:
@@ -277,13 +275,8 @@ def _check_unique(names: list[str]) -> None:
 
 def _check_names(sweep: Sweep) -> None:
     """Model and attack names against their registries, before anything is launched."""
-    from sors.models import registry
     for trial in sweep.trials:
         registry.check_name(trial.config.model.name)
-    try:
-        from sors import attacks
-    except ImportError:  # attacks library not installed: the cells will fail with the reason
-        return
     known = set(attacks.available()) | {"none"}
     for entry in sweep.evaluation.attacks:
         if entry["name"] not in known:
@@ -319,8 +312,16 @@ def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSp
 
 
 def is_randomized_arch(model_name: str) -> bool:
-    """Models whose forward pass is random (super-networks, RSE): scored with repeats and all-path views."""
-    return model_name.startswith(("sors_", "rse_"))
+    """Models whose forward pass is random (super-networks, RSE): scored with repeats and all-path views
+    (the model registry's ``randomized`` fact)."""
+    return registry.info(model_name)["randomized"]
+
+
+def _randomized_only(attack_name: str) -> bool:
+    """Attacks that average gradients over random draws of the model (the registry's ``randomized_only``
+    fact): on a deterministic model every draw is the same, so they equal PGD at eot_samples times its
+    cost -- evaluated on randomized models only."""
+    return attack_name in attacks.available() and attacks.info(attack_name)["randomized_only"]
 
 
 def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
@@ -356,3 +357,17 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
     if trial.teacher_trial:
         raise ConfigError("train.teacher", "a single run cannot refer to another trial", "a checkpoint file or URI")
     return sweep
+
+
+def default_plan(dataset: str) -> EvalPlan:
+    """The plan ``sors evaluate`` uses without ``--preset``: clean, FGSM, PGD and MIM over the paper's
+    eps grid of ``dataset`` (pixel scale), seed 0."""
+    return EvalPlan(clean=True, attacks=({"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
+                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
+
+
+def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
+    """``plan`` with the ``attack.*`` ones of ``overrides`` (``KEY=VALUE``) applied, as a preset's
+    ``evaluation`` section gets them."""
+    pairs = [(k, v) for k, v in map(config_lib.parse_assignment, overrides) if k.startswith("attack.")]
+    return _eval_plan({"evaluation": dataclasses.asdict(plan)}, pairs)

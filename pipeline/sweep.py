@@ -20,9 +20,7 @@ Results folder layout::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,9 +30,12 @@ import ray
 from ray import tune
 
 from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
+from pipeline.cliutil import root_cause
+from pipeline.records import load_record, save_record
 from pipeline.presets import Sweep, TrialSpec
 from sors import config as config_lib
 from sors import data as data_lib
+from sors import train as train_lib
 from tasks import cells as cells_lib
 from tasks import gradients, storage
 
@@ -91,35 +92,6 @@ class SweepSummary:
     seconds: float = 0.0
 
 
-# ---------------------------------------------------------------- model records
-
-def record_path(results_dir: str, sweep: str, trial: str) -> Path:
-    """Where a trained model's record lives."""
-    return Path(results_dir) / "models" / sweep / f"{trial}.json"
-
-
-def load_record(results_dir: str, sweep: str, trial: str) -> dict | None:
-    """The model record of a trial, or None when it has not finished training."""
-    path = record_path(results_dir, sweep, trial)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def save_record(results_dir: str, record: dict) -> Path:
-    """Write a model record atomically."""
-    path = record_path(results_dir, record["sweep"], record["trial"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def load_records(results_dir: str, sweep: str) -> list[dict]:
-    """Every model record of a sweep."""
-    folder = Path(results_dir) / "models" / sweep
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
 # ---------------------------------------------------------------- cells
 
 def cell_specs(trial: TrialSpec, record: dict, plan: presets.EvalPlan, sweep: str, code_version: str = "",
@@ -153,12 +125,10 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     """Train with Ray Train (resuming from the latest epoch checkpoint if any) and write the model record."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sors import train as train_lib
-
     opts = SweepOptions(**ctx["options"])
     name = trainer.run_name(ctx["sweep"], trial.name, trial.config)
     hook = tracking.EpochLogger(opts.tracking_uri, run_id)
-    outcome = trainer.fit(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
+    outcome = trainer.train_on_ray(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
                           callbacks=[TuneReportCallback()])
     local = storage.local_copy(outcome.checkpoint_uri)
     model, cfg, payload = train_lib.load_checkpoint(local)
@@ -299,14 +269,6 @@ def _check_data(sweep: Sweep, opts: SweepOptions) -> None:
         data_lib.load(name, "test", root, n=1)
 
 
-def _error_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):  # the last "SomethingError: message" line is the root cause
-        if "Error:" in line or "Error(" in line:
-            return line[:400]
-    return (lines[-1] if lines else type(error).__name__)[:400]
-
-
 def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions, ctx: dict,
                experiment_id: str, summary: SweepSummary) -> None:
     todo = [t for t in stage if not trial_complete(opts, sweep, t)]
@@ -355,7 +317,7 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     errors = [(r.config.get("spec", {}).get("trial", {}).get("name", "?"), r.error) for r in grid_result if r.error]
     if errors:
         name, error = errors[0]
-        raise SweepError(f"trial {name} failed: {_error_line(error)}")
+        raise SweepError(f"trial {name} failed: {root_cause(error)}")
     unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
     if unfinished:
         raise SweepInterrupted(f"sweep {sweep.name} stopped before {', '.join(unfinished)} finished")
@@ -370,7 +332,7 @@ def _restore(path: str, trainable) -> tune.Tuner | None:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     except Exception as err:  # noqa: BLE001 -- unreadable state must not block the resume
         log.warning("could not restore the Tune state at %s (%s); continuing with a fresh Tuner",
-                    path, _error_line(err))
+                    path, root_cause(err))
         return None
 
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from pipeline import presets
 from sors.errors import ConfigError
 
 LAST_ACCEPTED = "last-accepted"
@@ -59,8 +60,6 @@ class NightlyConfig:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> NightlyConfig:
     """Read a nightly YAML and resolve its sweep with ``--set`` ``overrides`` (ConfigError on any problem)."""
-    from pipeline import presets
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"{path} does not exist", "a nightly YAML such as infra/nightly/smoke.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.report import eps_text
 from pipeline.nightly.store import REPORT_JSON, REPORT_MD, write_json
 
 
@@ -14,8 +15,6 @@ def _pct(side: dict | None) -> str:
 
 
 def _attack_text(line: dict) -> str:
-    from pipeline.report import eps_text
-
     if line["attack"] == "none":
         return "clean"
     extra = [f"{line['steps']} steps"] if (line.get("steps") or 0) > 1 else []

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline import cliutil, records, results, sync, tracking
 from pipeline.nightly.compare import Thresholds, compare, self_baseline, summarize
 from pipeline.nightly.config import LAST_ACCEPTED, NightlyConfig, NightlyError, load_config
 from pipeline.nightly.report import cell_name, headline, _pct, write_reports
 from pipeline.nightly.store import (EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, REPORT_JSON, REPORT_MD, RUN_JSON,
                                     accept, find_run, new_run_id, nightly_root, read_baseline, read_run, run_dir,
                                     seed_reused_models, write_json)
+from pipeline.redact import redact
+from sors import data as data_lib
 from sors.errors import ConfigError
 
 log = logging.getLogger("pipeline.nightly")
@@ -60,8 +63,6 @@ def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | N
 
 def _check_data(cfg: NightlyConfig, data_root: str | None) -> None:
     """Load one test image of every data set before starting Ray: a missing data set fails in seconds."""
-    from sors import data as data_lib
-
     for name, root in {(t.config.data.name, data_root or t.config.data.root) for t in cfg.sweep.trials}:
         data_lib.load(name, "test", root, n=1)
 
@@ -77,8 +78,6 @@ def _update_run(ctx: RunContext, **fields) -> dict:
 def _log_mlflow(ctx: RunContext, meta: dict, summary: dict, files: list[Path], status: str) -> str | None:
     """A run tagged ``nightly=true`` in experiment ``nightly-<name>``: counts as metrics, the report as
     artifacts. Returns its id (None when MLflow could not be reached; the report is on disk regardless)."""
-    from pipeline import tracking
-
     try:
         experiment = tracking.ensure_experiment(ctx.tracking_uri, ctx.cfg.sweep.name,
                                                 str(ctx.results_dir / "mlartifacts"))
@@ -94,8 +93,6 @@ def _log_mlflow(ctx: RunContext, meta: dict, summary: dict, files: list[Path], s
         client.set_terminated(run.info.run_id, "FINISHED" if meta["exit_code"] != EXIT_COULD_NOT_RUN else "FAILED")
         return run.info.run_id
     except Exception as err:  # noqa: BLE001 -- tracking trouble must not hide the verdict
-        from pipeline.redact import redact  # no password of the URI in the log
-
         log.warning("could not log the nightly to MLflow (%s): %s", redact(ctx.tracking_uri),
                     redact((str(err).splitlines() or [""])[0]))
         return None
@@ -107,8 +104,9 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     root = nightly_root(results_dir, cfg.name)
     baseline_id, baseline_how = _baseline(cfg, root, results_dir, args.baseline)
     _check_data(cfg, args.data_root)  # before importing Ray: a missing data set fails in seconds
-    from pipeline import cli, results, sync, tracking
+    # Ray is a heavy import (seconds): only once the inputs are known to be there
     from pipeline import sweep as sweep_lib
+
     run_id = new_run_id()
     folder = run_dir(root, run_id)
     ctx = RunContext(cfg=cfg, results_dir=results_dir, root=root, run_id=run_id, folder=folder,
@@ -125,14 +123,14 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
         opts = sweep_lib.SweepOptions(results_dir=str(folder), storage_path=storage, tracking_uri=ctx.tracking_uri,
                                       data_root=args.data_root, progress=not args.no_progress and sys.stderr.isatty())
         tracking.ensure_experiment(ctx.tracking_uri, cfg.sweep.name, str(results_dir / "mlartifacts"))
-        connected_here = cli._connect(args)
+        connected_here = cliutil.connect(args)
         try:
             summary_run = sweep_lib.run_sweep(cfg.sweep, opts)
         finally:
-            cli._shutdown(connected_here)
+            cliutil.shutdown(connected_here)
         for record in summary_run.records:  # first training run of a model, for later reuse messages
             if record and not record.get("nightly_origin"):
-                sweep_lib.save_record(str(folder), dict(record, nightly_origin=run_id))
+                records.save_record(str(folder), dict(record, nightly_origin=run_id))
         current = summary_run.rows
         th = Thresholds.from_settings(cfg.settings)
         if baseline_id:
@@ -148,7 +146,7 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     meta = {"name": cfg.name, "run_id": run_id, "run_date": started.date().isoformat(),
             "config_path": str(cfg.path), "overrides": list(args.overrides), "code_version": ctx.code_version,
             "baseline_run_id": baseline_id, "baseline_how": baseline_how, "self_accepted": baseline_id is None,
-            "models": models, "tracking_uri": _redact(ctx.tracking_uri), "cells_store": str(folder / "cells"),
+            "models": models, "tracking_uri": redact(ctx.tracking_uri), "cells_store": str(folder / "cells"),
             "thresholds": {"min_drop_points": cfg.settings.min_drop, "clean_min_drop_points": cfg.settings.clean_min_drop,
                            "fail_on_new_warnings": th.fail_on_new_warnings, "alpha": th.alpha},
             "exit_code": summary["exit_code"], "seconds": round(time.time() - started.timestamp(), 1)}
@@ -190,24 +188,14 @@ def _print_summary(meta: dict, lines: list[dict], summary: dict, files: list[Pat
 
 
 def _one_line(err: BaseException) -> str:
-    """The reason a run failed, as one line: the message of errors a user can act on, else the root
-    cause's ``SomethingError: message`` line of a wrapped (Ray, Tune) error."""
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
-    if isinstance(err, (ConfigError, FileNotFoundError, NightlyError)):
-        return " ".join(str(err).split())
-    from pipeline import sweep as sweep_lib
-
-    text = sweep_lib._error_line(err) if str(err).strip() else type(err).__name__
-    return text if "Error" in text.split(":")[0] else f"{type(err).__name__}: {text}"
+    """The reason a run failed, as one line (see :func:`pipeline.cliutil.one_line`)."""
+    return cliutil.one_line(err, plain=(NightlyError,))
 
 
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
     """``sors nightly`` options: --config or --accept, --baseline, and the CLI's shared options."""
-    from pipeline import cli
-
     parser = argparse.ArgumentParser(prog="sors nightly", description=DESCRIPTION,
                                      epilog="exit codes: 0 no regression, 1 regression, 2 could not run")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -215,14 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--accept", metavar="RUN", help="make run RUN the baseline of its nightly and exit")
     parser.add_argument("--baseline", metavar="RUN", default=None,
                         help="compare against this run instead of the accepted baseline (pinned)")
-    cli._common(parser)
+    cliutil.add_common(parser)
     return parser
-
-
-def _redact(text: str) -> str:
-    """``text`` without URI passwords or tokens (the run's JSON is shared and may reach MLflow)."""
-    from pipeline.redact import redact
-    return redact(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline import presets, records
+from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK
 from pipeline.nightly.config import RUN_ID, NightlyConfig
 from sors import config as config_lib
 from sors.errors import ConfigError
+from tasks import storage
 
-EXIT_OK, EXIT_REGRESSION, EXIT_COULD_NOT_RUN = 0, 1, 2
+EXIT_REGRESSION = EXIT_CHECK_FAILED  # exit 1: a cell regressed (or MLflow missed runs)
+EXIT_COULD_NOT_RUN = EXIT_BAD_INPUT  # exit 2: bad input, or the nightly could not run
 REPORT_MD, REPORT_JSON, RUN_JSON = "nightly-report.md", "nightly-report.json", "run.json"
 
 
@@ -90,8 +94,6 @@ def accept(results_dir: str | os.PathLike, run_id: str, how: str = "--accept") -
 def reusable_records(root: Path, sweep_name: str, code_version: str, before: str) -> dict[tuple[str, str], dict]:
     """``{(trial, config hash): record}`` of models trained by earlier runs of this nightly under the same
     code version whose checkpoint is still there (newest run wins)."""
-    from tasks import storage
-
     found: dict[tuple[str, str], dict] = {}
     for path in sorted(root.glob(f"runs/run_date=*/run_id=*/models/{sweep_name}/*.json"), reverse=True):
         if path.parts[-4] >= f"run_id={before}":
@@ -115,15 +117,13 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
     Goes stage by stage, because a student's config hash includes its teacher's checkpoint. Returns
     ``[{"trial", "how": "reused from RUN" | "trained", "config_hash"}]``.
     """
-    from pipeline import presets, sweep as sweep_lib
-
     candidates = reusable_records(root, cfg.sweep.name, code_version, run_id)
     models = []
     for stage in presets.stages(cfg.sweep.trials):
         for trial in stage:
             teacher = trial.teacher_trial
             if teacher:
-                record = sweep_lib.load_record(str(folder), cfg.sweep.name, teacher)
+                record = records.load_record(str(folder), cfg.sweep.name, teacher)
                 if record is None:  # teacher will be trained in this run: so will the student
                     models.append({"trial": trial.name, "how": "trained", "config_hash": None})
                     continue
@@ -133,6 +133,6 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
             if record is None:
                 models.append({"trial": trial.name, "how": "trained", "config_hash": chash})
                 continue
-            sweep_lib.save_record(str(folder), dict(record, evaluated=False))
+            records.save_record(str(folder), dict(record, evaluated=False))
             models.append({"trial": trial.name, "how": f"reused from {record['nightly_origin']}", "config_hash": chash})
     return models

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from sors import data as data_lib
-from sors.config import RunConfig
 from sors.models.ensemble import PathAverage
 from sors.models.registry import build
 from sors.models.supernet import FixedPath, SuperNet
+
+if TYPE_CHECKING:  # the annotation only: sors.config looks model facts up in this package
+    from sors.config import RunConfig
 
 
 def build_from_config(cfg: RunConfig) -> nn.Module:
