@@ -2,8 +2,9 @@
 
 Table: one row per evaluated model (variants such as RS*/SORS* are rows of their own), clean
 accuracy first, then each attack over its eps grid; every number is ``accuracy % [95% interval]``,
-pooled over seeds. Plots (matplotlib, Agg): accuracy vs eps per attack; the lambda sweep (Fig. 7)
-when super-networks with several lambdas were evaluated; the gradient-angle histogram (Fig. 6) from
+pooled over seeds (an image scored by several seeds counts once: :func:`pooled`). Plots (matplotlib,
+Agg): accuracy vs eps per attack; the lambda sweep (Fig. 7) when super-networks with several lambdas
+were evaluated; the gradient-angle histogram (Fig. 6) from
 the model records. Sanity cells (role "sanity") feed the flags column, not the table.
 """
 
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from sors import attacks, models
+from sors import attacks, models, stats
 from sors.evaluation import CellResult, format_table
 from sors.metrics import wilson_interval
 from tasks.cells import row_to_result
@@ -59,15 +60,38 @@ class Cell:
 
 
 def pooled(rows: list[dict]) -> Cell:
-    """Pool the same cell over seeds: summed correct / summed n, Wilson interval on the pooled n."""
+    """Pool the same cell over seeds without counting an image twice.
+
+    Rows with per-example outcomes (schema v2): each example's correctness is averaged over the rows
+    that scored it (matched on ``example_index``); the accuracy is the mean over distinct examples and
+    the Wilson interval uses their number. Seeds re-score the same images (the test subset is fixed by
+    ``data.seed``, not the cell seed), so repeated scorings narrow nothing. Rows without outcomes
+    (schema v1, or a mix): mean accuracy over the rows, interval on the largest single row's ``n``.
+    """
     if len(rows) == 1:
         r = rows[0]
         return Cell(r["accuracy"], r["ci_low"], r["ci_high"], r["n"], r.get("all_path_accuracy"))
-    n = sum(r["n"] for r in rows)
-    acc = sum(r["correct"] for r in rows) / n if n else 0.0
+    if all(stats.has_outcomes(r) for r in rows):
+        acc, n = _pooled_examples(rows)
+    else:
+        n = max(int(r["n"]) for r in rows)
+        total = sum(r["n"] for r in rows)
+        acc = sum(r["correct"] for r in rows) / total if total else 0.0
     low, high = wilson_interval(acc, n)
     paths = [r["all_path_accuracy"] for r in rows if r.get("all_path_accuracy") is not None]
     return Cell(acc, low, high, n, sum(paths) / len(paths) if paths else None)
+
+
+def _pooled_examples(rows: list[dict]) -> tuple[float, int]:
+    """(accuracy over distinct examples, their number): per example the mean of its rows' correctness."""
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for r in rows:
+        for index, correct in stats.outcomes(r).items():
+            sums[index] = sums.get(index, 0.0) + correct
+            counts[index] = counts.get(index, 0) + 1
+    n = len(sums)
+    return (sum(sums[i] / counts[i] for i in sums) / n if n else 0.0), n
 
 
 def table_data(rows: list[dict], model_order: list[str] | None = None):

@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import nightly
 from pipeline.nightly import run as nightly_run
-from pipeline.nightly.compare import Thresholds, compare, compare_cell, significant_drop, summarize
+from pipeline.nightly.compare import Thresholds, compare, compare_cell, summarize
 from sors.metrics import wilson_interval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,25 +26,76 @@ SMOKE = ROOT / "infra" / "nightly" / "smoke.yaml"
 
 
 def row(accuracy: float, n: int = 1000, attack: str = "pgd", eps: float = 0.1, flags=(), model: str = "sors",
-        **extra) -> dict:
-    """A stored-cell row as pipeline.results returns it, with the Wilson interval of ``accuracy`` on ``n``."""
+        first_correct: int = 0, first_index: int = 0, v1: bool = False, **extra) -> dict:
+    """A stored-cell row as pipeline.results returns it, with the Wilson interval of ``accuracy`` on ``n``.
+
+    Per-example outcomes (schema v2): examples ``first_index .. first_index + n - 1``, of which the
+    round(accuracy * n) starting at position ``first_correct`` are correct -- so two rows with the same
+    ``first_correct`` differ on as few examples as their accuracies allow, and shifting it makes examples
+    flip both ways at the same accuracy. ``v1``: a row stored before per-example outcomes existed.
+    """
     low, high = wilson_interval(accuracy, n)
-    return {"dataset": "fashion_mnist", "trial": model, "variant": model, "model": model.upper(), "attack": attack,
+    base = {"dataset": "fashion_mnist", "trial": model, "variant": model, "model": model.upper(), "attack": attack,
             "eps": eps, "steps": 7 if attack == "pgd" else None, "eot_samples": None, "seed": 0, "n": n,
-            "accuracy": accuracy, "ci_low": low, "ci_high": high, "sanity_flags": list(flags), **extra}
+            "accuracy": accuracy, "ci_low": low, "ci_high": high, "sanity_flags": list(flags)}
+    if v1:
+        return dict(base, schema_version=1, **extra)
+    k = round(accuracy * n)
+    correct = np.zeros(n)
+    correct[first_correct:first_correct + k] = 1.0
+    return dict(base, schema_version=2, example_index=np.arange(first_index, first_index + n),
+                example_correct=correct, example_correct_min=correct.copy(), **extra)
 
 
 # ---------------------------------------------------------------- the rule, on rows
 
-def test_a_drop_inside_the_confidence_intervals_is_not_a_regression():
-    line = compare_cell(row(0.50, n=100), row(0.44, n=100), Thresholds())  # 6 points, but n=100: noise
-    assert line["verdict"] == "ok" and not line["fails"]
-    assert line["delta_points"] == pytest.approx(-6.0)
+def test_a_drop_on_the_same_examples_regresses_and_the_same_drop_on_noisy_outcomes_does_not():
+    paired = compare_cell(row(0.50, n=200), row(0.44, n=200), Thresholds())  # 12 examples lost, none gained
+    assert (paired["verdict"], paired["fails"]) == ("regression", True)
+    assert {k: paired["paired"][k] for k in ("n", "b", "c")} == {"n": 200, "b": 12, "c": 0}
+    assert paired["paired"]["p_drop"] < 0.001 and paired["delta_points"] == pytest.approx(-6.0)
+    noisy = compare_cell(row(0.50, n=200), row(0.44, n=200, first_correct=40), Thresholds())  # 40 lost, 28 gained
+    assert {k: noisy["paired"][k] for k in ("b", "c")} == {"b": 40, "c": 28}
+    assert (noisy["verdict"], noisy["fails"]) == ("ok", False) and noisy["paired"]["p_drop"] > 0.05
+    assert noisy["paired"]["delta_points"] == paired["paired"]["delta_points"] == pytest.approx(-6.0)
+
+
+def test_cells_that_cannot_be_paired_say_so_instead_of_guessing():
+    elsewhere = compare_cell(row(0.50, n=200), row(0.30, n=200, first_index=5000), Thresholds())  # other images
+    old = compare_cell(row(0.50, v1=True), row(0.10), Thresholds())  # baseline stored before schema v2
+    for line in (elsewhere, old):
+        assert (line["verdict"], line["fails"], line["paired"]) == ("not-comparable", False, None)
+        assert line["reason"].startswith("not comparable: ")
+    assert "no example index in common" in elsewhere["reason"] and "schema v1" in old["reason"]
+    assert "the baseline stored" in old["reason"] and old["delta_points"] == pytest.approx(-40.0)
+    warned = compare_cell(row(0.5, v1=True), row(0.5, v1=True, flags=["zero input gradient on 3/10 examples"]),
+                          Thresholds())
+    assert (warned["verdict"], warned["fails"]) == ("new-warning", True)  # warnings need no pairing
+    summary = summarize([old, elsewhere])
+    meta = {"baseline_run_id": "b1", "run_id": "r2", "self_accepted": False}
+    assert summary["exit_code"] == 0 and "2 of them NOT COMPARABLE" in nightly.headline(meta, summary)
+
+
+def test_holm_over_the_nights_cells_withdraws_a_verdict_that_plain_p_would_give():
+    weak = (row(0.50, n=200), row(0.47, n=200))  # 6 lost, 0 gained: one-sided p = 1/64
+    alone = compare_cell(*weak, Thresholds())
+    assert alone["paired"]["p_drop"] == pytest.approx(1 / 64) and alone["verdict"] == "regression"
+    strong = (row(0.60, n=200, eps=0.3), row(0.40, n=200, eps=0.3))  # 40 lost: significant in any family
+    steady = [(row(0.5, eps=e), row(0.5, eps=e)) for e in (0.05, 0.2)]
+    lines = compare(*zip(weak, strong, *steady), Thresholds())
+    by_eps = {line["eps"]: line for line in lines}
+    assert by_eps[0.1]["paired"]["p_drop_holm"] == pytest.approx(3 / 64)  # second smallest of 4: x3
+    assert (by_eps[0.1]["verdict"], by_eps[0.3]["verdict"]) == ("regression", "regression")
+    lines = compare(*zip(weak, strong, *steady, (row(0.5, eps=0.4), row(0.5, eps=0.4))), Thresholds())
+    weak_line = next(line for line in lines if line["eps"] == 0.1)
+    assert weak_line["paired"]["p_drop_holm"] == pytest.approx(4 / 64)  # 5 cells: 1/64 x 4 > 0.05
+    assert (weak_line["verdict"], weak_line["fails"]) == ("ok", False)
+    assert compare_cell(*weak, Thresholds(alpha=0.01))["verdict"] == "ok"  # alpha is a setting
 
 
 def test_a_significant_drop_below_the_minimum_is_not_a_regression():
-    base, cur = row(0.500, n=200_000), row(0.490, n=200_000)  # 1 point, far outside both intervals
-    assert significant_drop(base, cur, 0.0)
+    base, cur = row(0.500, n=20_000), row(0.490, n=20_000)  # 1 point: 200 examples lost, p tiny
+    assert compare_cell(base, cur, Thresholds(min_drop=0.0))["paired"]["p_drop_holm"] < 1e-50
     assert compare_cell(base, cur, Thresholds())["verdict"] == "ok"
     assert compare_cell(base, cur, Thresholds(min_drop=0.005))["verdict"] == "regression"
 
@@ -57,11 +109,30 @@ def test_a_large_significant_drop_regresses_and_clean_drops_are_named_apart():
     assert compare_cell(row(0.90, attack="none", eps=0.0), row(0.80, attack="none", eps=0.0), lenient)["verdict"] == "ok"
 
 
+def test_the_report_shows_the_paired_test_of_every_cell():
+    lines = compare([row(0.5, n=200), row(0.5, eps=0.2, v1=True)], [row(0.44, n=200), row(0.5, eps=0.2)],
+                    Thresholds())
+    meta = {"baseline_run_id": "b1", "run_id": "r2", "name": "smoke", "run_date": "2026-11-28", "code_version": "abc",
+            "config_path": "c.yaml", "tracking_uri": "", "thresholds": {"min_drop_points": 2.0,
+            "clean_min_drop_points": 2.0, "fail_on_new_warnings": True, "alpha": 0.05}}
+    md = nightly.render_markdown(meta, lines, summarize(lines))
+    p, holm = (_fmt(lines[0]["paired"][k]) for k in ("p_drop", "p_drop_holm"))
+    assert f"| 200 | 12 | 0 | {p} | {holm} | -6.0 | **regression** |" in md
+    assert "paired n=200, b=12 lost, c=0 gained" in md and "McNemar" in md
+    assert "| — | — | — | — | — | — | not-comparable |" in md and "schema v1" in md
+    assert json.loads(json.dumps(lines))[0]["paired"]["b"] == 12  # the JSON report carries the same numbers
+
+
+def _fmt(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def test_runs_mlflow_missed_fail_an_otherwise_passing_nightly_and_the_report_says_how_to_repair():
     lines = [compare_cell(row(0.50), row(0.50), Thresholds())]
     meta = {"baseline_run_id": "b1", "run_id": "r2", "name": "smoke", "run_date": "2026-11-28",
             "code_version": "abc", "config_path": "c.yaml", "tracking_uri": "http://mlflow:5000",
-            "thresholds": {"min_drop_points": 2.0, "clean_min_drop_points": 1.0, "fail_on_new_warnings": False}}
+            "thresholds": {"min_drop_points": 2.0, "clean_min_drop_points": 1.0, "fail_on_new_warnings": False,
+                           "alpha": 0.05}}
     tracked, untracked = nightly.summarize(lines), nightly.summarize(lines, tracking_missed=2)
     assert (tracked["status"], tracked["exit_code"]) == ("passed", 0)
     assert (untracked["status"], untracked["exit_code"]) == ("tracking-incomplete", 1)
@@ -102,6 +173,9 @@ def test_nightly_config_errors_exit_2_with_one_line(tmp_path, capsys):
     assert nightly.main(["--config", str(bad), "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nightly.min_dorp" in err[0] and err[0].startswith("sors nightly: exit 2: could not run")
+    bad.write_text(SMOKE.read_text().replace("alpha: 0.05", "alpha: 5"))
+    assert nightly.main(["--config", str(bad), "--results-dir", str(tmp_path)]) == 2
+    assert "nightly.alpha" in capsys.readouterr().err
     assert nightly.main(["--accept", "20200101T000000Z-abcd", "--results-dir", str(tmp_path)]) == 2
     assert "no nightly run 20200101T000000Z-abcd" in capsys.readouterr().err
 

@@ -7,10 +7,11 @@ fan-out, and compares every cell with the accepted baseline run::
     sors nightly --config infra/nightly/smoke.yaml        # exit 0 no regression, 1 regression (or runs MLflow missed), 2 could not run
     sors nightly --accept 20250102T020000Z-3f9a           # promote a run to the baseline of its nightly
 
-A cell *regresses* when its accuracy drops by more than ``min_drop`` points AND the drop is
-outside both 95% intervals (current accuracy below the baseline's interval, baseline accuracy above
-the current interval). Clean-accuracy cells use ``clean_min_drop``; a sanity-check warning the
-baseline cell did not have is flagged too. The first run of a nightly, with no baseline, accepts
+A cell *regresses* when, on the examples both runs scored (paired on ``example_index``), its
+accuracy drops by more than ``min_drop`` points AND the exact one-sided McNemar test of that drop,
+Holm-corrected over the night's compared cells, is significant at ``alpha`` (0.05). Clean-accuracy
+cells use ``clean_min_drop``; a sanity-check warning the baseline cell did not have is flagged too;
+a cell whose rows cannot be paired (schema v1, no shared example) is "not-comparable". The first run of a nightly, with no baseline, accepts
 itself and says so.
 
 Config: a preset-format YAML (``name``, ``base``, ``trials``, ``evaluation``; or ``preset: NAME`` to

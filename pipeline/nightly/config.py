@@ -31,6 +31,7 @@ class Settings:
     min_drop: float = 2.0  # attacked cells: a regression must lose more than this many points
     clean_min_drop: float = 2.0  # clean-accuracy cells: the same, for a "clean-drop"
     new_warnings: str = "fail"  # a sanity warning the baseline cell lacked: "fail" or "report"
+    alpha: float = 0.05  # family-wise level of the paired tests (Holm over the night's compared cells)
 
     def check(self) -> "Settings":
         """Validate; returns self (ConfigError names the bad key)."""
@@ -38,6 +39,8 @@ class Settings:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
                 raise ConfigError(f"nightly.{key}", f"{value!r}", "accuracy points between 0 and 100")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < 1:
+            raise ConfigError("nightly.alpha", f"{self.alpha!r}", "a significance level between 0 and 1, such as 0.05")
         if self.new_warnings not in ("fail", "report"):
             raise ConfigError("nightly.new_warnings", f"{self.new_warnings!r}", "fail or report")
         if self.baseline != LAST_ACCEPTED and not RUN_ID.match(str(self.baseline)):

@@ -28,7 +28,7 @@ def cell_name(line: dict) -> str:
 
 
 def headline(meta: dict, summary: dict) -> str:
-    """One line: the verdict of the run."""
+    """One line: the verdict of the run (and how many cells could not be paired)."""
     if summary["failing"]:  # a first run compares with itself: it never fails
         return (f"REGRESSION: {summary['failing']} of {summary['cells']} cells against baseline "
                 f"{meta['baseline_run_id']}")
@@ -36,9 +36,38 @@ def headline(meta: dict, summary: dict) -> str:
         verdict = f"no baseline yet: run {meta['run_id']} accepted itself as the baseline ({summary['cells']} cells)"
     else:
         verdict = f"no regression: {summary['cells']} cells against baseline {meta['baseline_run_id']}"
+        unpaired = summary["verdicts"].get("not-comparable", 0)
+        if unpaired:
+            verdict += (f", {unpaired} of them NOT COMPARABLE (no per-example outcomes to pair; "
+                        "accept a newer run as the baseline)")
     if summary.get("tracking_missed"):
         return f"TRACKING INCOMPLETE: {summary['tracking_missed']} run(s) missing from MLflow; {verdict}"
     return verdict
+
+
+def _p(value: float | None) -> str:
+    """A p-value as the report prints it (3 significant digits, tiny ones in e-notation)."""
+    if value is None:
+        return "—"
+    return f"{value:.3g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def _test_cells(line: dict) -> list[str]:
+    """The paired-test columns of a line: n paired, b, c, p (drop), Holm p (drop), paired delta."""
+    test = line.get("paired")
+    if test is None:
+        return ["—"] * 6
+    return [str(test["n"]), str(test["b"]), str(test["c"]), _p(test["p_drop"]), _p(test["p_drop_holm"]),
+            f"{test['delta_points']:+.1f}"]
+
+
+def _test_text(line: dict) -> str:
+    """``paired n=128, b=9, c=1, p=0.011, Holm p=0.064`` or the reason the cell could not be paired."""
+    test = line.get("paired")
+    if test is None:
+        return line.get("reason") or ""
+    return (f"paired n={test['n']}, b={test['b']} lost, c={test['c']} gained, {test['delta_points']:+.1f} points, "
+            f"p={_p(test['p_drop'])}, Holm p={_p(test['p_drop_holm'])}")
 
 
 def render_markdown(meta: dict, lines: list[dict], summary: dict) -> str:
@@ -47,9 +76,10 @@ def render_markdown(meta: dict, lines: list[dict], summary: dict) -> str:
     out = [f"# Nightly {meta['name']} — run {meta['run_id']}", "", f"**{headline(meta, summary)}**", "",
            f"- run date {meta['run_date']}, code {meta['code_version']}, config `{meta['config_path']}`",
            f"- baseline: {meta.get('baseline_run_id') or '—'} ({meta.get('baseline_how') or 'none'})",
-           f"- rule: a cell regresses when it loses more than {th['min_drop_points']:g} points "
-           f"({th['clean_min_drop_points']:g} for clean accuracy) and each accuracy is outside the other's "
-           f"95% interval; new sanity warnings {'fail' if th['fail_on_new_warnings'] else 'are reported'}",
+           f"- rule: a cell regresses when, on the examples both runs scored, it loses more than "
+           f"{th['min_drop_points']:g} points ({th['clean_min_drop_points']:g} for clean accuracy) and the exact "
+           f"one-sided McNemar test, Holm-corrected over the night's compared cells, gives p <= {th['alpha']:g}; "
+           f"new sanity warnings {'fail' if th['fail_on_new_warnings'] else 'are reported'}",
            "- models: " + ", ".join(f"{m['trial']} {m['how']}" for m in meta.get("models", [])),
            "- verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items()))]
     if summary.get("tracking_missed"):
@@ -62,17 +92,25 @@ def render_markdown(meta: dict, lines: list[dict], summary: dict) -> str:
         for line in failing:
             delta = "" if line["delta_points"] is None else f", {line['delta_points']:+.1f} points"
             out.append(f"- **{line['verdict']}** {cell_name(line)}: {_pct(line['baseline'])} -> "
-                       f"{_pct(line['current'])}{delta}")
+                       f"{_pct(line['current'])}{delta}" + (f"; {_test_text(line)}" if _test_text(line) else ""))
             out += [f"  - new warning: {w}" for w in line["new_warnings"]]
         out.append("")
-    out += ["## Every cell", "", "accuracy % [95% interval]", "",
-            "| model | attack | baseline | current | delta (points) | verdict |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    out += ["## Every cell", "",
+            "accuracy % [95% interval]; on the examples both runs scored: n paired, b = correct at baseline and "
+            "wrong now, c = wrong at baseline and correct now, p = exact one-sided McNemar p of a drop, Holm p = "
+            "p adjusted over the night's compared cells, paired delta (points)", "",
+            "| model | attack | baseline | current | delta (points) | n paired | b | c | p | Holm p | paired delta "
+            "| verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for line in lines:
         delta = "—" if line["delta_points"] is None else f"{line['delta_points']:+.1f}"
         verdict = f"**{line['verdict']}**" if line["fails"] else line["verdict"]
         out.append(f"| {line['model']} | {_attack_text(line)}{' seed ' + str(line['seed']) if line['seed'] else ''} "
-                   f"| {_pct(line['baseline'])} | {_pct(line['current'])} | {delta} | {verdict} |")
+                   f"| {_pct(line['baseline'])} | {_pct(line['current'])} | {delta} | "
+                   + " | ".join(_test_cells(line)) + f" | {verdict} |")
+    unpaired = [line for line in lines if line.get("reason")]
+    if unpaired:
+        out += ["", "Not paired:"] + [f"- {cell_name(line)}: {line['reason']}" for line in unpaired]
     return "\n".join(out) + "\n"
 
 

@@ -148,7 +148,7 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
             "baseline_run_id": baseline_id, "baseline_how": baseline_how, "self_accepted": baseline_id is None,
             "models": models, "tracking_uri": redact(ctx.tracking_uri), "cells_store": str(folder / "cells"),
             "thresholds": {"min_drop_points": cfg.settings.min_drop, "clean_min_drop_points": cfg.settings.clean_min_drop,
-                           "fail_on_new_warnings": th.fail_on_new_warnings},
+                           "fail_on_new_warnings": th.fail_on_new_warnings, "alpha": th.alpha},
             "exit_code": summary["exit_code"], "seconds": round(time.time() - started.timestamp(), 1)}
     files = write_reports(folder, meta, lines, summary)
     status = summary["status"]
