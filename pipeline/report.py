@@ -19,11 +19,16 @@ from pathlib import Path
 from sors import attacks, models, stats
 from sors.evaluation import CellResult, format_table
 from sors.metrics import wilson_interval
+from sors.worst_case import worst_case_by_eps
 from tasks.cells import row_to_result
+
+WORST = "worst"  # the column of the per-example worst case over every attack of a row (not an attack)
 
 
 def attack_label(name: str) -> str:
     """The table label of an attack (its registry entry; the bare name for one no longer registered)."""
+    if name == WORST:
+        return "Worst case"
     return attacks.info(name)["label"] if name in attacks.available() else name
 
 
@@ -47,7 +52,7 @@ def eps_text(eps: float) -> str:
 
 
 def _attack_rank(name: str) -> tuple:
-    return (attacks.info(name)["order"] if name in attacks.available() else 1000, name)
+    return (attacks.info(name)["order"] if name in attacks.available() else 2000 if name == WORST else 1000, name)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,10 @@ def table_data(rows: list[dict], model_order: list[str] | None = None):
     for r in main:
         groups.setdefault((r["model"], Column(r["attack"], round(r["eps"], 9))), []).append(r)
     cells = {key: pooled(group) for key, group in groups.items()}
+    for model in order:
+        for eps, worst in worst_case_by_eps([r for r in main if r["model"] == model]).items():
+            cells[(model, Column(WORST, eps))] = Cell(worst.accuracy, worst.ci_low, worst.ci_high, worst.n, None)
+    columns += sorted({c for (_, c) in cells if c.attack == WORST}, key=lambda c: c.eps)
     flags: dict[str, list[str]] = {}
     for r in rows:
         for flag in r.get("sanity_flags") or []:
@@ -138,7 +147,10 @@ def markdown_table(rows: list[dict], model_order: list[str] | None = None, title
     lines.append("")
     lines.append("Accuracy (%) with 95% Wilson intervals; eps on the pixel scale (x/255); n = test images per cell. "
                  "'-' = not evaluated (EOT-style attacks run on randomized models only: on a deterministic "
-                 "model they equal PGD). flags = sanity warnings (listed below).")
+                 "model they equal PGD). Adaptive = the adaptive suite (per example the worst case over EOT-APGD "
+                 "on the expected softmax, AA-rand, ARC and Square-EOT): the headline; the other attack "
+                 "columns are what the paper's attacks report. Worst case = per example, the worst over every "
+                 "attack of the row. flags = sanity warnings (listed below).")
     for model in models:
         for flag in flags.get(model, []):
             lines.append(f"- {model}: {flag}")

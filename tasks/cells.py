@@ -154,7 +154,11 @@ def row_to_result(row: dict, result_cls=evaluation.CellResult):
               "accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
               "all_path_accuracy": row["all_path_accuracy"], "sanity_flags": list(row["sanity_flags"] or []),
               "seconds": row["seconds"], "attack_spec": json.loads(row["attack_spec"] or "{}"),
-              "extra": json.loads(row["extra"] or "{}")}
+              "extra": json.loads(row["extra"] or "{}"), "all_path_exact": bool(row.get("all_path_exact")),
+              "all_path_count": row.get("all_path_count"),
+              "example_index": [int(i) for i in row.get("example_index") or []],
+              "example_correct": [float(v) for v in row.get("example_correct") or []],
+              "example_correct_min": [float(v) for v in row.get("example_correct_min") or []]}
     if dataclasses.is_dataclass(result_cls):
         names = {f.name for f in dataclasses.fields(result_cls)}
         values = {k: v for k, v in values.items() if k in names}
