@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.adaptive import case_adaptive
 from bench.fanout import case_fanout
 from bench.harness import (TRAIN_MODELS, Row, Settings, current_rss_bytes, gpu_step_memory, measure, median, ms,
                            paired_ratio, peak_rss_bytes, reset_peak_rss)
@@ -319,5 +320,7 @@ CASES: dict[str, Callable[[Settings], list[Row]]] = {
     "memory": case_memory,
     "fanout": case_fanout,
     "compile": case_compile,
+    "adaptive": case_adaptive,
 }
-DEFAULT_CASES = ("train_step", "fastpaths", "eot", "pgd", "memory", "fanout")  # compile: opt-in (slow to build)
+# compile: opt-in (slow to build); adaptive: opt-in (trains a model, then minutes per side on a CPU)
+DEFAULT_CASES = ("train_step", "fastpaths", "eot", "pgd", "memory", "fanout")

@@ -16,6 +16,9 @@ Cases (``--cases``, comma-separated; default all):
 - ``pgd``: images/s of our PGD vs torchattacks' PGD on the same deterministic model -> ratio.
 - ``fanout``: evaluation cells as Ray tasks vs the same cells run one after another in this
   process -> overhead; and on a simulated 2-node cluster -> scaling.
+- ``adaptive`` (opt-in): images/s of the adaptive suite vs the straightforward implementation of
+  the same attacks (sequential draws, no early stop, every member on every example) on a trained
+  SORS-LeNet-5 at eps 25/255 -> speedup (target >= 5).
 - ``memory``: peak RSS (CPU, in a fresh process) or peak allocated memory (GPU) of one training step.
 
 Targets (CPU only; ``--target name=value`` overrides): train_step ratio for sors_lenet5 <= 4.5,

@@ -25,6 +25,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, float]] = {
     "eot.speedup_vs_sequential": (">=", 3.0),
     "pgd.ratio_vs_torchattacks": (">=", 1.0),
     "fanout.overhead": ("<=", 0.15),
+    "adaptive.speedup_vs_reference": (">=", 5.0),
 }
 
 
