@@ -360,9 +360,9 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
 
 
 def default_plan(dataset: str) -> EvalPlan:
-    """The plan ``sors evaluate`` uses without ``--preset``: clean, FGSM, PGD and MIM over the paper's
-    eps grid of ``dataset`` (pixel scale), seed 0."""
-    return EvalPlan(clean=True, attacks=({"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
+    """The plan ``sors evaluate`` uses without ``--preset``: clean, the adaptive suite (the headline),
+    and the paper's FGSM, PGD and MIM over the paper's eps grid of ``dataset`` (pixel scale), seed 0."""
+    return EvalPlan(clean=True, attacks=({"name": "adaptive"}, {"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
                     eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
 
 

@@ -65,7 +65,7 @@ def test_which_models_count_as_randomized(name, randomized):
 
 def test_the_evaluate_default_plan_takes_attack_overrides_like_a_preset():
     plan = presets.default_plan("fashion_mnist")
-    assert [a["name"] for a in plan.attacks] == ["fgsm", "pgd", "mim"] and len(plan.eps) == 4
+    assert [a["name"] for a in plan.attacks] == ["adaptive", "fgsm", "pgd", "mim"] and len(plan.eps) == 4
     narrowed = presets.evaluation_plan(plan, ["attack.name=pgd", "attack.eps=8/255", "train.lambda=3"])
     cells = narrowed.attack_configs()
     assert [c.name for c in cells] == ["none", "pgd"]

@@ -161,7 +161,7 @@ def test_a_killed_fanout_reruns_only_the_missing_cells(ray_session, mlflow_serve
     results_dir = tmp_path / "results"
     args = ["evaluate", str(tiny_checkpoint), "--results-dir", str(results_dir), "--tracking-uri", mlflow_server,
             "--name", "fanout-kill", "--no-progress", "--set", "eval.n_examples=64", "--set", "eval.repeats=1"]
-    total = 13  # clean + (fgsm, pgd, mim) x 4 eps, the default plan for Fashion-MNIST
+    total = 17  # clean + (adaptive, fgsm, pgd, mim) x 4 eps, the default plan for Fashion-MNIST
     driver = spawn_driver([*args, "--ray-address", ray_session.get_runtime_context().gcs_address], tmp_path)
     try:
         wait_for(lambda: 0 < len(results.files(results_dir / "cells")) < total, 240, "the first cells", 0.02)
