@@ -150,3 +150,16 @@ def test_cells_keep_per_example_outcomes(sors_model, fmnist_test):
     assert all(m <= c for m, c in zip(cell.example_correct_min, cell.example_correct))
     assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) or abs(v * 3 - round(v * 3)) < 1e-6 for v in cell.example_correct)
     assert any(0 < v < 1 for v in cell.example_correct), "a randomized model disagrees with itself somewhere"
+
+
+def test_the_reference_suite_runs_every_member_on_every_example(sors_model, batch):
+    x, y = batch[0][:16], batch[1][:16]
+    members = (("eot_apgd", {"steps": 3, "eot_samples": 2}), ("autoattack_rand", {"steps": 2, "eot_samples": 2}))
+    fast = attacks.build("adaptive", sors_model, 100 / 255, members=members)
+    reference = attacks.build("adaptive", sors_model, 100 / 255, members=members, reference=True)
+    with path_draws([sors_model], 3):
+        fast(x, y)
+        reference(x, y)
+    assert all(reference.last_stats[f"{m}.attacked"] == 16 for m in ("eot_apgd:expected_ce", "autoattack_rand"))
+    # at eps = 100/255 the first member breaks examples outright: the fast suite skips them afterwards
+    assert fast.last_stats["autoattack_rand.attacked"] < 16

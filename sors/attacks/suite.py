@@ -45,9 +45,9 @@ _STRAIGHTFORWARD = {"sequential_draws": True, "stop_when_broken": False, "exact_
 REFERENCE_OPTIONS = {"eot_apgd": _STRAIGHTFORWARD, "autoattack_rand": _STRAIGHTFORWARD}
 
 
-def member_label(name: str, options: dict) -> str:
+def member_label(attack: Attack) -> str:
     """A member's name in ``last_stats`` and cell extras: ``eot_apgd:expected_ce``, ``arc``..."""
-    return f"{name}:{options['loss']}" if "loss" in options else name
+    return f"{attack.name}:{attack.options['loss']}" if "loss" in attack.options else attack.name
 
 
 @register("adaptive", label="Adaptive", order=5, iterative=True, suite=True)
@@ -85,7 +85,8 @@ class AdaptiveSuite(Attack):
                            "restarts": self.options["restarts"], **options}
             if self.options["reference"] and name in REFERENCE_OPTIONS:
                 options.update(REFERENCE_OPTIONS[name])
-            built.append((member_label(name, options), ATTACKS[name](self.model, self.eps, **options)))
+            member = ATTACKS[name](self.model, self.eps, **options)
+            built.append((member_label(member), member))
         return built
 
     def perturb(self, x, y):
