@@ -84,10 +84,12 @@ class _Run:
 
 def apgd(objective: Objective, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100, restarts: int = 1,
          random_start: bool = False, momentum: float = 0.75, stop_when_broken: bool = True,
-         best: BestPoints | None = None, max_examples: int | None = None) -> BestPoints:
+         best: BestPoints | None = None, max_examples: int | None = None,
+         start: torch.Tensor | None = None) -> BestPoints:
     """Run APGD on ``objective`` from ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
-    ``restarts`` runs; the first starts at ``x`` unless ``random_start``, later ones at a uniform
+    ``restarts`` runs; the first starts at ``start`` (a warm start inside the eps-ball, e.g. the best
+    point of an earlier attack) or else at ``x`` unless ``random_start``; later ones at a uniform
     point of the eps-ball, each only on the examples not broken yet (with ``stop_when_broken``).
     ``best`` (optional) is updated in place and returned; ``max_examples`` caps the examples per
     forward (each forward holds examples x draws rows).
@@ -101,10 +103,10 @@ def apgd(objective: Objective, x: torch.Tensor, y: torch.Tensor, eps: float, ste
             index = index[best.correct > 0]
         if len(index) == 0:
             break
-        start = x[index]
-        if random_start or restart > 0:
-            start = torch.clamp(start + torch.empty_like(start).uniform_(-eps, eps), low[index], high[index])
-        _run(objective, start, y[index], low[index], high[index], eps, steps, marks, momentum, best, index,
+        first = x[index] if start is None or restart > 0 else torch.clamp(start[index], low[index], high[index])
+        if restart > 0 or (random_start and start is None):
+            first = torch.clamp(first + torch.empty_like(first).uniform_(-eps, eps), low[index], high[index])
+        _run(objective, first, y[index], low[index], high[index], eps, steps, marks, momentum, best, index,
              stop_when_broken, max_examples)
     return best
 

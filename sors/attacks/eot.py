@@ -55,16 +55,21 @@ class EOTAPGD(Attack):
         if not (isinstance(self.options["restarts"], int) and self.options["restarts"] >= 1):
             raise ConfigError("attack.restarts", f"{self.options['restarts']!r}", "an integer >= 1")
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, loss: str, best: BestPoints | None = None) -> BestPoints:
-        """APGD with ``loss`` on (x, y); updates and returns ``best``."""
+    def run(self, x: torch.Tensor, y: torch.Tensor, loss: str, best: BestPoints | None = None,
+            start: torch.Tensor | None = None) -> BestPoints:
+        """APGD with ``loss`` on (x, y) from ``start`` (None: see the options); updates and returns ``best``."""
         draws = draws_for(self, self.options["eot_samples"])
         objective = eot_objective(self.model, loss, draws, self.options["sequential_draws"])
         return apgd(objective, x, y, self.eps, self.options["steps"], self.options["restarts"],
                     random_start=self.options["random_start"], stop_when_broken=self.options["stop_when_broken"], best=best,
-                    max_examples=examples_per_forward(self, self.options["max_batch"], draws))
+                    max_examples=examples_per_forward(self, self.options["max_batch"], draws), start=start)
 
     def perturb(self, x, y):
         return self.run(x, y, self.options["loss"]).adv
+
+    def perturb_from(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """:meth:`perturb` warm-started at ``start`` (B, C, H, W), a point of the eps-ball around ``x``."""
+        return self.run(x, y, self.options["loss"], start=start).adv
 
 
 @register("autoattack_rand", label="AA-rand", order=70, iterative=True)

@@ -9,8 +9,10 @@ evaluation protocol then scores it over its own fresh draws, as for any attack.
 
 Default members (each also usable alone from the registry):
 
-1. ``eot_apgd`` with ``expected_ce``: APGD on -log E[p_y] over per-example path draws;
-2. ``eot_apgd`` with ``path_margin`` (mean over paths of the per-path margin, capped: flips as many paths as it can);
+1. ``eot_apgd`` with ``expected_ce``: APGD on -log E[p_y] over per-example path draws (exact over
+   every path where the model allows it);
+2. ``eot_apgd`` with ``path_margin`` (mean over paths of the per-path margin, capped: flips as many
+   paths as it can), from a random start;
 3. ``autoattack_rand``: APGD-CE + APGD-DLR with mean-gradient EOT, every example attacked;
 4. ``arc``: the attack for randomized ensembles, over sampled paths;
 5. ``square_eot``: gradient-free random search on the expected margin (a masking check).
@@ -55,7 +57,8 @@ class AdaptiveSuite(Attack):
     """Worst case over ``members`` (default :data:`DEFAULT_MEMBERS`). Options: ``steps`` /
     ``eot_samples`` (for the EOT-APGD members: 100 / 32), ``restarts`` (EOT-APGD, 1 each: the second member is the restart, from a random start with another loss),
     ``select_draws`` (fresh draws that score each member's output, 64), ``members`` (a list of
-    ``(name, options)``), ``reference`` (True: the straightforward implementation the benchmark
+    ``(name, options)``; a member's option ``warm_start: True`` starts an ``eot_apgd`` member at the best
+point found so far instead of the clean image), ``reference`` (True: the straightforward implementation the benchmark
     compares against: every member on every example, draws as sequential forwards, no early stop,
     no exact expectations). After a call, ``last_stats`` holds per member the examples it attacked and
     the fresh-draw accuracy of its points, and ``member_correct[label]`` per example (NaN where the
@@ -78,15 +81,18 @@ class AdaptiveSuite(Attack):
     def members(self) -> list[tuple[str, Attack]]:
         """The member attacks, built on this suite's model and eps."""
         built = []
-        for name, options in self.options["members"]:
-            options = dict(options)
+        for name, entry_options in self.options["members"]:
+            options = {k: v for k, v in entry_options.items() if k != "warm_start"}
             if name == "eot_apgd":
                 options = {"steps": self.options["steps"], "eot_samples": self.options["eot_samples"],
                            "restarts": self.options["restarts"], **options}
             if self.options["reference"] and name in REFERENCE_OPTIONS:
                 options.update(REFERENCE_OPTIONS[name])
             member = ATTACKS[name](self.model, self.eps, **options)
-            built.append((member_label(member), member))
+            member.warm_start = bool(dict(entry_options).get("warm_start")) and hasattr(member, "perturb_from")
+            label = member_label(member)
+            taken = [existing for existing, _ in built if existing.split("#")[0] == label]
+            built.append((f"{label}#{len(taken) + 1}" if taken else label, member))
         return built
 
     def perturb(self, x, y):
@@ -98,7 +104,10 @@ class AdaptiveSuite(Attack):
             outcome = torch.full((len(y),), float("nan"), device=x.device)
             started = time.perf_counter()
             if len(index):
-                found = member.perturb(x[index], y[index])
+                if member.warm_start:
+                    found = member.perturb_from(x[index], y[index], kept.adv[index])
+                else:
+                    found = member.perturb(x[index], y[index])
                 found = member.project(found.detach(), x[index])
                 fresh = draw_accuracy(self.model, found, y[index], select)
                 outcome[index] = fresh
