@@ -27,7 +27,9 @@ class UsageError(Exception):
     """Bad command-line input that argparse cannot see (one line)."""
 
 
-DRY_RUN_HELP = "check every input (config, data, folders, tracking, Ray address), print the trials, run nothing"
+DRY_RUN_HELP = ("check every input (config, data, folders, tracking, Ray address), print the trials and what "
+                "each model would allocate, run nothing")
+ALLOW_LARGE_HELP = "run models over 2 GiB of weights or 64 ensemble members (refused by default)"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=None, help="run name (default: the model name)")
     train.add_argument("--help-keys", action="store_true", help="list every config key and exit")
     train.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    train.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     _common(train)
 
     sweep = sub.add_parser("sweep", help="run a preset: Tune grid of trainings, evaluation cells, report")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--name", default=None, help="sweep name (default: the preset's)")
     sweep.add_argument("--list", action="store_true", help="list the presets and exit")
     sweep.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    sweep.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     _common(sweep)
 
     evaluate = sub.add_parser("evaluate", help="evaluate checkpoints: one Ray task per cell into Parquet")
@@ -75,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label", action="append", default=[], help="row name per checkpoint (default: file name)")
     evaluate.add_argument("--preset", default=None, help="take the evaluation plan (attacks, eps, seeds) from a preset")
     evaluate.add_argument("--name", default="evaluate", help="sweep name recorded in the rows / MLflow experiment")
+    evaluate.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     _common(evaluate)
 
     report = sub.add_parser("report", help="tables (Markdown, CSV) and plots from the Parquet results")
@@ -125,7 +130,11 @@ def _preflight(args, opts, sweep=None, configs=()) -> None:
     ``configs``: run configs whose data sets must be readable (a sweep's trials are added)."""
     from pipeline import preflight
 
-    configs = list(configs) + ([t.config for t in sweep.trials] if sweep else [])
+    named = [(f"checkpoint {i + 1}", c) for i, c in enumerate(configs)]
+    named += [(f"trial {t.name}", t.config) for t in (sweep.trials if sweep else ())]
+    for where, cfg in named:
+        preflight.check_model_size(cfg, where, getattr(args, "allow_large", False))
+    configs = [c for _, c in named]
     datasets = {(c.data.name, opts.data_root or c.data.root) for c in configs}
     preflight.check_inputs(opts.results_dir, args.storage_path, opts.tracking_uri, args.ray_address, args.num_cpus,
                            datasets)
@@ -142,11 +151,14 @@ def _dry_run(sweep) -> None:
     defaults = config_lib.flat_dict(config_lib.RunConfig())
     cells = sum(len(sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name)))
                 * len(sweep.evaluation.seeds) * len(t.evaluated()) for t in sweep.trials)
+    from pipeline import preflight
+
     print(f"sweep {sweep.name}: {len(sweep.trials)} trial(s), {cells} evaluation cell(s); inputs OK, nothing run")
     for trial in sweep.trials:
         changed = {k: v for k, v in config_lib.flat_dict(trial.config).items() if v != defaults.get(k)}
         options = " ".join(f"{k}={redact(v)}" for k, v in sorted(changed.items()))
-        print(f"  {trial.name} ({trial.label}) config {config_lib.config_hash(trial.config)[:8]}: {options}")
+        size = preflight.check_model_size(trial.config, trial.name, allow_large=True)  # checked in _preflight
+        print(f"  {trial.name} ({trial.label}) config {config_lib.config_hash(trial.config)[:8]} [{size}]: {options}")
 
 
 def _tracking_outcome(command: str, opts, sweep_name: str) -> int:

@@ -21,6 +21,9 @@ from urllib.parse import urlparse
 from pipeline.redact import redact
 
 PROBE_TIMEOUT_S = 5.0  # tracking server and Ray address probes
+# Above these a model is almost surely a typo (model.n_ops=1000000, lenet5*99999); --allow-large runs it anyway.
+MAX_WEIGHT_BYTES = 2 << 30
+MAX_MEMBERS = 64
 
 
 class PreflightError(ValueError):
@@ -59,6 +62,29 @@ def check_storage(storage_path: str | None) -> None:
     """``--storage-path``: a writable local folder; URIs (``s3://``...) are checked by Ray when used."""
     if storage_path and "://" not in storage_path:
         check_folder(storage_path, "--storage-path")
+
+
+# ---------------------------------------------------------------- model sizes
+
+def _size_text(size) -> str:
+    unit, scale = ("GiB", 2**30) if size.weight_bytes >= 2**30 else ("MiB", 2**20)
+    return f"{size.parameters:,} parameters, {size.weight_bytes / scale:,.1f} {unit} of weights"
+
+
+def check_model_size(cfg, where: str, allow_large: bool = False) -> str:
+    """The size of the model ``cfg`` describes, counted without building it (``sors.models.model_size``);
+    PreflightError above :data:`MAX_WEIGHT_BYTES` of weights or :data:`MAX_MEMBERS` ensemble members
+    unless ``allow_large``. Returns the size as text for the dry run."""
+    from sors.models import model_size
+
+    size = model_size(cfg)  # ConfigError: unknown model or member, an option the model does not take
+    too_big = size.weight_bytes > MAX_WEIGHT_BYTES or size.members > MAX_MEMBERS
+    if too_big and not allow_large:
+        raise PreflightError(f"{where}: {cfg.model.name} would have {_size_text(size)}, {size.members} "
+                             f"member(s): over the limit of {MAX_WEIGHT_BYTES >> 30} GiB of weights and "
+                             f"{MAX_MEMBERS} members (pass --allow-large to run it anyway)")
+    members = f", {size.members} members" if size.members > 1 else ""
+    return _size_text(size) + members
 
 
 # ---------------------------------------------------------------- data

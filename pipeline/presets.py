@@ -357,9 +357,9 @@ def _check_unique(names: list[str]) -> None:
 
 def _check_names(sweep: Sweep) -> None:
     """Model and attack names against their registries, before anything is launched."""
-    from sors.models import registry
+    from sors.models import factory
     for trial in sweep.trials:
-        registry.check_name(trial.config.model.name)
+        factory.model_size(trial.config)  # the model, every ensemble member, and options the model takes
     try:
         from sors import attacks
     except ImportError:  # attacks library not installed: the cells will fail with the reason
