@@ -127,10 +127,11 @@ def _overrides(args) -> list[str]:
 
 def _preflight(args, opts, sweep=None, configs=()) -> None:
     """Check every input before anything is written or launched (PreflightError: one line).
-    ``configs``: run configs whose data sets must be readable (a sweep's trials are added)."""
+    ``configs``: run configs (or ``(where, config)`` pairs) whose model sizes are bounded and whose data
+    sets must be readable (a sweep's trials are added)."""
     from pipeline import preflight
 
-    named = [(f"checkpoint {i + 1}", c) for i, c in enumerate(configs)]
+    named = [c if isinstance(c, tuple) else (f"config {i + 1}", c) for i, c in enumerate(configs)]
     named += [(f"trial {t.name}", t.config) for t in (sweep.trials if sweep else ())]
     for where, cfg in named:
         preflight.check_model_size(cfg, where, getattr(args, "allow_large", False))
@@ -263,9 +264,35 @@ def _default_plan(dataset: str):
                     eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
 
 
-def cmd_evaluate(args) -> int:
+def _evaluate_overrides(overrides: list[str]) -> tuple[dict, list]:
+    """``sors evaluate --set``: checked like ``sors sweep``'s (unknown keys, types, ranges), and only the
+    options that can change an evaluation of a trained checkpoint: ``eval.*``, ``attack.*``, ``data.root``.
+    Returns (config overrides, attack.* overrides)."""
+    from pipeline import presets
+    from sors import config as config_lib
+
+    config_pairs, attack_pairs = presets._split_overrides(overrides)
+    for key, _ in config_pairs:
+        if not key.startswith("eval.") and key != "data.root":
+            raise ConfigError(key, "sors evaluate cannot change a trained model", "eval.*, attack.* or data.root")
+    config_lib.validate(config_lib.apply_overrides(config_lib.RunConfig(), dict(config_pairs)))
+    return dict(config_pairs), attack_pairs
+
+
+def _evaluation_plan(args, dataset: str, attack_overrides: list):
+    """The cells to score: a preset's evaluation plan, or the default one for ``dataset``, narrowed by ``attack.*``."""
     import dataclasses
 
+    from pipeline import presets
+
+    if args.preset:
+        return presets.build_sweep(args.preset, args.overrides).evaluation
+    plan = presets._eval_plan({"evaluation": dataclasses.asdict(_default_plan(dataset))}, attack_overrides)
+    presets.check_attacks(plan)
+    return plan
+
+
+def cmd_evaluate(args) -> int:
     from pipeline import fanout, presets, results, tracking
     from pipeline.sweep import record_path, save_record
     from sors import config as config_lib
@@ -273,28 +300,27 @@ def cmd_evaluate(args) -> int:
     from tasks import storage
     from tasks.cells import CellSpec
 
-    opts = _options(args).resolved()
+    presets.check_component("--name", args.name)
     if args.label and len(args.label) != len(args.checkpoints):
         raise UsageError(f"--label given {len(args.label)} time(s) for {len(args.checkpoints)} checkpoint(s)")
+    eval_overrides, attack_overrides = _evaluate_overrides(args.overrides)  # ConfigError before any file is read
+    opts = _options(args).resolved()
     models = []
     for i, uri in enumerate(args.checkpoints):
+        label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
+        presets.check_component("--label" if args.label else f"label of {uri} (set --label)", label)
         local = storage.local_copy(uri)
         payload = train_lib.read_checkpoint(local)  # CheckpointError: one line naming the file
-        cfg = config_lib.from_dict(payload["config"])
-        label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
+        cfg = train_lib.checkpoint_config(local, payload)  # and a config that resolves, with a known model
         models.append((uri, local, cfg, label))
-    _preflight(args, opts, configs=[m[2] for m in models])
-    eval_overrides = {k: v for k, v in map(config_lib.parse_assignment, args.overrides) if k.startswith("eval.")}
+    plans = {cfg.data.name: _evaluation_plan(args, cfg.data.name, attack_overrides) for _, _, cfg, _ in models}
+    _preflight(args, opts, configs=[(redact(m[0]), m[2]) for m in models])
     specs, records = [], []
     code = tracking.code_version()
     experiment = tracking.ensure_experiment(opts.tracking_uri, args.name, opts.artifact_root)
     for uri, local, cfg, label in models:
-        eval_cfg = config_lib.apply_overrides(cfg, eval_overrides).eval
-        source = presets.build_sweep(args.preset, args.overrides).evaluation if args.preset else _default_plan(cfg.data.name)
-        if not args.preset:
-            source = presets._eval_plan({"evaluation": dataclasses.asdict(source)},
-                                        [(k, v) for k, v in map(config_lib.parse_assignment, args.overrides)
-                                         if k.startswith("attack.")])
+        eval_cfg = config_lib.resolve(config_lib.apply_overrides(cfg, eval_overrides)).eval
+        source = plans[cfg.data.name]
         sha = storage.file_sha256(local)
         run_id = tracking.find_or_create_run(opts.tracking_uri, experiment, label, sha[:16], config_lib.flat_dict(cfg),
                                              {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code})

@@ -244,7 +244,8 @@ def check_checkpoints(sweep, opts) -> None:
     for trial in sweep.trials:
         teacher = trial.config.train.teacher
         if teacher and not trial.teacher_trial and not storage.is_remote(teacher):
-            train_lib.read_checkpoint(storage.local_copy(teacher))  # CheckpointError names the file
+            local = storage.local_copy(teacher)
+            train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))  # CheckpointError names the file
         record = sweep_lib.load_record(opts.results_dir, sweep.name, trial.name)
         if record and not storage.is_remote(record.get("checkpoint_uri", "")):
             path = storage.local_copy(record["checkpoint_uri"])

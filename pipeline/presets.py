@@ -208,7 +208,7 @@ def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str
 
 def _list(option: str, value: Any) -> list:
     """A list field: None -> []; anything but a list is an error (a bare number is a typo here)."""
-    return list(_expect(option, value, list) or [])
+    return list(_expect(option, value, (list, tuple), "a list") or [])
 
 
 def _float(key: str, value: Any) -> float:
@@ -360,12 +360,17 @@ def _check_names(sweep: Sweep) -> None:
     from sors.models import factory
     for trial in sweep.trials:
         factory.model_size(trial.config)  # the model, every ensemble member, and options the model takes
+    check_attacks(sweep.evaluation)
+
+
+def check_attacks(plan: EvalPlan) -> None:
+    """Every attack of an evaluation plan is registered (ConfigError on ``attack.name`` otherwise)."""
     try:
         from sors import attacks
     except ImportError:  # attacks library not installed: the cells will fail with the reason
         return
     known = set(attacks.available()) | {"none"}
-    for entry in sweep.evaluation.attacks:
+    for entry in plan.attacks:
         if entry["name"] not in known:
             raise ConfigError("attack.name", f"unknown attack {quote(entry['name'])}", ", ".join(sorted(known)))
 
