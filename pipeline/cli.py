@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
-from sors.errors import ConfigError, DataNotFoundError
+from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+MESSAGE_LIMIT = 600  # characters of an error line: one line on any terminal log, never a 100 KB echo
 NOT_BUILT = "sors {command}: not built yet (tracked in another issue)"
 
 
@@ -425,6 +427,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
+    install_redaction()  # every log line and print of this process: URI passwords masked
     if argv and argv[0] in DELEGATED:  # their options belong to the other module's parser
         return _delegate(argparse.Namespace(command=argv[0], args=argv[1:]))
     try:
@@ -433,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if not exit_.code else EXIT_BAD_INPUT
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_redaction()  # again: the filter on the handler basicConfig added
     if not verbose:  # MLflow announces the schema set-up of a new SQLite store at INFO
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from pipeline.sweep import SweepInterrupted
@@ -441,8 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except _user_errors() as err:
         message = redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-        print(f"sors {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        diverged = isinstance(getattr(err, "cause", None), TrainingDiverged)
+        if diverged:
+            message += " -- no model record or final checkpoint was written; the MLflow run is marked FAILED"
+        print(f"sors {args.command}: error: {message[:MESSAGE_LIMIT]}", file=sys.stderr)
+        return EXIT_CHECK_FAILED if diverged else EXIT_BAD_INPUT
     except (KeyboardInterrupt, SweepInterrupted) as err:
         hint = f"sors sweep {args.preset} --resume" if args.command == "sweep" and args.preset else "the same command"
         detail = f" ({err})" if str(err) else ""

@@ -35,15 +35,24 @@ from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
 from pipeline.presets import Sweep, TrialSpec
 from sors import config as config_lib
 from sors import data as data_lib
+from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
+from sors.train import CheckpointError
 from tasks import cells as cells_lib
 from tasks import gradients, storage
 
 log = logging.getLogger("pipeline.sweep")
+# Errors whose own one-line message says what to fix: shown as they are when a trial raises one.
+USER_ERRORS = (ConfigError, DataNotFoundError, TrainingDiverged, CheckpointError)
 TRIAL_RESOURCES = {"memory": 1 << 20}  # the trial only drives Train + evaluation: no CPU of its own
 
 
 class SweepError(RuntimeError):
-    """A trial or cell failed; the one-line message names which and why."""
+    """A trial or cell failed; the one-line message names which and why. ``cause``: the original
+    exception raised in the trial, its Ray Train worker or its Ray task (see :func:`root_cause`)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 class SweepInterrupted(RuntimeError):
@@ -299,6 +308,20 @@ def _check_data(sweep: Sweep, opts: SweepOptions) -> None:
         data_lib.load(name, "test", root, n=1)
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The exception first raised, unwrapped from Ray's envelopes: ``RayTaskError.cause``, a Ray Train
+    ``WorkerGroupError``'s lowest-rank worker failure, ``__cause__``."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None) or {}
+        inner = getattr(error, "cause", None) or (failures[min(failures)] if failures else None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
 def _error_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in reversed(lines):  # the last "SomethingError: message" line is the root cause
@@ -355,7 +378,10 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     errors = [(r.config.get("spec", {}).get("trial", {}).get("name", "?"), r.error) for r in grid_result if r.error]
     if errors:
         name, error = errors[0]
-        raise SweepError(f"trial {name} failed: {_error_line(error)}")
+        cause = root_cause(error)
+        why = str(cause).strip().splitlines()[0][:400] if isinstance(cause, USER_ERRORS) and str(cause).strip() \
+            else _error_line(error)
+        raise SweepError(f"trial {name} failed: {why}", cause=cause)
     unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
     if unfinished:
         raise SweepInterrupted(f"sweep {sweep.name} stopped before {', '.join(unfinished)} finished")
