@@ -23,24 +23,22 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline import bench  # noqa: E402
+from bench import cases, harness
+from sors.kernels import retain_freed_memory
 
 
-def plan(device: torch.device, quick: bool) -> list[tuple[str, bench.Settings]]:
+def plan(device: torch.device, quick: bool) -> list[tuple[str, harness.Settings]]:
     """(case, settings) in the order they run: the figures the issue asks for first."""
     reps = 2 if quick else 10
 
-    def settings(**kw) -> bench.Settings:
+    def settings(**kw) -> harness.Settings:
         base = {"device": device, "repeats": reps, "warmup": 1 if quick else 2, "quick": quick}
         if quick:
             base.update(lenet_batch=8, resnet_batch=2, eot_batch=4, eot_samples=4, attack_steps=1)
         base.update(kw)
-        return bench.Settings(**base)
+        return harness.Settings(**base)
 
     resnet, lenet = ("sors_resnet18",), ("sors_lenet5",)
     return [
@@ -61,7 +59,7 @@ START_BY = {"compile": 120.0}
 
 
 def describe(device: torch.device) -> dict:
-    info = bench.machine(device)
+    info = harness.machine(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -70,8 +68,8 @@ def describe(device: torch.device) -> dict:
     return info
 
 
-def write(out_dir: Path | None, info: dict, rows: list[bench.Row], log: list[dict]) -> str:
-    table = bench.format_table(info, rows)
+def write(out_dir: Path | None, info: dict, rows: list[harness.Row], log: list[dict]) -> str:
+    table = harness.format_table(info, rows)
     if log:
         table += "\n\n" + "\n".join(f"{e['case']}[{e['model']}]: {e['status']} {e.get('seconds', '')}s "
                                      f"{e.get('error', '')}".rstrip() for e in log)
@@ -98,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: no CUDA device visible (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    from sors.kernels import retain_freed_memory
     retain_freed_memory()  # as sors.train and sors bench do
     start = time.monotonic()
     info, rows, log = describe(device), [], []
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         began = time.monotonic()
         try:
-            rows.extend(bench.CASES[case](settings))
+            rows.extend(cases.CASES[case](settings))
             entry["status"] = "ok"
         except Exception as err:  # noqa: BLE001 -- one-shot run: keep going, report the failure
             entry["status"] = "failed"

@@ -19,7 +19,7 @@ if [ -z "${PYTHON:-}" ]; then echo "gpu_bench: no python with torch on PATH (set
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 # 290 s hard stop (5 min incl. start-up); the script itself skips cases after its 250 s budget.
-timeout -k 10 290 "$PYTHON" bench/gpu_bench.py "$@"
+timeout -k 10 290 "$PYTHON" -m bench.gpu_bench "$@"
 status=$?
 if [ "$status" -eq 124 ]; then echo "gpu_bench: stopped at the 290 s limit; partial results kept" >&2; fi
 exit "$status"

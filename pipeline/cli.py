@@ -1,28 +1,34 @@
 """The ``sors`` command line: train, sweep, evaluate, report (nightly and bench: other modules).
 
-Exit codes: 0 done; 1 a regression or failed check (nightly, bench); 2 bad input or could not run
-(one line naming the problem, no traceback); 130 interrupted (the sweep is resumable with --resume).
+Exit codes (``pipeline.cliutil``): 0 done; 1 a regression or failed check (nightly, bench); 2 bad input
+or could not run (one line naming the problem, no traceback); 130 interrupted (the sweep is resumable
+with --resume).
+
+Each command imports the modules it runs inside its function: they load torch, pyarrow and Ray
+(seconds each), and ``sors --help`` or a usage error should answer at once. Those function-level
+imports are marked ``# heavy``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
+from pipeline import cliutil, tracking
+from pipeline.cliutil import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, OneLineArgumentParser,
+                              add_common, connect, shutdown)
+from pipeline.records import load_records, record_path, save_record
 from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
+from sors import config as config_lib
 from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
+from tasks import storage
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 MESSAGE_LIMIT = 600  # characters of an error line: one line on any terminal log, never a 100 KB echo
-NOT_BUILT = "sors {command}: not built yet (tracked in another issue)"
 
 
 class UsageError(Exception):
@@ -34,29 +40,8 @@ DRY_RUN_HELP = ("check every input (config, data, folders, tracking, Ray address
 ALLOW_LARGE_HELP = "run models over 2 GiB of weights or 64 ensemble members (refused by default)"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("shared options")
-    group.add_argument("--ray-address", default=None,
-                       help="Ray to use: default starts a local Ray sized to this machine; 'auto' joins the cluster "
-                            "this machine belongs to; or ray://host:port")
-    group.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
-    group.add_argument("--results-dir", default="results", help="results folder (default ./results)")
-    group.add_argument("--data-root", default=None, help="where data sets are (sets data.root for every run)")
-    group.add_argument("--storage-path", default=None,
-                       help="Ray Train checkpoints and Tune state: a local/shared folder or s3:// URI "
-                            "(default <results>/ray)")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config option, e.g. --set train.lambda=5 (repeatable)")
-    group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (sub-commands train, sweep, evaluate, report, nightly, bench)."""
-    from pipeline.preflight import OneLineArgumentParser
-
     parser = OneLineArgumentParser(prog="sors", description="SORS robustness pipeline: Ray Train/Tune, Parquet, MLflow")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -65,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--help-keys", action="store_true", help="list every config key and exit")
     train.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     train.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
-    _common(train)
+    add_common(train)
 
     sweep = sub.add_parser("sweep", help="run a preset: Tune grid of trainings, evaluation cells, report")
     sweep.add_argument("preset", nargs="?", help="preset name (smoke, quick, table2, ...) or a YAML file")
@@ -74,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--list", action="store_true", help="list the presets and exit")
     sweep.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     sweep.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
-    _common(sweep)
+    add_common(sweep)
 
     evaluate = sub.add_parser("evaluate", help="evaluate checkpoints: one Ray task per cell into Parquet")
     evaluate.add_argument("checkpoints", nargs="+", help="checkpoint files or URIs")
@@ -82,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--preset", default=None, help="take the evaluation plan (attacks, eps, seeds) from a preset")
     evaluate.add_argument("--name", default="evaluate", help="sweep name recorded in the rows / MLflow experiment")
     evaluate.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
-    _common(evaluate)
+    add_common(evaluate)
 
     report = sub.add_parser("report", help="tables (Markdown, CSV) and plots from the Parquet results")
     report.add_argument("sweep", nargs="?", help="only this sweep (default: every row)")
     report.add_argument("--out", default=None, help="output folder (default <results>/reports/<sweep>)")
     report.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
-    _common(report)
+    add_common(report)
 
     for name, text in (("nightly", "scheduled robustness regression against the accepted baseline"),
                        ("bench", "benchmarks"),
@@ -100,38 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- helpers
 
-def _connect(args) -> bool:
-    """Connect to Ray; returns True when this call started it (and so should stop it)."""
-    import ray
-
-    from pipeline import cluster
-
-    if ray.is_initialized():
-        return False
-    cluster.connect(args.ray_address, num_cpus=args.num_cpus, quiet=not args.verbose)
-    return True
-
-
 def _options(args, resume: bool = False):
-    from pipeline.sweep import SweepOptions
+    from pipeline.sweep import SweepOptions  # heavy
 
     return SweepOptions(results_dir=args.results_dir, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
                         data_root=args.data_root, resume=resume, progress=not args.no_progress)
-
-
-def _overrides(args) -> list[str]:
-    """``--set`` values, plus ``data.root`` from ``--data-root``."""
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
-    return overrides
 
 
 def _preflight(args, opts, sweep=None, configs=()) -> None:
     """Check every input before anything is written or launched (PreflightError: one line).
     ``configs``: run configs (or ``(where, config)`` pairs) whose model sizes are bounded and whose data
     sets must be readable (a sweep's trials are added)."""
-    from pipeline import preflight
+    from pipeline import preflight  # heavy
 
     named = [c if isinstance(c, tuple) else (f"config {i + 1}", c) for i, c in enumerate(configs)]
     named += [(f"trial {t.name}", t.config) for t in (sweep.trials if sweep else ())]
@@ -148,13 +113,11 @@ def _preflight(args, opts, sweep=None, configs=()) -> None:
 
 def _dry_run(sweep) -> None:
     """Print what a sweep would run: each trial with the options that differ from the defaults."""
-    from pipeline import presets
-    from sors import config as config_lib
+    from pipeline import preflight, presets  # heavy
 
     defaults = config_lib.flat_dict(config_lib.RunConfig())
     cells = sum(len(sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name)))
                 * len(sweep.evaluation.seeds) * len(t.evaluated()) for t in sweep.trials)
-    from pipeline import preflight
 
     print(f"sweep {sweep.name}: {len(sweep.trials)} trial(s), {cells} evaluation cell(s); inputs OK, nothing run")
     for trial in sweep.trials:
@@ -166,7 +129,7 @@ def _dry_run(sweep) -> None:
 
 def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
     """Exit code after a finished run: 0, or 1 with one line on stderr when MLflow missed something."""
-    from pipeline import sync
+    from pipeline import sync  # heavy
 
     missed = sync.pending(opts.results_dir, sweep_name)
     if not missed:
@@ -178,7 +141,7 @@ def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
 def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts, log_mlflow: bool = True,
                     out_dir: str | None = None) -> tuple[list[Path], str]:
     """Write the report files and log them to every trial run of the sweep. Returns (files, console table)."""
-    from pipeline import report, tracking
+    from pipeline import report  # heavy
 
     order = report.model_order(records)
     out = Path(out_dir) if out_dir else Path(opts.results_dir) / "reports" / sweep_name
@@ -190,12 +153,12 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
                 try:
                     tracking.log_artifacts(opts.tracking_uri, record["mlflow_run_id"], files, "report")
                 except Exception as err:  # noqa: BLE001 -- the report exists on disk either way
-                    from pipeline import sync
+                    from pipeline import sync  # heavy
 
                     logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s",
-                                                              sync.one_line(err))
+                                                              cliutil.tracking_line(err))
                     if record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
-                        sync.mark(opts.results_dir, record, sync.INCOMPLETE, sync.one_line(err), opts.tracking_uri)
+                        sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
     return files, report.console_table(rows, order, title=f"sweep {sweep_name}")
 
 
@@ -205,27 +168,26 @@ def _checked_run(args, opts, sweep):
     """Preflight (exits 2 on bad input), then either the dry-run plan (returns None: nothing ran) or
     the sweep on the cluster named by ``--address`` (returns its summary); Ray is shut down
     afterwards if we started it."""
-    from pipeline.sweep import run_sweep
+    from pipeline.sweep import run_sweep  # heavy
 
     _preflight(args, opts, sweep)
     if args.dry_run:
         _dry_run(sweep)
         return None
-    started = _connect(args)
+    started = connect(args)
     try:
         return run_sweep(sweep, opts)
     finally:
-        _shutdown(started)
+        shutdown(started)
 
 
 def cmd_train(args) -> int:
-    from pipeline import presets
+    from pipeline import presets  # heavy
 
     if args.help_keys:
-        from sors import config as config_lib
         print("\n".join(config_lib.all_keys()))
         return EXIT_OK
-    sweep = presets.single_trial_sweep(_overrides(args), trial_name=args.name)
+    sweep = presets.single_trial_sweep(cliutil.overrides(args), trial_name=args.name)
     opts = _options(args).resolved()
     summary = _checked_run(args, opts, sweep)
     if summary is None:  # a dry run: inputs checked, plan printed
@@ -239,13 +201,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pipeline import presets
+    from pipeline import presets  # heavy
 
     if args.list or not args.preset:
         for name in presets.available():
             print(f"{name:10s} {presets.load_raw(name).get('description', '')}")
         return EXIT_OK if args.list else EXIT_BAD_INPUT
-    sweep = presets.build_sweep(args.preset, _overrides(args), sweep_name=args.name)
+    sweep = presets.build_sweep(args.preset, cliutil.overrides(args), sweep_name=args.name)
     opts = _options(args, resume=args.resume).resolved()
     summary = _checked_run(args, opts, sweep)
     if summary is None:  # a dry run: inputs checked, plan printed
@@ -258,20 +220,11 @@ def cmd_sweep(args) -> int:
     return _tracking_outcome("sweep", opts, sweep.name)
 
 
-def _default_plan(dataset: str):
-    from pipeline.presets import EvalPlan
-    from sors import attacks
-
-    return EvalPlan(clean=True, attacks=({"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
-                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
-
-
 def _evaluate_overrides(overrides: list[str]) -> tuple[dict, list]:
     """``sors evaluate --set``: checked like ``sors sweep``'s (unknown keys, types, ranges), and only the
     options that can change an evaluation of a trained checkpoint: ``eval.*``, ``attack.*``, ``data.root``.
     Returns (config overrides, attack.* overrides)."""
-    from pipeline import presets
-    from sors import config as config_lib
+    from pipeline import presets  # heavy
 
     config_pairs, attack_pairs = presets._split_overrides(overrides)
     for key, _ in config_pairs:
@@ -281,31 +234,29 @@ def _evaluate_overrides(overrides: list[str]) -> tuple[dict, list]:
     return dict(config_pairs), attack_pairs
 
 
-def _evaluation_plan(args, dataset: str, attack_overrides: list):
-    """The cells to score: a preset's evaluation plan, or the default one for ``dataset``, narrowed by ``attack.*``."""
-    import dataclasses
-
-    from pipeline import presets
+def _evaluation_plan(args, dataset: str):
+    """The cells to score: a preset's evaluation plan, or the default one for ``dataset``, narrowed by
+    ``attack.*`` overrides; every attack name checked."""
+    from pipeline import presets  # heavy
 
     if args.preset:
         return presets.build_sweep(args.preset, args.overrides).evaluation
-    plan = presets._eval_plan({"evaluation": dataclasses.asdict(_default_plan(dataset))}, attack_overrides)
+    plan = presets.evaluation_plan(presets.default_plan(dataset), args.overrides)
     presets.check_attacks(plan)
     return plan
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline import fanout, presets, results, tracking
-    from pipeline.sweep import record_path, save_record
-    from sors import config as config_lib
-    from sors import train as train_lib
-    from tasks import storage
-    from tasks.cells import CellSpec
+    import dataclasses
+
+    from pipeline import fanout, presets, results  # heavy
+    from pipeline import sweep as sweep_lib  # heavy
+    from sors import train as train_lib  # heavy
 
     presets.check_component("--name", args.name)
     if args.label and len(args.label) != len(args.checkpoints):
         raise UsageError(f"--label given {len(args.label)} time(s) for {len(args.checkpoints)} checkpoint(s)")
-    eval_overrides, attack_overrides = _evaluate_overrides(args.overrides)  # ConfigError before any file is read
+    eval_overrides, _ = _evaluate_overrides(args.overrides)  # ConfigError before any file is read
     opts = _options(args).resolved()
     models = []
     for i, uri in enumerate(args.checkpoints):
@@ -315,47 +266,43 @@ def cmd_evaluate(args) -> int:
         payload = train_lib.read_checkpoint(local)  # CheckpointError: one line naming the file
         cfg = train_lib.checkpoint_config(local, payload)  # and a config that resolves, with a known model
         models.append((uri, local, cfg, label))
-    plans = {cfg.data.name: _evaluation_plan(args, cfg.data.name, attack_overrides) for _, _, cfg, _ in models}
+    plans = {cfg.data.name: _evaluation_plan(args, cfg.data.name) for _, _, cfg, _ in models}
     _preflight(args, opts, configs=[(redact(m[0]), m[2]) for m in models])
     specs, records = [], []
     code = tracking.code_version()
     experiment = tracking.ensure_experiment(opts.tracking_uri, args.name, opts.artifact_root)
     for uri, local, cfg, label in models:
         eval_cfg = config_lib.resolve(config_lib.apply_overrides(cfg, eval_overrides)).eval
-        source = plans[cfg.data.name]
+        plan = plans[cfg.data.name]
         sha = storage.file_sha256(local)
         run_id = tracking.find_or_create_run(opts.tracking_uri, experiment, label, sha[:16], config_lib.flat_dict(cfg),
                                              {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code})
-        randomized = presets.is_randomized_arch(cfg.model.name)
-        for attack, role in source.cells(randomized):
-            for seed in source.seeds:
-                specs.append(CellSpec(checkpoint_uri=uri, checkpoint_sha256=sha, dataset=cfg.data.name, attack=attack,
-                                      eval=eval_cfg, seed=seed, sweep=args.name, trial=label, variant=label,
-                                      model_label=label, role=role, mlflow_run_id=run_id, code_version=code,
-                                      data_root=args.data_root))
+        # the sweep's cell builder: one trial of this checkpoint as trained (no variants), its eval settings
+        trial = presets.TrialSpec(name=label, label=label, config=dataclasses.replace(cfg, eval=eval_cfg))
+        record = {"checkpoint_uri": uri, "checkpoint_sha256": sha, "mlflow_run_id": run_id}
+        specs += sweep_lib.cell_specs(trial, record, plan, args.name, code, args.data_root)
         records.append({"sweep": args.name, "trial": label, "label": label, "checkpoint_uri": uri,
                         "checkpoint_sha256": sha, "mlflow_run_id": run_id, "config": config_lib.to_dict(cfg),
                         "config_hash": config_lib.config_hash(cfg), "variants": [], "evaluated": True,
                         "history": payload.get("history", [])})
-    started = _connect(args)
+    started = connect(args)
     try:
         from tqdm.auto import tqdm
         todo = sum(not results.is_done(opts.store, s) for s in specs)
         with tqdm(total=len(specs), initial=len(specs) - todo, desc="cells", unit="cell", disable=args.no_progress) as bar:
             summary = fanout.run_cells(specs, opts.store, on_done=lambda row: bar.update(1))
     finally:
-        _shutdown(started)
+        shutdown(started)
     untracked = None
     for record in records:
         rows = [r for r in summary.rows if r["mlflow_run_id"] == record["mlflow_run_id"]]
         try:
             tracking.log_eval_rows(opts.tracking_uri, record["mlflow_run_id"], rows)
         except Exception as err:  # noqa: BLE001 -- the rows are in Parquet; rerunning logs them
-            from pipeline import sync
-            untracked = sync.one_line(err)
+            untracked = cliutil.tracking_line(err)
         if not record_path(opts.results_dir, args.name, record["trial"]).exists():
             save_record(opts.results_dir, record)
-    from pipeline import report
+    from pipeline import report  # heavy
     print(report.console_table(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
     if summary.failures:
         where, why = summary.failures[0]
@@ -369,11 +316,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline import results
-    from pipeline.sweep import load_records
+    from pipeline import preflight, results  # heavy
 
     opts = _options(args).resolved()
-    from pipeline import preflight
     preflight.check_store(opts.store)  # a truncated cell: one line naming it, before anything is written
     rows = results.read_rows(opts.store, sweep=args.sweep)
     if not rows:
@@ -386,42 +331,41 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-# Commands built in other modules: dispatched to ``<module>.main(argv)`` when the module exists.
-DELEGATED = {"nightly": "pipeline.nightly", "bench": "pipeline.bench", "sync": "pipeline.sync"}
+def _nightly(argv: list[str]) -> int:
+    from pipeline.nightly import run as nightly_run  # heavy
+    return nightly_run.main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from bench import cli as bench_cli  # heavy
+    return bench_cli.main(argv)
+
+
+def _sync(argv: list[str]) -> int:
+    from pipeline import sync  # heavy
+    return sync.main(argv)
+
+
+# Commands with a parser of their own: ``sors nightly|bench|sync ARGS`` runs ``main(ARGS)`` there.
+DELEGATED = {"nightly": _nightly, "bench": _bench, "sync": _sync}
 
 
 def _delegate(args) -> int:
-    """Run ``<module>.main(args.args)``, or say the command is not built yet (exit 2)."""
-    module = DELEGATED[args.command]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        print(NOT_BUILT.format(command=args.command), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return int(importlib.import_module(module).main(list(args.args)) or 0)
+    """Run the delegated command's ``main(args.args)``; returns its exit code."""
+    return int(DELEGATED[args.command](list(args.args)) or 0)
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report,
             "nightly": _delegate, "bench": _delegate, "sync": _delegate}
 
 
-def _shutdown(started: bool) -> None:
-    if started:
-        from pipeline import cluster
-        cluster.shutdown()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.fanout import CellFailed
-    from pipeline.preflight import PreflightError
-    from pipeline.results import ResultsError
-    from pipeline.sweep import SweepError
-    from sors.train import CheckpointError
+    from pipeline.preflight import PreflightError  # heavy
+    from pipeline.results import ResultsError  # heavy
+    from pipeline.sweep import SweepError  # heavy
+    from sors.train import CheckpointError  # heavy
 
-    return (ConfigError, DataNotFoundError, CheckpointError, SweepError, CellFailed, UsageError, PreflightError,
-            ResultsError)
+    return (ConfigError, DataNotFoundError, CheckpointError, SweepError, UsageError, PreflightError, ResultsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_redaction()  # again: the filter on the handler basicConfig added
     if not verbose:  # MLflow announces the schema set-up of a new SQLite store at INFO
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    from pipeline.sweep import SweepInterrupted
+    from pipeline.sweep import SweepInterrupted  # heavy
 
     try:
         return COMMANDS[args.command](args)

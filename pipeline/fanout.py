@@ -16,13 +16,14 @@ from typing import Callable, Iterable
 import ray
 
 from pipeline import results
-from tasks.cells import CellSpec
+from pipeline.cliutil import last_line
+from sors import checks
+from sors import data as data_lib
+from sors.evaluation import CellResult
+from tasks import cells
+from tasks.cells import CellSpec, row_to_result
 
 log = logging.getLogger("pipeline.fanout")
-
-
-class CellFailed(RuntimeError):
-    """One or more cells raised; the message names the first and why."""
 
 
 @dataclass
@@ -45,8 +46,6 @@ def evaluate_cell_task(spec: CellSpec, store_root: str) -> dict:
     """Ray task: evaluate one cell and write its row. Returns the row."""
     import torch
 
-    from tasks import cells
-
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     _, row = cells.evaluate(spec, device=device)
@@ -58,12 +57,6 @@ def describe(spec: CellSpec) -> str:
     """Short human name of a cell, for progress and errors."""
     attack = "clean" if spec.attack.name == "none" else f"{spec.attack.name} eps={spec.attack.eps:.4f}"
     return f"{spec.variant or spec.trial} {attack} seed={spec.seed}"
-
-
-def _error_line(err: BaseException) -> str:
-    text = str(getattr(err, "cause", None) or err).strip().splitlines()
-    lines = [line for line in text if line.strip()]
-    return lines[-1][:300] if lines else type(err).__name__
 
 
 def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
@@ -88,8 +81,8 @@ def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
         try:
             row = ray.get(ready[0])
         except Exception as err:  # noqa: BLE001 -- one broken cell must not lose the others
-            summary.failures.append((describe(spec), _error_line(err)))
-            log.error("cell %s failed: %s", describe(spec), _error_line(err))
+            summary.failures.append((describe(spec), last_line(err)))
+            log.error("cell %s failed: %s", describe(spec), last_line(err))
             continue
         if on_done:
             on_done(row)
@@ -100,11 +93,6 @@ def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
 
 def apply_cross_cell_flags(store_root: str, rows: list[dict]) -> int:
     """Run ``sors.checks.cross_cell_flags`` per evaluated model and store new flags. Returns rows changed."""
-    try:
-        from sors import checks
-        from sors.evaluation import CellResult
-    except ImportError:
-        return 0
     changed = 0
     by_model: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -122,22 +110,4 @@ def apply_cross_cell_flags(store_root: str, rows: list[dict]) -> int:
 
 
 def _num_classes(row: dict) -> int:
-    from sors import data as data_lib
     return data_lib.spec(row["dataset"]).num_classes
-
-
-def row_to_result(row: dict, result_cls):
-    """Rebuild a ``CellResult`` from a stored row (for the cross-cell checks and tables)."""
-    import dataclasses
-    import json
-
-    values = {"attack": row["attack"], "norm": row["norm"], "eps": row["eps"], "steps": row["steps"],
-              "eot_samples": row["eot_samples"], "repeats": row["repeats"], "n": row["n"], "correct": row["correct"],
-              "accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-              "all_path_accuracy": row["all_path_accuracy"], "sanity_flags": list(row["sanity_flags"] or []),
-              "seconds": row["seconds"], "attack_spec": json.loads(row["attack_spec"] or "{}"),
-              "extra": json.loads(row["extra"] or "{}")}
-    if dataclasses.is_dataclass(result_cls):
-        names = {f.name for f in dataclasses.fields(result_cls)}
-        values = {k: v for k, v in values.items() if k in names}
-    return result_cls(**values)

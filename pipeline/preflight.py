@@ -9,7 +9,6 @@ leave half-written state behind. The CLI therefore runs these checks first. Each
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -18,8 +17,14 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
+from pipeline import records, results
 from pipeline.redact import redact
+from sors import data as data_lib
+from sors import train as train_lib
 from sors.errors import quote
+from sors.models import model_size
+from tasks import storage
+from tasks.training import CHECKPOINT_FILE
 
 PROBE_TIMEOUT_S = 5.0  # tracking server and Ray address probes
 # Above these a model is almost surely a typo (model.n_ops=1000000, lenet5*99999); --allow-large runs it anyway.
@@ -119,8 +124,6 @@ def check_model_size(cfg, where: str, allow_large: bool = False) -> str:
     """The size of the model ``cfg`` describes, counted without building it (``sors.models.model_size``);
     PreflightError above :data:`MAX_WEIGHT_BYTES` of weights or :data:`MAX_MEMBERS` ensemble members
     unless ``allow_large``. Returns the size as text for the dry run."""
-    from sors.models import model_size
-
     size = model_size(cfg)  # ConfigError: unknown model or member, an option the model does not take
     too_big = size.weight_bytes > MAX_WEIGHT_BYTES or size.members > MAX_MEMBERS
     if too_big and not allow_large:
@@ -135,8 +138,6 @@ def check_model_size(cfg, where: str, allow_large: bool = False) -> str:
 
 def check_data(datasets: Iterable[tuple[str, str | None]]) -> None:
     """Every ``(data set name, root)`` pair can be read (``DataNotFoundError`` names the files)."""
-    from sors import data as data_lib
-
     for name, root in sorted(set(datasets), key=str):
         data_lib.check_intact(name, root)  # every file whole: a truncated train file fails here, not mid-sweep
         data_lib.load(name, "test", root, n=1)
@@ -274,8 +275,6 @@ def check_ray_address(address: str | None, num_cpus: int | None = None) -> None:
 
 def check_store(store_root: str | os.PathLike) -> None:
     """Every cell file in the Parquet store is whole (a truncated one would be taken as done)."""
-    from pipeline import results
-
     for path in results.files(store_root):
         if not results.is_intact(path):
             raise results.unreadable(path)
@@ -283,8 +282,6 @@ def check_store(store_root: str | os.PathLike) -> None:
 
 def latest_epoch_checkpoint(run_dir: Path) -> Path | None:
     """The weights file of the checkpoint Ray Train would restore for a run folder, if any."""
-    from tasks.training import CHECKPOINT_FILE
-
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return None
@@ -299,20 +296,18 @@ def latest_epoch_checkpoint(run_dir: Path) -> Path | None:
 def check_checkpoints(sweep, opts) -> None:
     """The checkpoints a sweep would read are intact: a teacher file loads; a finished trial's final
     checkpoint has the SHA-256 its record holds; an unfinished trial's latest epoch checkpoint loads."""
-    from pipeline import sweep as sweep_lib
+    # Ray is a heavy import (seconds); pipeline.trainer is needed here only for run folder names
     from pipeline import trainer
-    from sors import train as train_lib
-    from tasks import storage
 
     for trial in sweep.trials:
         teacher = trial.config.train.teacher
         if teacher and not trial.teacher_trial and not storage.is_remote(teacher):
             local = storage.local_copy(teacher)
             train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))  # CheckpointError names the file
-        record = sweep_lib.load_record(opts.results_dir, sweep.name, trial.name)
+        record = records.load_record(opts.results_dir, sweep.name, trial.name)
         if record and not storage.is_remote(record.get("checkpoint_uri", "")):
             path = storage.local_copy(record["checkpoint_uri"])
-            where = sweep_lib.record_path(opts.results_dir, sweep.name, trial.name)
+            where = records.record_path(opts.results_dir, sweep.name, trial.name)
             if not path.is_file():
                 raise PreflightError(f"{path}: checkpoint of trial {trial.name} is missing; delete {where} to retrain")
             if storage.file_sha256(path) != record.get("checkpoint_sha256"):
@@ -337,9 +332,3 @@ def check_inputs(results_dir: str, storage_path: str | None = None, tracking_uri
     check_data(datasets)
     check_tracking(tracking_uri, results_dir)
 
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: ...``) and exit code 2, no usage dump."""
-
-    def error(self, message: str):  # noqa: D102 -- argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

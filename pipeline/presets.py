@@ -28,13 +28,15 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
+from sors import attacks, checks
 from sors import config as config_lib
 from sors.config import AttackConfig, RunConfig
 from sors.errors import ConfigError, quote
+from sors.models import factory, registry
 
 PRESET_DIR = Path(__file__).parent / "presets"
 TEACHER_PREFIX = "trial:"
@@ -42,9 +44,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths",)
 ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
-# Attacks that average gradients over random draws of the model: on a deterministic model every draw is
-# the same, so they equal PGD at eot_samples times its cost -- evaluated on randomized models only.
-RANDOMIZED_ONLY_ATTACKS = ("eot_pgd", "ensemble_pgd")
 PRESET_KEYS = ("name", "description", "base", "trials", "evaluation")
 EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
 MAX_PRESET_BYTES = 1 << 20  # a preset is a page of YAML; anything near this is not one
@@ -118,10 +117,9 @@ class EvalPlan:
         only when ``randomized``), then, with
         ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
         main = [(a, "main") for a in self.attack_configs()
-                if randomized or a.name not in RANDOMIZED_ONLY_ATTACKS]
+                if randomized or not _randomized_only(a.name)]
         if not self.sanity:
             return main
-        from sors import checks
         return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
 
     def attack_configs(self) -> list[AttackConfig]:
@@ -357,7 +355,6 @@ def _check_unique(names: list[str]) -> None:
 
 def _check_names(sweep: Sweep) -> None:
     """Model and attack names against their registries, before anything is launched."""
-    from sors.models import factory
     for trial in sweep.trials:
         factory.model_size(trial.config)  # the model, every ensemble member, and options the model takes
     check_attacks(sweep.evaluation)
@@ -365,10 +362,6 @@ def _check_names(sweep: Sweep) -> None:
 
 def check_attacks(plan: EvalPlan) -> None:
     """Every attack of an evaluation plan is registered (ConfigError on ``attack.name`` otherwise)."""
-    try:
-        from sors import attacks
-    except ImportError:  # attacks library not installed: the cells will fail with the reason
-        return
     known = set(attacks.available()) | {"none"}
     for entry in plan.attacks:
         if entry["name"] not in known:
@@ -404,8 +397,16 @@ def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSp
 
 
 def is_randomized_arch(model_name: str) -> bool:
-    """Models whose forward pass is random (super-networks, RSE): scored with repeats and all-path views."""
-    return model_name.startswith(("sors_", "rse_"))
+    """Models whose forward pass is random (super-networks, RSE): scored with repeats and all-path views
+    (the model registry's ``randomized`` fact)."""
+    return registry.info(model_name)["randomized"]
+
+
+def _randomized_only(attack_name: str) -> bool:
+    """Attacks that average gradients over random draws of the model (the registry's ``randomized_only``
+    fact): on a deterministic model every draw is the same, so they equal PGD at eot_samples times its
+    cost -- evaluated on randomized models only."""
+    return attack_name in attacks.available() and attacks.info(attack_name)["randomized_only"]
 
 
 def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
@@ -441,3 +442,17 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
     if trial.teacher_trial:
         raise ConfigError("train.teacher", "a single run cannot refer to another trial", "a checkpoint file or URI")
     return sweep
+
+
+def default_plan(dataset: str) -> EvalPlan:
+    """The plan ``sors evaluate`` uses without ``--preset``: clean, FGSM, PGD and MIM over the paper's
+    eps grid of ``dataset`` (pixel scale), seed 0."""
+    return EvalPlan(clean=True, attacks=({"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
+                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
+
+
+def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
+    """``plan`` with the ``attack.*`` ones of ``overrides`` (``KEY=VALUE``) applied, as a preset's
+    ``evaluation`` section gets them."""
+    pairs = [(k, v) for k, v in map(config_lib.parse_assignment, overrides) if k.startswith("attack.")]
+    return _eval_plan({"evaluation": dataclasses.asdict(plan)}, pairs)

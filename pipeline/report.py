@@ -15,11 +15,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from sors import attacks, models
+from sors.evaluation import CellResult, format_table
 from sors.metrics import wilson_interval
+from tasks.cells import row_to_result
 
-ATTACK_ORDER = ("none", "fgsm", "pgd", "mim", "cw", "eot_pgd", "ensemble_pgd", "autoattack_rand")
-ATTACK_LABELS = {"none": "Clean", "fgsm": "FGSM", "pgd": "PGD", "mim": "MIM", "cw": "C&W", "eot_pgd": "EOT-PGD",
-                 "ensemble_pgd": "ens-PGD", "autoattack_rand": "AA-rand"}
+
+def attack_label(name: str) -> str:
+    """The table label of an attack (its registry entry; the bare name for one no longer registered)."""
+    return attacks.info(name)["label"] if name in attacks.available() else name
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class Column:
 
     @property
     def label(self) -> str:
-        name = ATTACK_LABELS.get(self.attack, self.attack)
+        name = attack_label(self.attack)
         if self.attack in ("none",) or self.eps == 0:
             return name
         return f"{name} {eps_text(self.eps)}"
@@ -42,7 +46,7 @@ def eps_text(eps: float) -> str:
 
 
 def _attack_rank(name: str) -> tuple:
-    return (ATTACK_ORDER.index(name) if name in ATTACK_ORDER else len(ATTACK_ORDER), name)
+    return (attacks.info(name)["order"] if name in attacks.available() else 1000, name)
 
 
 @dataclass(frozen=True)
@@ -135,12 +139,6 @@ def csv_table(rows: list[dict], model_order: list[str] | None = None) -> str:
 
 def console_table(rows: list[dict], model_order: list[str] | None = None, title: str | None = None) -> str:
     """The table as ``sors.evaluation.format_table`` renders it (with its sanity section), else Markdown."""
-    try:
-        from sors.evaluation import CellResult, format_table
-    except ImportError:
-        return markdown_table(rows, model_order, title)
-    from pipeline.fanout import row_to_result
-
     models, _, _, _ = table_data(rows, model_order)
     by_model = {m: [row_to_result(r, CellResult) for r in sorted(rows, key=lambda r: (r["attack"], r["eps"]))
                     if r["model"] == m] for m in models}
@@ -181,7 +179,7 @@ def plot_accuracy_vs_eps(rows: list[dict], path: Path, model_order: list[str] | 
             err = [[max(0.0, 100 * (p[1].accuracy - p[1].ci_low)) for p in points],  # clamp float round-off
                    [max(0.0, 100 * (p[1].ci_high - p[1].accuracy)) for p in points]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=model)
-        ax.set_title(ATTACK_LABELS.get(attack, attack))
+        ax.set_title(attack_label(attack))
         ax.set_xlabel("eps (x/255)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
@@ -192,10 +190,14 @@ def plot_accuracy_vs_eps(rows: list[dict], path: Path, model_order: list[str] | 
     return path
 
 
+def _super_network(arch: str) -> bool:
+    return arch in models.available() and models.info(arch)["super_network"]
+
+
 def plot_lambda(rows: list[dict], path: Path) -> Path | None:
     """Fig. 7: accuracy vs lambda for single-path super-networks, clean and each (attack, eps); None
     when fewer than two lambdas were evaluated."""
-    rows = [r for r in rows if (r.get("role") or "main") == "main" and r["arch"].startswith("sors_")
+    rows = [r for r in rows if (r.get("role") or "main") == "main" and _super_network(r["arch"])
             and r["average_paths"] == 1]
     lambdas = sorted({r["lambda"] for r in rows})
     if len(lambdas) < 2:
@@ -203,7 +205,7 @@ def plot_lambda(rows: list[dict], path: Path) -> Path | None:
     plt = _pyplot()
     series: dict[str, dict[float, list[dict]]] = {}
     for r in rows:
-        key = "clean" if r["attack"] == "none" else f"{ATTACK_LABELS.get(r['attack'], r['attack'])} {eps_text(r['eps'])}"
+        key = "clean" if r["attack"] == "none" else f"{attack_label(r['attack'])} {eps_text(r['eps'])}"
         series.setdefault(key, {}).setdefault(r["lambda"], []).append(r)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, by_lambda in sorted(series.items(), key=lambda kv: (kv[0] != "clean", kv[0])):

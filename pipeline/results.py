@@ -5,7 +5,7 @@ temporary name in the same folder and renamed into place, so readers never see h
 cell is either finished or absent. Because the file name is the content-addressed cell id, a rerun
 that finds the file skips the cell, and rewriting a cell (e.g. to add cross-cell sanity flags)
 replaces its row instead of adding one. ``dataset`` and ``attack`` live in the path (hive style),
-not in the files. The columns are documented in ``notes/SCHEMA.md``.
+not in the files. The columns are documented in README's "Results: the Parquet dataset" section.
 """
 
 from __future__ import annotations

@@ -20,9 +20,7 @@ Results folder layout::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,23 +30,25 @@ import ray
 from ray import tune
 
 from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
+from pipeline.cliutil import original_error, root_cause
+from pipeline.records import load_record, save_record
 from pipeline.presets import Sweep, TrialSpec
 from sors import config as config_lib
 from sors import data as data_lib
+from sors import train as train_lib
 from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
-from sors.train import CheckpointError
 from tasks import cells as cells_lib
 from tasks import gradients, storage
 
 log = logging.getLogger("pipeline.sweep")
 # Errors whose own one-line message says what to fix: shown as they are when a trial raises one.
-USER_ERRORS = (ConfigError, DataNotFoundError, TrainingDiverged, CheckpointError)
+USER_ERRORS = (ConfigError, DataNotFoundError, TrainingDiverged, train_lib.CheckpointError)
 TRIAL_RESOURCES = {"memory": 1 << 20}  # the trial only drives Train + evaluation: no CPU of its own
 
 
 class SweepError(RuntimeError):
     """A trial or cell failed; the one-line message names which and why. ``cause``: the original
-    exception raised in the trial, its Ray Train worker or its Ray task (see :func:`root_cause`)."""
+    exception raised in the trial, its Ray Train worker or its Ray task (see :func:`pipeline.cliutil.original_error`)."""
 
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
@@ -100,35 +100,6 @@ class SweepSummary:
     seconds: float = 0.0
 
 
-# ---------------------------------------------------------------- model records
-
-def record_path(results_dir: str, sweep: str, trial: str) -> Path:
-    """Where a trained model's record lives."""
-    return Path(results_dir) / "models" / sweep / f"{trial}.json"
-
-
-def load_record(results_dir: str, sweep: str, trial: str) -> dict | None:
-    """The model record of a trial, or None when it has not finished training."""
-    path = record_path(results_dir, sweep, trial)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def save_record(results_dir: str, record: dict) -> Path:
-    """Write a model record atomically."""
-    path = record_path(results_dir, record["sweep"], record["trial"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def load_records(results_dir: str, sweep: str) -> list[dict]:
-    """Every model record of a sweep."""
-    folder = Path(results_dir) / "models" / sweep
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
 # ---------------------------------------------------------------- cells
 
 def cell_specs(trial: TrialSpec, record: dict, plan: presets.EvalPlan, sweep: str, code_version: str = "",
@@ -162,12 +133,10 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     """Train with Ray Train (resuming from the latest epoch checkpoint if any) and write the model record."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sors import train as train_lib
-
     opts = SweepOptions(**ctx["options"])
     name = trainer.run_name(ctx["sweep"], trial.name, trial.config)
     hook = tracking.EpochLogger(opts.tracking_uri, run_id)
-    outcome = trainer.fit(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
+    outcome = trainer.train_on_ray(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
                           callbacks=[TuneReportCallback()])
     local = storage.local_copy(outcome.checkpoint_uri)
     model, cfg, payload = train_lib.load_checkpoint(local)
@@ -308,28 +277,6 @@ def _check_data(sweep: Sweep, opts: SweepOptions) -> None:
         data_lib.load(name, "test", root, n=1)
 
 
-def root_cause(error: BaseException) -> BaseException:
-    """The exception first raised, unwrapped from Ray's envelopes: ``RayTaskError.cause``, a Ray Train
-    ``WorkerGroupError``'s lowest-rank worker failure, ``__cause__``."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        failures = getattr(error, "worker_failures", None) or {}
-        inner = getattr(error, "cause", None) or (failures[min(failures)] if failures else None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    return error
-
-
-def _error_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):  # the last "SomethingError: message" line is the root cause
-        if "Error:" in line or "Error(" in line:
-            return line[:400]
-    return (lines[-1] if lines else type(error).__name__)[:400]
-
-
 def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions, ctx: dict,
                experiment_id: str, summary: SweepSummary) -> None:
     todo = [t for t in stage if not trial_complete(opts, sweep, t)]
@@ -378,9 +325,9 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     errors = [(r.config.get("spec", {}).get("trial", {}).get("name", "?"), r.error) for r in grid_result if r.error]
     if errors:
         name, error = errors[0]
-        cause = root_cause(error)
-        why = str(cause).strip().splitlines()[0][:400] if isinstance(cause, USER_ERRORS) and str(cause).strip() \
-            else _error_line(error)
+        cause = original_error(error)
+        why = " ".join(str(cause).split())[:400] if isinstance(cause, USER_ERRORS) and str(cause).strip() \
+            else root_cause(error)
         raise SweepError(f"trial {name} failed: {why}", cause=cause)
     unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
     if unfinished:
@@ -396,7 +343,7 @@ def _restore(path: str, trainable) -> tune.Tuner | None:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     except Exception as err:  # noqa: BLE001 -- unreadable state must not block the resume
         log.warning("could not restore the Tune state at %s (%s); continuing with a fresh Tuner",
-                    path, _error_line(err))
+                    path, root_cause(err))
         return None
 
 

@@ -26,27 +26,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import results, tracking
+from pipeline import preflight, records, results, tracking
+from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, OneLineArgumentParser, tracking_line
 from pipeline.redact import redact
+from sors import config as config_lib
+from sors import train as train_lib
+from sors.train import CheckpointError
+from tasks import storage
 
 log = logging.getLogger("pipeline.sync")
 COMPLETE, INCOMPLETE = "complete", "incomplete"
 EPOCH_KEYS = {k: ("epoch_seconds" if k == "seconds" else k) for k in tracking.EpochLogger.KEYS}
 
 
-class TrackingFailed(RuntimeError):
-    """MLflow could not be reached or refused a call; the results on disk are complete."""
-
-
 # ---------------------------------------------------------------- record state
-
-def _records(results_dir: str | Path, sweep: str | None = None) -> list[dict]:
-    from pipeline.sweep import load_records
-
-    root = Path(results_dir) / "models"
-    sweeps = [sweep] if sweep else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    return [r for name in sweeps for r in load_records(str(results_dir), name)]
-
 
 def pending(results_dir: str | Path, sweep: str | None = None, unknown: bool = False) -> list[dict]:
     """Model records whose MLflow run is known to be incomplete (``unknown``: also records that
@@ -54,29 +47,18 @@ def pending(results_dir: str | Path, sweep: str | None = None, unknown: bool = F
     def needs(record: dict) -> bool:
         status = (record.get("tracking") or {}).get("status")
         return status == INCOMPLETE or (unknown and status != COMPLETE)
-    return [r for r in _records(results_dir, sweep) if needs(r)]
+    return [r for r in records.all_records(results_dir, sweep) if needs(r)]
 
 
 def mark(results_dir: str | Path, record: dict, status: str, error: str | None = None,
          uri: str | None = None) -> None:
     """Write the tracking outcome into the record file (``error``/``uri`` stored redacted)."""
-    from pipeline.sweep import save_record
-
     if status == COMPLETE and (record.get("tracking") or {}).get("status") == COMPLETE:
         return  # nothing new: leave the file as it is
     record["tracking"] = {"status": status, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if error:
         record["tracking"].update(error=redact(error), uri=redact(uri or ""))
-    save_record(str(results_dir), record)
-
-
-def one_line(err: BaseException) -> str:
-    """The most telling line of an MLflow/requests error (they run to several lines), redacted."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Connection refused" in line or "Max retries exceeded" in line:
-            return redact(f"{type(err).__name__}: {line}")[:300]
-    return redact(f"{type(err).__name__}: {lines[0] if lines else ''}")[:300]
+    records.save_record(str(results_dir), record)
 
 
 # ---------------------------------------------------------------- what a run is missing
@@ -89,9 +71,7 @@ def _record_rows(results_dir: str | Path, record: dict) -> list[dict]:
 
 def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
     """The record's run on this server, else the run found or created by trial name + config hash."""
-    from mlflow.exceptions import MlflowException
-
-    from sors import config as config_lib
+    from mlflow.exceptions import MlflowException  # mlflow: imported only when a run is tracked
 
     run_id = record.get("mlflow_run_id")
     if run_id:
@@ -111,11 +91,9 @@ def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
 
 def _link_rows(results_dir: str | Path, record: dict, rows: list[dict], run_id: str) -> list[dict]:
     """Point the record and its cell rows at ``run_id`` (rows rewritten in place: still one per cell)."""
-    from pipeline.sweep import save_record
-
     if record.get("mlflow_run_id") != run_id:
         record["mlflow_run_id"] = run_id
-        save_record(str(results_dir), record)
+        records.save_record(str(results_dir), record)
     store = Path(results_dir) / "cells"
     linked = []
     for row in rows:
@@ -186,8 +164,6 @@ def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | No
     status (None: leave it). ``report``: also upload ``<results>/reports/<sweep>/`` files.
     Raises whatever MLflow raises; :func:`track_or_mark` is the best-effort wrapper.
     """
-    from tasks import storage
-
     client = tracking.client(uri)
     rows = _record_rows(results_dir, record) if rows is None else rows
     run_id = _ensure_run(uri, results_dir, record, client)
@@ -207,8 +183,6 @@ def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | No
         local = storage.local_copy(record["checkpoint_uri"])
         done["artifacts"] += _upload_missing(uri, client, run_id, [local], "checkpoint")
         if not (run.outputs and run.outputs.model_outputs):
-            from sors import train as train_lib
-
             model, _, _ = train_lib.load_checkpoint(local)  # weights_only load
             tracking.log_model(uri, run_id, model)
             done["model"] = 1
@@ -230,8 +204,8 @@ def track_or_mark(uri: str, results_dir: str | Path, record: dict, rows: list[di
     try:
         done = track(uri, results_dir, record, rows, status, report)
     except Exception as err:  # noqa: BLE001 -- tracking trouble must not lose a finished trial
-        log.warning("MLflow tracking of %s/%s failed: %s", record.get("sweep"), record.get("trial"), one_line(err))
-        mark(results_dir, record, INCOMPLETE, one_line(err), uri)
+        log.warning("MLflow tracking of %s/%s failed: %s", record.get("sweep"), record.get("trial"), tracking_line(err))
+        mark(results_dir, record, INCOMPLETE, tracking_line(err), uri)
         return None
     mark(results_dir, record, COMPLETE)
     return done
@@ -242,7 +216,7 @@ def experiment_or_none(uri: str, name: str, artifact_root: str | None = None) ->
     try:
         return tracking.ensure_experiment(uri, name, artifact_root)
     except Exception as err:  # noqa: BLE001 -- the sweep goes on; its trials' records say what to sync
-        log.warning("MLflow unreachable, the sweep continues untracked: %s", one_line(err))
+        log.warning("MLflow unreachable, the sweep continues untracked: %s", tracking_line(err))
         return None
 
 
@@ -254,7 +228,7 @@ def run_or_none(uri: str, experiment_id: str | None, trial: str, config_hash: st
     try:
         return tracking.find_or_create_run(uri, experiment_id, trial, config_hash, params, tags)
     except Exception as err:  # noqa: BLE001
-        log.warning("could not create the MLflow run of %s: %s", trial, one_line(err))
+        log.warning("could not create the MLflow run of %s: %s", trial, tracking_line(err))
         return None
 
 
@@ -264,7 +238,7 @@ def mark_failed(uri: str, run_id: str | None) -> None:
         try:
             tracking.client(uri).set_terminated(run_id, "FAILED")
         except Exception as err:  # noqa: BLE001
-            log.warning("could not mark MLflow run %s failed: %s", run_id, one_line(err))
+            log.warning("could not mark MLflow run %s failed: %s", run_id, tracking_line(err))
 
 
 def failure_message(command: str, records: list[dict], results_dir: str, uri: str, sweep: str | None) -> str:
@@ -280,8 +254,6 @@ def failure_message(command: str, records: list[dict], results_dir: str, uri: st
 
 def build_parser():
     """``sors sync [SWEEP] --results-dir DIR --tracking-uri URI [--all]``."""
-    from pipeline.preflight import OneLineArgumentParser
-
     parser = OneLineArgumentParser(prog="sors sync", description="backfill MLflow runs from the results folder "
                                      "(after the tracking server was unreachable during a sweep)")
     parser.add_argument("sweep", nargs="?", help="only this sweep (default: every sweep in the results folder)")
@@ -294,15 +266,13 @@ def build_parser():
 
 def run(args) -> int:
     """Sync every pending record; prints one line per run. Returns 0, or 1 when some run still failed."""
-    from pipeline import preflight
-
     results_dir = str(Path(args.results_dir).resolve())
     if not (Path(results_dir) / "models").is_dir():
         raise preflight.PreflightError(f"--results-dir {results_dir}: no trained models here (no models/ folder)")
     uri = args.tracking_uri or tracking.default_tracking_uri(results_dir)
     preflight.check_tracking(uri, results_dir)
     preflight.check_store(Path(results_dir) / "cells")
-    todo = _records(results_dir, args.sweep) if args.all else pending(results_dir, args.sweep, unknown=True)
+    todo = records.all_records(results_dir, args.sweep) if args.all else pending(results_dir, args.sweep, unknown=True)
     failed = 0
     for record in todo:
         start = time.perf_counter()
@@ -317,21 +287,18 @@ def run(args) -> int:
                   f"{done['artifacts']} artifact(s){', the model' if done['model'] else ''} "
                   f"({time.perf_counter() - start:.1f} s)")
     print(f"sors sync: {len(todo) - failed} of {len(todo)} run(s) up to date in MLflow at {redact(uri)}")
-    return 1 if failed else 0
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """``sors sync ...``; exit 0 synced (or nothing to do), 1 some run still failing, 2 bad input."""
-    from pipeline.preflight import PreflightError
-    from sors.train import CheckpointError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
-        return 0 if exit_.code == 0 else 2
+        return EXIT_OK if exit_.code == 0 else EXIT_BAD_INPUT
     try:
         return run(args)
-    except (PreflightError, results.ResultsError, CheckpointError) as err:
+    except (preflight.PreflightError, results.ResultsError, CheckpointError) as err:
         print(f"sors sync: error: {redact(str(err).splitlines()[0])}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT

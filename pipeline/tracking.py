@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.redact import redact, redact_mapping
+
 log = logging.getLogger("pipeline.tracking")
 # MLflow's HTTP client retries a failing call for about 4 minutes by default; a sweep must not stall that
 # long per call while the server is down (what it cannot log, `sors sync` backfills). Users may override.
@@ -101,7 +103,6 @@ def find_or_create_run(tracking_uri: str, experiment_id: str, trial: str, config
     with ``params`` and ``tags`` logged. Returns the run id."""
     from mlflow.entities import Param, RunTag
 
-    from pipeline.redact import redact_mapping
 
     params, tags = redact_mapping(params), redact_mapping(tags)  # no credentials in params or tags
     mlflow_client = client(tracking_uri)
@@ -147,7 +148,6 @@ class EpochLogger:
         try:
             log_metrics(self.tracking_uri, self.run_id, metrics, step=epoch)
         except Exception as err:  # noqa: BLE001 -- tracking trouble must not kill a training run
-            from pipeline.redact import redact
 
             self.down_until = time.time() + 60  # one slow failure a minute, not one per epoch
             log.warning("could not log epoch %d metrics to MLflow: %s", epoch, redact((str(err).splitlines() or [""])[0]))
@@ -205,9 +205,3 @@ def log_model(tracking_uri: str, run_id: str, model) -> None:
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
-
-def set_tags(tracking_uri: str, run_id: str, tags: dict) -> None:
-    """Set run tags."""
-    mlflow_client = client(tracking_uri)
-    for key, value in tags.items():
-        _retry(mlflow_client.set_tag, run_id, key, str(value))

@@ -46,12 +46,12 @@ def default_storage(results_dir: str | os.PathLike) -> str:
     return str(Path(results_dir).resolve() / "ray")
 
 
-def make_trainer(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1,
+def build_trainer(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1,
                  callbacks: list | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` for one resolved config (``epoch_hook(epoch, row)`` runs on rank 0)."""
     gpu = use_gpu(cfg)
     return TorchTrainer(
-        training.train_loop_per_worker,
+        training.train_worker,
         train_loop_config={"config": config_lib.to_dict(cfg), "epoch_hook": epoch_hook},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu),
         run_config=ray.train.RunConfig(
@@ -67,10 +67,10 @@ def checkpoint_uri(storage_path: str, name: str, checkpoint_dir: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}/{Path(checkpoint_dir).name}/{training.CHECKPOINT_FILE}"
 
 
-def fit(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1,
+def train_on_ray(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1,
         callbacks: list | None = None) -> TrainOutcome:
     """Train (or finish training) one model with Ray Train; returns its final checkpoint."""
-    result = make_trainer(cfg, name, storage_path, epoch_hook, max_failures, callbacks).fit()
+    result = build_trainer(cfg, name, storage_path, epoch_hook, max_failures, callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     folder = result.checkpoint.path

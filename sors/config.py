@@ -92,7 +92,6 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "attack": AttackConfig, "eval": EvalConfig}
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("independent", "perturbed_copies")
 # Above this a learning rate only ever diverges (SGD or Adam, on images in [0, 1]): refuse it up front.
@@ -248,8 +247,13 @@ def config_hash(cfg: RunConfig, sections: tuple[str, ...] = ("data", "model", "t
 
 
 def is_super_network(model_name: str) -> bool:
-    """True for models whose forward samples a path (``sors_*``)."""
-    return model_name.startswith("sors_")
+    """True for super-networks (the model registry's ``super_network`` fact; False for an unknown name,
+    which validation reports)."""
+    # sors.models loads torch (seconds): imported here, not at the top, so that reading and checking a
+    # config (the CLI's first step) stays light.
+    from sors.models import registry
+
+    return model_name in registry.available() and registry.info(model_name)["super_network"]
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -273,10 +277,12 @@ def _check(condition: bool, key: str, problem: str, allowed: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value. Model and attack names are checked
-    against their registries by :func:`validate_names` (kept apart to avoid import cycles)."""
+    against their registries by the layers that build them (``sors.models``, ``sors.attacks``)."""
     d, m, t, a, e = cfg.data, cfg.model, cfg.train, cfg.attack, cfg.eval
     _check_types(cfg)
-    _check(d.name in DATASETS, "data.name", f"unknown data set {d.name!r}", ", ".join(DATASETS))
+    from sors.data import SPECS  # torch: heavy, see is_super_network (the data sets are sors.data's)
+
+    _check(d.name in SPECS, "data.name", f"unknown data set {d.name!r}", ", ".join(SPECS))
     for key, n in (("data.n_train", d.n_train), ("data.n_test", d.n_test)):
         _check(n is None or n >= 1, key, f"{n} is not a positive count", "an integer >= 1, or none for all")
     _check(m.n_ops is None or m.n_ops >= 1, "model.n_ops", f"m = {m.n_ops} candidates per layer", "an integer >= 1")

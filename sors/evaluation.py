@@ -15,17 +15,14 @@ Seeds: the attack, each scoring repeat, each worst-case draw and the gradient ch
 seed derived from the cell's ``seed``; torch's global generator is restored afterwards.
 
 :func:`evaluate_model` runs a list of cells plus the sanity cells the cross-cell checks need;
-:func:`format_table` renders a paper-style table; ``python -m sors.evaluation --checkpoint PATH``
-does both for a checkpoint.
+:func:`format_table` renders a paper-style table (``sors evaluate`` runs cells through the pipeline).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -37,7 +34,6 @@ from sors import attacks as attacks_lib
 from sors import checks
 from sors.attacks.base import eval_mode, model_device
 from sors.config import AttackConfig, EvalConfig
-from sors.errors import ConfigError
 from sors.metrics import wilson_interval
 from sors.models import is_randomized, per_example_sampling
 from sors.models.supernet import SuperNet
@@ -348,95 +344,3 @@ def _sanity_section(results_by_model: dict[str, list[CellResult]], num_classes: 
         else:
             lines.append(f"  {model_name}: no warnings")
     return lines
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line (until the `sors evaluate` CLI lands)
-
-DEFAULT_CLI_ATTACKS = "none,fgsm,pgd,mim,eot_pgd,autoattack_rand"
-
-
-def _parse_eps(text: str) -> tuple[float, ...]:
-    """``"25,50"`` (0-255 scale when > 1) or ``"0.1,8/255"`` -> pixel-scale radii."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        num, _, den = part.partition("/")
-        value = float(num) / float(den) if den else float(num)
-        values.append(value / 255 if value > 1 else value)
-    return tuple(values)
-
-
-def _parse_value(text: str):
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def _parse_options(assignments: Sequence[str]) -> dict[str, dict]:
-    """``["pgd.steps=20", "cw.kappa=1"]`` -> ``{"pgd": {"steps": 20}, "cw": {"kappa": 1}}``."""
-    options: dict[str, dict] = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        name, dot, option = key.strip().partition(".")
-        if not sep or not dot or not option:
-            raise ConfigError("--set", f"{item!r} is not of the form attack.option=value", "e.g. pgd.steps=20")
-        attacks_lib.check_name(name)
-        options.setdefault(name, {})[option] = _parse_value(value)
-    return options
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sors.evaluation --checkpoint PATH``: evaluate a checkpoint and print the table.
-    Exit codes: 0 done, 2 bad input (unknown attack, unreadable checkpoint, missing data)."""
-    from sors import data as data_lib
-    from sors.errors import DataNotFoundError
-    from sors.train import CheckpointError, load_checkpoint
-
-    parser = argparse.ArgumentParser(prog="python -m sors.evaluation", description=main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint written by sors.train")
-    parser.add_argument("--attacks", default=DEFAULT_CLI_ATTACKS, help=f"comma list (default {DEFAULT_CLI_ATTACKS})")
-    parser.add_argument("--eps", default=None, help="comma list, e.g. 25,50 (/255) or 0.1; default: the data set's grid")
-    parser.add_argument("--n-examples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=EvalConfig.repeats)
-    parser.add_argument("--all-paths", type=int, default=EvalConfig.all_paths)
-    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--source-checkpoint", default=None, help="source model for transfer attacks")
-    parser.add_argument("--no-sanity", action="store_true", help="skip the extra sanity cells")
-    parser.add_argument("--set", action="append", default=[], metavar="ATTACK.OPTION=VALUE",
-                        help="attack option, e.g. autoattack_rand.steps=20 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        model, cfg, _ = load_checkpoint(args.checkpoint, device=args.device)
-        source = load_checkpoint(args.source_checkpoint, device=args.device)[0] if args.source_checkpoint else None
-        eval_cfg = EvalConfig(repeats=args.repeats, n_examples=args.n_examples, all_paths=args.all_paths,
-                              batch_size=args.batch_size, seed=args.seed)
-        names = [a.strip() for a in args.attacks.split(",") if a.strip()]
-        cells = paper_attacks(cfg.data.name, names, _parse_eps(args.eps) if args.eps else None)
-        images, labels = data_lib.load(cfg.data.name, "test", args.data_root or cfg.data.root, n=args.n_examples,
-                                       seed=cfg.data.seed)
-        num_classes = data_lib.spec(cfg.data.name).num_classes
-        results = evaluate_model(model, images, labels, cells, eval_cfg, args.seed, source, args.device,
-                                 num_classes, sanity=not args.no_sanity, attack_options=_parse_options(args.set),
-                                 dataset=cfg.data.name)
-    except (ConfigError, CheckpointError, DataNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_table({cfg.model.name: results}, num_classes,
-                       title=f"{args.checkpoint}: {cfg.data.name} test, n={len(labels[:args.n_examples])}"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

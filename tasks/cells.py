@@ -1,4 +1,5 @@
-"""Evaluate one cell: (model checkpoint [+ variant]) x attack x eps x seed -> CellResult + one row.
+"""Evaluate one cell: (model checkpoint [+ variant]) x attack x eps x seed -> CellResult + one row
+(:func:`make_row`), and back (:func:`row_to_result`).
 
 A cell is content-addressed: its id hashes the checkpoint's bytes (SHA-256), the attack spec, the
 evaluation settings that change the number, the inference variant and the seed -- so a rerun finds
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 
 from sors import config as config_lib
 from sors import data as data_lib
+from sors import evaluation
 from sors import train as train_lib
 from sors.config import AttackConfig, EvalConfig, RunConfig
 from sors.models.factory import wrap_average
@@ -81,9 +83,7 @@ def n_ops_of(model, cfg: RunConfig) -> int | None:
 
 
 def evaluate(spec: CellSpec, device="cpu"):
-    """Run one cell. Returns ``(CellResult, row)``; ``row`` follows ``notes/SCHEMA.md``."""
-    from sors import evaluation
-
+    """Run one cell. Returns ``(CellResult, row)``; ``row`` follows the Parquet schema in README's results section."""
     model, cfg = load_model(spec, device)
     images, labels = test_images(spec, cfg)
     eval_cfg = dataclasses.replace(spec.eval, seed=spec.seed)
@@ -136,3 +136,18 @@ def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds:
         "code_version": spec.code_version,
         "created_at": datetime.now(timezone.utc),
     }
+
+
+def row_to_result(row: dict, result_cls=evaluation.CellResult):
+    """Rebuild a ``CellResult`` (or ``result_cls``) from a stored row: the inverse of :func:`make_row`,
+    for the cross-cell checks and the tables."""
+    values = {"attack": row["attack"], "norm": row["norm"], "eps": row["eps"], "steps": row["steps"],
+              "eot_samples": row["eot_samples"], "repeats": row["repeats"], "n": row["n"], "correct": row["correct"],
+              "accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
+              "all_path_accuracy": row["all_path_accuracy"], "sanity_flags": list(row["sanity_flags"] or []),
+              "seconds": row["seconds"], "attack_spec": json.loads(row["attack_spec"] or "{}"),
+              "extra": json.loads(row["extra"] or "{}")}
+    if dataclasses.is_dataclass(result_cls):
+        names = {f.name for f in dataclasses.fields(result_cls)}
+        values = {k: v for k, v in values.items() if k in names}
+    return result_cls(**values)

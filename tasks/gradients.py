@@ -3,7 +3,6 @@ random pairs of sub-networks (super-networks) or of ensemble members."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -25,11 +24,6 @@ def pair_cosines(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n
     else:
         return []
     return [float(c) for c in cos]
-
-
-def angles_degrees(cosines: list[float]) -> list[float]:
-    """Angles in degrees, 0..180 (90 = orthogonal gradients)."""
-    return [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines]
 
 
 def measure(model: nn.Module, dataset: str, root: str | None, n_examples: int = 128, n_pairs: int = 8,

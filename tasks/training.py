@@ -38,7 +38,7 @@ def params_digest(model: nn.Module) -> str:
 
 
 def rank_digests(checkpoint_dir: str | Path) -> dict[int, str]:
-    """``{rank: params digest}`` from a checkpoint folder written by :func:`train_loop_per_worker`."""
+    """``{rank: params digest}`` from a checkpoint folder written by :func:`train_worker`."""
     found = {}
     for path in Path(checkpoint_dir).glob(DIGEST_FILE.format(rank="*")):
         found[int(path.name.split("-rank")[1].split(".")[0])] = path.read_text().strip()
@@ -72,7 +72,7 @@ def _report(state: train_lib.TrainState, cfg: config_lib.RunConfig, metrics: dic
                          checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_worker(loop_config: dict) -> None:
     """Ray Train worker entry point.
 
     ``loop_config``: ``{"config": sors.config.to_dict(cfg), "epoch_hook": callable(epoch, row) | None}``;

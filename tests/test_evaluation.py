@@ -13,7 +13,7 @@ from torch import nn
 from sors import attacks, checks, defenses, orthogonality
 from sors import train as train_lib
 from sors.config import AttackConfig, EvalConfig
-from sors.evaluation import evaluate_cell, evaluate_model, format_table, main
+from sors.evaluation import evaluate_cell, evaluate_model, format_table
 from sors.models import ChoiceLayer, Ensemble, SuperNet, build, freeze_path
 from tests.conftest import make_config
 
@@ -226,25 +226,6 @@ def lenet_checkpoint(lenet, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "lenet5.pt"
     train_lib.save_checkpoint(path, train_lib.TrainState(lenet, train_lib.make_optimizer(lenet, cfg.train), 1), cfg)
     return path
-
-
-def test_module_command_prints_the_table_with_adaptive_attacks(lenet_checkpoint, capsys):
-    code = main(["--checkpoint", str(lenet_checkpoint), "--n-examples", "40", "--eps", "25,50",
-                 "--set", "autoattack_rand.steps=5", "--set", "autoattack_rand.eot_samples=2",
-                 "--set", "eot_pgd.eot_samples=4"])
-    out = capsys.readouterr().out
-    assert code == 0
-    header = next(line for line in out.splitlines() if line.startswith("model"))
-    for column in ("clean", "FGSM @25/50", "PGD @25/50", "MIM @25/50", "EOT-PGD @25/50", "AA-rand @25/50"):
-        assert column in header
-    assert "Sanity checks:" in out and "lenet5" in out
-
-
-def test_module_command_rejects_bad_input_with_exit_code_2(lenet_checkpoint, tmp_path, capsys):
-    assert main(["--checkpoint", str(lenet_checkpoint), "--attacks", "pgdx"]) == 2
-    assert "attack.name" in capsys.readouterr().err
-    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
-    assert "no such checkpoint" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

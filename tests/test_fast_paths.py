@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import bench
+from bench import cli as bench_cli
+from sors import losses_ablation
 from sors import kernels, losses, models
 from sors.models.supernet import per_example_sampling, repeat_forward
 
@@ -63,7 +64,7 @@ def test_orthogonality_loss_equals_the_einsum_formula_with_its_gradient(k):
     g[1, 2] = 0.0  # a zero gradient: counts as orthogonal to everything in both
     a = g.clone().requires_grad_()
     b = g.clone().requires_grad_()
-    fast, ref = losses.orthogonality_loss(a), bench.einsum_orthogonality(b)
+    fast, ref = losses.orthogonality_loss(a), losses_ablation.einsum_orthogonality(b)
     torch.testing.assert_close(fast, ref, rtol=RTOL, atol=0)
     torch.testing.assert_close(torch.autograd.grad(fast, a)[0], torch.autograd.grad(ref, b)[0], rtol=RTOL, atol=1e-15)
 
@@ -126,8 +127,8 @@ def test_every_fast_path_switched_off_gives_the_same_gradients():
     """The bench's ablation variants differ in cost only."""
     net, x, y, paths, params = lenet_step()
     opt = torch.optim.SGD(params, lr=0.0)
-    grads = {label: param_grads(net, lambda o=options: bench.sors_step_variant(net, x, y, paths, params, opt, **o))
-             for label, options in bench.FAST_PATH_VARIANTS.items()}
+    grads = {label: param_grads(net, lambda o=options: losses_ablation.sors_step_variant(net, x, y, paths, params, opt, **o))
+             for label, options in losses_ablation.FAST_PATH_VARIANTS.items()}
     first = grads.pop("all fast paths")
     for other in grads.values():
         assert_grads_close(other, first)
@@ -273,7 +274,7 @@ def test_forward_copies_runs_the_first_layer_once_per_image_and_candidate():
 
 
 def test_bench_quick_json_describes_the_machine_and_every_figure(capsys):
-    code = bench.main(["--quick", "--cases", "train_step,fastpaths", "--repeats", "1", "--json",
+    code = bench_cli.main(["--quick", "--cases", "train_step,fastpaths", "--repeats", "1", "--json",
                        "--no-targets"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -286,19 +287,19 @@ def test_bench_quick_json_describes_the_machine_and_every_figure(capsys):
 
 
 def test_bench_exits_1_on_a_missed_target_and_2_on_bad_input(capsys):
-    code = bench.main(["--quick", "--cases", "train_step", "--models", "sors_lenet5", "--repeats", "1",
+    code = bench_cli.main(["--quick", "--cases", "train_step", "--models", "sors_lenet5", "--repeats", "1",
                        "--warmup", "0", "--target", "train_step.sors_lenet5.ratio=0.5"])
     table = capsys.readouterr().out
     assert code == 1 and "targets missed: train_step.sors_lenet5.ratio" in table
     assert any(line.startswith("train_step.sors_lenet5.ratio") and " NO " in line for line in table.splitlines())
-    assert bench.main(["--cases", "nope"]) == 2
-    assert bench.main(["--target", "no.such=1"]) == 2
-    assert bench.main(["--models", "vgg16"]) == 2
+    assert bench_cli.main(["--cases", "nope"]) == 2
+    assert bench_cli.main(["--target", "no.such=1"]) == 2
+    assert bench_cli.main(["--models", "vgg16"]) == 2
     assert "sors bench:" in capsys.readouterr().err
 
 
 def test_bench_attack_and_memory_cases_report_their_figures(capsys):
-    code = bench.main(["--quick", "--cases", "eot,pgd,memory", "--repeats", "1", "--warmup", "0", "--json",
+    code = bench_cli.main(["--quick", "--cases", "eot,pgd,memory", "--repeats", "1", "--warmup", "0", "--json",
                        "--no-targets"])
     out = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in out["results"]}

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.redact import redact
-from pipeline.sweep import root_cause
+from pipeline.cliutil import original_error
 from sors.errors import ConfigError
 
 SECRET = "s3cr@t-Pa55"  # holds a raw "@": the whole password must go, not the part after the "@"
@@ -101,7 +101,7 @@ def test_a_config_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_se
 
     with pytest.raises(Exception) as caught:
         ray_session.get(bad_member.remote())
-    original = root_cause(caught.value)
+    original = original_error(caught.value)
     assert type(original) is ConfigError  # not "ConfigError.__init__() missing ... 'problem'"
     assert str(original) == "model.members: unknown member model 'nope'; allowed: lenet5, resnet18"
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import nightly
-from pipeline.nightly import Thresholds, compare, compare_cell, summarize
+from pipeline.nightly import run as nightly_run
+from pipeline.nightly.compare import Thresholds, compare, compare_cell, significant_drop, summarize
 from sors.metrics import wilson_interval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def test_a_drop_inside_the_confidence_intervals_is_not_a_regression():
 
 def test_a_significant_drop_below_the_minimum_is_not_a_regression():
     base, cur = row(0.500, n=200_000), row(0.490, n=200_000)  # 1 point, far outside both intervals
-    assert nightly.significant_drop(base, cur, 0.0)
+    assert significant_drop(base, cur, 0.0)
     assert compare_cell(base, cur, Thresholds())["verdict"] == "ok"
     assert compare_cell(base, cur, Thresholds(min_drop=0.005))["verdict"] == "regression"
 
@@ -221,8 +222,8 @@ def test_accept_promotes_a_run_to_the_baseline(smoke_runs, capsys):
     assert json.loads((root / "baseline.json").read_text())["run_id"] == weak
     assert [json.loads(l)["run_id"] for l in (root / "accepted.jsonl").read_text().splitlines()] == [first, weak]
     cfg = nightly.load_config(SMOKE)
-    assert nightly._baseline(cfg, root, results, None) [0] == weak
-    assert nightly._baseline(cfg, root, results, first)[0] == first  # --baseline pins another run
+    assert nightly_run._baseline(cfg, root, results, None) [0] == weak
+    assert nightly_run._baseline(cfg, root, results, first)[0] == first  # --baseline pins another run
 
 
 def test_a_nightly_that_cannot_reach_its_data_exits_2_with_one_line(tmp_path):

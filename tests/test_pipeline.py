@@ -1,4 +1,4 @@
-"""The distributed pipeline end to end: presets, Ray Train (2 workers), the smoke sweep through Tune,
+"""The distributed pipeline end to end: --set, Ray Train (2 workers), the smoke sweep through Tune,
 Ray-task evaluation into Parquet, a real MLflow server, reports and the CLI's exit codes."""
 
 from __future__ import annotations
@@ -15,44 +15,7 @@ from sors.errors import ConfigError
 pytestmark = pytest.mark.timeout(400)
 
 
-# ---------------------------------------------------------------- presets and --set
-
-def test_every_shipped_preset_parses_into_resolved_trials():
-    names = presets.available()
-    assert {"smoke", "quick", "table2", "table3", "table4", "lambda", "operators"} <= set(names)
-    for name in names:
-        sweep = presets.build_sweep(name)
-        assert sweep.trials and sweep.evaluation.attack_configs(), name
-        for trial in sweep.trials:
-            assert trial.config.train.epochs is not None  # resolved
-
-
-def test_quick_preset_is_the_readme_job():
-    sweep = presets.build_sweep("quick")
-    models = {t.label: t.config for t in sweep.trials}
-    assert list(models) == ["LeNet-5", "LeNet-5x4", "RS", "SORS"]
-    assert models["LeNet-5x4"].model.members == "lenet5*4"
-    assert models["RS"].model.name == "sors_lenet5" and models["RS"].train.lambda_ == 0
-    assert models["SORS"].train.lambda_ == 10
-    assert all(c.data.name == "fashion_mnist" and c.data.n_train is None for c in models.values())
-    cells = sweep.evaluation.attack_configs()
-    assert cells[0].name == "none"
-    assert {c.name for c in cells[1:]} == {"fgsm", "pgd", "mim", "eot_pgd"}
-    assert sorted({round(c.eps * 255) for c in cells[1:]}) == [25, 50, 75, 100]
-
-
-def test_teachers_train_in_an_earlier_stage_than_their_students():
-    sweep = presets.build_sweep("table2")
-    groups = [[t.name for t in g] for g in presets.stages(sweep.trials)]
-    assert "lenet5" in groups[0] and {"rs", "sors"} <= set(groups[1])
-    assert [v.label for v in sweep.trial("sors").variants] == ["SORS*"]
-
-
-def test_lambda_grid_expands_to_one_trial_per_value():
-    sweep = presets.build_sweep("lambda", ["train.epochs=1"])
-    assert sorted(t.config.train.lambda_ for t in sweep.trials) == [0, 1, 5, 10, 20, 50]
-    assert all(t.config.train.epochs == 1 for t in sweep.trials)  # --set applies to every trial
-
+# ---------------------------------------------------------------- --set on the command line
 
 def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="train.lamda.*did you mean train.lambda"):
@@ -62,12 +25,6 @@ def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
     assert code == 2
     assert err.startswith("sors sweep: error: train.lamda") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "cells").exists()  # nothing ran
-
-
-def test_a_delegated_command_whose_module_is_missing_says_so_and_exits_2(monkeypatch, capsys):
-    monkeypatch.setitem(cli.DELEGATED, "bench", "pipeline.no_such_module")
-    assert cli.main(["bench", "--anything"]) == 2
-    assert "sors bench: not built yet" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- cells and the Parquet store
@@ -143,7 +100,7 @@ def test_two_ray_train_workers_end_an_epoch_with_identical_parameters(ray_sessio
     cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
         "model.name": "sors_lenet5", "data.n_train": 512, "data.n_test": 64, "train.epochs": 1,
         "train.optimizer": "adam", "train.lr": 0.002, "train.num_workers": 2, "train.use_gpu": False}))
-    outcome = trainer.fit(cfg, "two-workers", str(tmp_path / "ray"))
+    outcome = trainer.train_on_ray(cfg, "two-workers", str(tmp_path / "ray"))
     digests = training.rank_digests(outcome.checkpoint_dir)
     assert sorted(digests) == [0, 1]
     assert digests[0] == digests[1], "ranks diverged: gradients were not averaged or paths differed"

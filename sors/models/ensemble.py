@@ -51,7 +51,7 @@ class Ensemble(nn.Module):
         return mean_softmax_log([member(x) for member in self.members])
 
 
-@register("ensemble")
+@register("ensemble", randomized=False)
 def ensemble(num_classes=10, in_channels=1, members="lenet5*2", **options):
     names = parse_members(members)
     if "ensemble" in names:
@@ -115,11 +115,11 @@ class RSE(nn.Module):
         return mean_softmax_log(logits)
 
 
-@register("rse_lenet5")
+@register("rse_lenet5", randomized=True)
 def rse_lenet5(num_classes=10, in_channels=1, init_noise=0.2, inner_noise=0.1, n_ensemble=10, **options):
     return RSE(build("lenet5", num_classes, in_channels, **options), init_noise, inner_noise, n_ensemble)
 
 
-@register("rse_resnet18")
+@register("rse_resnet18", randomized=True)
 def rse_resnet18(num_classes=10, in_channels=3, init_noise=0.2, inner_noise=0.1, n_ensemble=10, **options):
     return RSE(build("resnet18", num_classes, in_channels, **options), init_noise, inner_noise, n_ensemble)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sors import data as data_lib
-from sors.config import ModelConfig, RunConfig
 from sors.errors import ConfigError, quote
 from sors.models.ensemble import PathAverage, parse_members
 from sors.models.registry import MODELS, build, check_name
 from sors.models.supernet import FixedPath, SuperNet
+
+if TYPE_CHECKING:  # the annotation only: sors.config looks model facts up in this package
+    from sors.config import ModelConfig, RunConfig
 
 
 def build_from_config(cfg: RunConfig) -> nn.Module:

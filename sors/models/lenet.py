@@ -53,11 +53,11 @@ class SORSLeNet5(SuperNet):
         self._register_choices()
 
 
-@register("lenet5")
+@register("lenet5", randomized=False)
 def lenet5(num_classes=10, in_channels=1, **options):
     return LeNet5(num_classes, in_channels, **options)
 
 
-@register("sors_lenet5")
+@register("sors_lenet5", randomized=True, super_network=True)
 def sors_lenet5(num_classes=10, in_channels=1, n_ops=4, **options):
     return SORSLeNet5(num_classes, in_channels, n_ops=n_ops, **options)

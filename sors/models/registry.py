@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -10,9 +10,19 @@ from sors.errors import ConfigError
 from sors.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name")
-register = MODELS.register  # @register("name") on ``builder(num_classes, in_channels, **options)``
+# @register("name", randomized=..., super_network=...) on ``builder(num_classes, in_channels, **options)``.
+# Facts: ``randomized`` (its forward draws a random sub-network: SORS super-networks, RSE), ``super_network``
+# (a :class:`SuperNet`: choice layers, ``num_paths``; trains K paths per step). ``num_paths`` is not a fact:
+# it depends on ``n_ops`` and the data set, and every built super-network exposes it.
+register = MODELS.register
 available = MODELS.available
 check_name = MODELS.check_name
+
+
+def info(name: str) -> dict[str, Any]:
+    """The registered facts of model ``name`` with defaults filled: ``randomized``, ``super_network``
+    (booleans). :class:`ConfigError` on ``model.name`` for an unknown name."""
+    return {"randomized": False, "super_network": False, **MODELS.facts(name)}
 
 
 def build(name: str, num_classes: int = 10, in_channels: int = 1, **options) -> nn.Module:

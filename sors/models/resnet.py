@@ -88,16 +88,16 @@ class SORSResNet(SuperNet):
         self._register_choices()
 
 
-@register("resnet18")
+@register("resnet18", randomized=False)
 def resnet18(num_classes=10, in_channels=3, **options):
     return ResNet((2, 2, 2, 2), num_classes, in_channels, **options)
 
 
-@register("resnet34")
+@register("resnet34", randomized=False)
 def resnet34(num_classes=10, in_channels=3, **options):
     return ResNet((3, 4, 6, 3), num_classes, in_channels, **options)
 
 
-@register("sors_resnet18")
+@register("sors_resnet18", randomized=True, super_network=True)
 def sors_resnet18(num_classes=10, in_channels=3, **options):
     return SORSResNet((2, 2, 2, 2), num_classes, in_channels, **options)

@@ -32,6 +32,6 @@ class VGG(nn.Module):
         return self.body(x)
 
 
-@register("vgg16")
+@register("vgg16", randomized=False)
 def vgg16(num_classes=10, in_channels=3, **options):
     return VGG(_VGG16, num_classes, in_channels, **options)
