@@ -22,17 +22,22 @@ from pipeline import cliutil, tracking
 from pipeline.cliutil import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, OneLineArgumentParser,
                               add_common, connect, shutdown)
 from pipeline.records import load_records, record_path, save_record
+from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
 from sors import config as config_lib
-from sors.errors import ConfigError, DataNotFoundError
+from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
 from tasks import storage
+
+MESSAGE_LIMIT = 600  # characters of an error line: one line on any terminal log, never a 100 KB echo
 
 
 class UsageError(Exception):
     """Bad command-line input that argparse cannot see (one line)."""
 
 
-DRY_RUN_HELP = "check every input (config, data, folders, tracking, Ray address), print the trials, run nothing"
+DRY_RUN_HELP = ("check every input (config, data, folders, tracking, Ray address), print the trials and what "
+                "each model would allocate, run nothing")
+ALLOW_LARGE_HELP = "run models over 2 GiB of weights or 64 ensemble members (refused by default)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=None, help="run name (default: the model name)")
     train.add_argument("--help-keys", action="store_true", help="list every config key and exit")
     train.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    train.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     add_common(train)
 
     sweep = sub.add_parser("sweep", help="run a preset: Tune grid of trainings, evaluation cells, report")
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--name", default=None, help="sweep name (default: the preset's)")
     sweep.add_argument("--list", action="store_true", help="list the presets and exit")
     sweep.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    sweep.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     add_common(sweep)
 
     evaluate = sub.add_parser("evaluate", help="evaluate checkpoints: one Ray task per cell into Parquet")
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label", action="append", default=[], help="row name per checkpoint (default: file name)")
     evaluate.add_argument("--preset", default=None, help="take the evaluation plan (attacks, eps, seeds) from a preset")
     evaluate.add_argument("--name", default="evaluate", help="sweep name recorded in the rows / MLflow experiment")
+    evaluate.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     add_common(evaluate)
 
     report = sub.add_parser("report", help="tables (Markdown, CSV) and plots from the Parquet results")
@@ -86,10 +94,15 @@ def _options(args, resume: bool = False):
 
 def _preflight(args, opts, sweep=None, configs=()) -> None:
     """Check every input before anything is written or launched (PreflightError: one line).
-    ``configs``: run configs whose data sets must be readable (a sweep's trials are added)."""
+    ``configs``: run configs (or ``(where, config)`` pairs) whose model sizes are bounded and whose data
+    sets must be readable (a sweep's trials are added)."""
     from pipeline import preflight  # heavy
 
-    configs = list(configs) + ([t.config for t in sweep.trials] if sweep else [])
+    named = [c if isinstance(c, tuple) else (f"config {i + 1}", c) for i, c in enumerate(configs)]
+    named += [(f"trial {t.name}", t.config) for t in (sweep.trials if sweep else ())]
+    for where, cfg in named:
+        preflight.check_model_size(cfg, where, getattr(args, "allow_large", False))
+    configs = [c for _, c in named]
     datasets = {(c.data.name, opts.data_root or c.data.root) for c in configs}
     preflight.check_inputs(opts.results_dir, args.storage_path, opts.tracking_uri, args.ray_address, args.num_cpus,
                            datasets)
@@ -100,16 +113,18 @@ def _preflight(args, opts, sweep=None, configs=()) -> None:
 
 def _dry_run(sweep) -> None:
     """Print what a sweep would run: each trial with the options that differ from the defaults."""
-    from pipeline import presets  # heavy
+    from pipeline import preflight, presets  # heavy
 
     defaults = config_lib.flat_dict(config_lib.RunConfig())
     cells = sum(len(sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name)))
                 * len(sweep.evaluation.seeds) * len(t.evaluated()) for t in sweep.trials)
+
     print(f"sweep {sweep.name}: {len(sweep.trials)} trial(s), {cells} evaluation cell(s); inputs OK, nothing run")
     for trial in sweep.trials:
         changed = {k: v for k, v in config_lib.flat_dict(trial.config).items() if v != defaults.get(k)}
         options = " ".join(f"{k}={redact(v)}" for k, v in sorted(changed.items()))
-        print(f"  {trial.name} ({trial.label}) config {config_lib.config_hash(trial.config)[:8]}: {options}")
+        size = preflight.check_model_size(trial.config, trial.name, allow_large=True)  # checked in _preflight
+        print(f"  {trial.name} ({trial.label}) config {config_lib.config_hash(trial.config)[:8]} [{size}]: {options}")
 
 
 def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
@@ -205,6 +220,32 @@ def cmd_sweep(args) -> int:
     return _tracking_outcome("sweep", opts, sweep.name)
 
 
+def _evaluate_overrides(overrides: list[str]) -> tuple[dict, list]:
+    """``sors evaluate --set``: checked like ``sors sweep``'s (unknown keys, types, ranges), and only the
+    options that can change an evaluation of a trained checkpoint: ``eval.*``, ``attack.*``, ``data.root``.
+    Returns (config overrides, attack.* overrides)."""
+    from pipeline import presets  # heavy
+
+    config_pairs, attack_pairs = presets._split_overrides(overrides)
+    for key, _ in config_pairs:
+        if not key.startswith("eval.") and key != "data.root":
+            raise ConfigError(key, "sors evaluate cannot change a trained model", "eval.*, attack.* or data.root")
+    config_lib.validate(config_lib.apply_overrides(config_lib.RunConfig(), dict(config_pairs)))
+    return dict(config_pairs), attack_pairs
+
+
+def _evaluation_plan(args, dataset: str):
+    """The cells to score: a preset's evaluation plan, or the default one for ``dataset``, narrowed by
+    ``attack.*`` overrides; every attack name checked."""
+    from pipeline import presets  # heavy
+
+    if args.preset:
+        return presets.build_sweep(args.preset, args.overrides).evaluation
+    plan = presets.evaluation_plan(presets.default_plan(dataset), args.overrides)
+    presets.check_attacks(plan)
+    return plan
+
+
 def cmd_evaluate(args) -> int:
     import dataclasses
 
@@ -212,25 +253,27 @@ def cmd_evaluate(args) -> int:
     from pipeline import sweep as sweep_lib  # heavy
     from sors import train as train_lib  # heavy
 
-    opts = _options(args).resolved()
+    presets.check_component("--name", args.name)
     if args.label and len(args.label) != len(args.checkpoints):
         raise UsageError(f"--label given {len(args.label)} time(s) for {len(args.checkpoints)} checkpoint(s)")
+    eval_overrides, _ = _evaluate_overrides(args.overrides)  # ConfigError before any file is read
+    opts = _options(args).resolved()
     models = []
     for i, uri in enumerate(args.checkpoints):
+        label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
+        presets.check_component("--label" if args.label else f"label of {uri} (set --label)", label)
         local = storage.local_copy(uri)
         payload = train_lib.read_checkpoint(local)  # CheckpointError: one line naming the file
-        cfg = config_lib.from_dict(payload["config"])
-        label = args.label[i] if args.label else Path(uri).stem if Path(uri).stem != "model" else Path(uri).parent.name
+        cfg = train_lib.checkpoint_config(local, payload)  # and a config that resolves, with a known model
         models.append((uri, local, cfg, label))
-    _preflight(args, opts, configs=[m[2] for m in models])
-    eval_overrides = {k: v for k, v in map(config_lib.parse_assignment, args.overrides) if k.startswith("eval.")}
+    plans = {cfg.data.name: _evaluation_plan(args, cfg.data.name) for _, _, cfg, _ in models}
+    _preflight(args, opts, configs=[(redact(m[0]), m[2]) for m in models])
     specs, records = [], []
     code = tracking.code_version()
     experiment = tracking.ensure_experiment(opts.tracking_uri, args.name, opts.artifact_root)
     for uri, local, cfg, label in models:
-        eval_cfg = config_lib.apply_overrides(cfg, eval_overrides).eval
-        plan = (presets.build_sweep(args.preset, args.overrides).evaluation if args.preset
-                else presets.evaluation_plan(presets.default_plan(cfg.data.name), args.overrides))
+        eval_cfg = config_lib.resolve(config_lib.apply_overrides(cfg, eval_overrides)).eval
+        plan = plans[cfg.data.name]
         sha = storage.file_sha256(local)
         run_id = tracking.find_or_create_run(opts.tracking_uri, experiment, label, sha[:16], config_lib.flat_dict(cfg),
                                              {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code})
@@ -328,6 +371,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
+    install_redaction()  # every log line and print of this process: URI passwords masked
     if argv and argv[0] in DELEGATED:  # their options belong to the other module's parser
         return _delegate(argparse.Namespace(command=argv[0], args=argv[1:]))
     try:
@@ -336,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if not exit_.code else EXIT_BAD_INPUT
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_redaction()  # again: the filter on the handler basicConfig added
     if not verbose:  # MLflow announces the schema set-up of a new SQLite store at INFO
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from pipeline.sweep import SweepInterrupted  # heavy
@@ -344,8 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except _user_errors() as err:
         message = redact(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-        print(f"sors {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        diverged = isinstance(getattr(err, "cause", None), TrainingDiverged)
+        if diverged:
+            message += " -- no model record or final checkpoint was written; the MLflow run is marked FAILED"
+        print(f"sors {args.command}: error: {message[:MESSAGE_LIMIT]}", file=sys.stderr)
+        return EXIT_CHECK_FAILED if diverged else EXIT_BAD_INPUT
     except (KeyboardInterrupt, SweepInterrupted) as err:
         hint = f"sors sweep {args.preset} --resume" if args.command == "sweep" and args.preset else "the same command"
         detail = f" ({err})" if str(err) else ""

@@ -99,6 +99,21 @@ def root_cause(err: BaseException, limit: int = 400) -> str:
     return (lines[-1] if lines else type(err).__name__)[:limit]
 
 
+def original_error(err: BaseException) -> BaseException:
+    """The exception first raised, unwrapped from Ray's envelopes: ``RayTaskError.cause``, a Ray Train
+    ``WorkerGroupError``'s lowest-rank worker failure, ``__cause__``. (The errors of ``sors.errors``
+    pickle with their arguments, so they arrive as themselves.)"""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None) or {}
+        inner = getattr(err, "cause", None) or (failures[min(failures)] if failures else None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return err
+
+
 def tracking_line(err: BaseException) -> str:
     """The most telling line of an MLflow/requests error (they run to several lines), redacted."""
     lines = _lines(err)

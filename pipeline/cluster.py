@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -9,6 +10,10 @@ import warnings
 import ray
 
 log = logging.getLogger("pipeline.cluster")
+LOOPBACK = "127.0.0.1"
+# Tune's loggers that print a failed trial's whole traceback and "Trials did not complete".
+QUIET_TRIAL_ERRORS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+REDACT_HOOK = "pipeline.redact.install"  # worker_process_setup_hook: imported and called in every worker
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
@@ -26,16 +31,21 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter is silent at verbose=0
         for name in ("ray", "ray.tune", "ray.train", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in QUIET_TRIAL_ERRORS:  # the CLI reports a failed trial itself, in one line (-v shows these)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
     options = {"log_to_driver": not quiet, "include_dashboard": False, "configure_logging": True,
-               "logging_level": logging.WARNING if quiet else logging.INFO}
+               "logging_level": logging.WARNING if quiet else logging.INFO,
+               # every worker process masks URI passwords in its logs and prints (Ray keeps them in files)
+               "runtime_env": {"worker_process_setup_hook": REDACT_HOOK}}
     if address in (None, "", "local"):
         # A local machine is not a spot instance: skip Train V2's per-run preemption-watcher actor
         # (one Python process less per training run).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # address="local": always a new local instance, never a `ray start` cluster someone left on this machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=object_store_memory,
-                 **options)
+        with _loopback_only():
+            # address="local": always a new local instance, never a `ray start` cluster someone left on this machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=object_store_memory,
+                     _node_ip_address=LOOPBACK, **options)
     else:
         ray.init(address=address, **options)
         reclaimed = reclaim_orphaned_placement_groups()
@@ -43,6 +53,32 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
             log.warning(
                 "removed %d placement group(s) left behind by killed drivers (they held %s)", len(reclaimed),
                 ", ".join(sorted({f"{k}={v:g}" for pg in reclaimed for k, v in _pg_resources(pg).items()})))
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While a local Ray starts: its node address is 127.0.0.1, so the GCS, the raylet, the runtime-env
+    agent, the driver's and every worker's gRPC server listen on loopback only, not on every interface.
+
+    Why this way: ``ray.init(_node_ip_address="127.0.0.1")`` alone is turned back into the machine's
+    routable address (``services.resolve_ip_for_localhost``) unless Ray is in its single-machine mode,
+    which it keys on ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` -- read once at import into
+    ``ray_constants.ENABLE_RAY_CLUSTER``. Both are set for the start only (child processes inherit the
+    variable) and restored afterwards, so joining a cluster later in the process is unaffected.
+    """
+    from ray._private import ray_constants  # private, but the flag Ray itself reads
+
+    saved_flag, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def orphaned_placement_groups() -> list:

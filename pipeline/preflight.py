@@ -21,10 +21,15 @@ from pipeline import records, results
 from pipeline.redact import redact
 from sors import data as data_lib
 from sors import train as train_lib
+from sors.errors import quote
+from sors.models import model_size
 from tasks import storage
 from tasks.training import CHECKPOINT_FILE
 
 PROBE_TIMEOUT_S = 5.0  # tracking server and Ray address probes
+# Above these a model is almost surely a typo (model.n_ops=1000000, lenet5*99999); --allow-large runs it anyway.
+MAX_WEIGHT_BYTES = 2 << 30
+MAX_MEMBERS = 64
 
 
 class PreflightError(ValueError):
@@ -46,6 +51,32 @@ def _read_only_mount(path: Path) -> bool:
         return False
 
 
+# Kernel and device file systems: writable-looking to root, but no folder can be made there.
+PSEUDO_FILESYSTEMS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                                "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "binfmt_misc",
+                                "efivarfs", "hugetlbfs", "autofs", "nsfs"})
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system ``path`` is on (the longest mount point above it in
+    ``/proc/self/mounts``), or None where that table cannot be read (not Linux)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    target = str(path)
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def check_folder(path: str | os.PathLike, option: str) -> None:
     """``path`` is, or can be created as, a writable folder (nothing is created here)."""
     path = Path(path).expanduser().absolute()
@@ -54,15 +85,53 @@ def check_folder(path: str | os.PathLike, option: str) -> None:
     existing = _nearest_existing(path)
     if not existing.is_dir():
         raise PreflightError(f"{option} {path}: {existing} is a file, not a folder")
+    if filesystem_type(existing) in PSEUDO_FILESYSTEMS:
+        raise PreflightError(f"{option} {path}: {existing} is on the kernel's {filesystem_type(existing)} file "
+                             "system, not a place for files")
     if not os.access(existing, os.W_OK | os.X_OK) or _read_only_mount(existing):
         where = "" if existing == path else f" ({existing} cannot be written to create it)"
         raise PreflightError(f"{option} {path}: folder is not writable{where}")
 
 
+# URI schemes Ray Train's storage (pyarrow.fs) reads and writes.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
 def check_storage(storage_path: str | None) -> None:
-    """``--storage-path``: a writable local folder; URIs (``s3://``...) are checked by Ray when used."""
-    if storage_path and "://" not in storage_path:
+    """``--storage-path``: a writable local folder, or a URI of a scheme pyarrow's file systems know
+    (``s3://``...; the bucket itself is checked by Ray when used)."""
+    if not storage_path:
+        return
+    if "://" not in storage_path:
         check_folder(storage_path, "--storage-path")
+        return
+    scheme = storage_path.split("://", 1)[0].lower()
+    if scheme not in STORAGE_SCHEMES:
+        raise PreflightError(f"--storage-path {redact(storage_path)}: unsupported scheme {quote(scheme)} "
+                             f"(expected a folder or {', '.join(s + '://' for s in STORAGE_SCHEMES)})")
+    if scheme == "file":
+        check_folder(storage_path[len("file://"):], "--storage-path")
+
+
+# ---------------------------------------------------------------- model sizes
+
+def _size_text(size) -> str:
+    unit, scale = ("GiB", 2**30) if size.weight_bytes >= 2**30 else ("MiB", 2**20)
+    return f"{size.parameters:,} parameters, {size.weight_bytes / scale:,.1f} {unit} of weights"
+
+
+def check_model_size(cfg, where: str, allow_large: bool = False) -> str:
+    """The size of the model ``cfg`` describes, counted without building it (``sors.models.model_size``);
+    PreflightError above :data:`MAX_WEIGHT_BYTES` of weights or :data:`MAX_MEMBERS` ensemble members
+    unless ``allow_large``. Returns the size as text for the dry run."""
+    size = model_size(cfg)  # ConfigError: unknown model or member, an option the model does not take
+    too_big = size.weight_bytes > MAX_WEIGHT_BYTES or size.members > MAX_MEMBERS
+    if too_big and not allow_large:
+        raise PreflightError(f"{where}: {cfg.model.name} would have {_size_text(size)}, {size.members} "
+                             f"member(s): over the limit of {MAX_WEIGHT_BYTES >> 30} GiB of weights and "
+                             f"{MAX_MEMBERS} members (pass --allow-large to run it anyway)")
+    members = f", {size.members} members" if size.members > 1 else ""
+    return _size_text(size) + members
 
 
 # ---------------------------------------------------------------- data
@@ -70,6 +139,7 @@ def check_storage(storage_path: str | None) -> None:
 def check_data(datasets: Iterable[tuple[str, str | None]]) -> None:
     """Every ``(data set name, root)`` pair can be read (``DataNotFoundError`` names the files)."""
     for name, root in sorted(set(datasets), key=str):
+        data_lib.check_intact(name, root)  # every file whole: a truncated train file fails here, not mid-sweep
         data_lib.load(name, "test", root, n=1)
 
 
@@ -121,8 +191,12 @@ def check_tracking(uri: str | None, results_dir: str | os.PathLike) -> None:
     can be written. ``None`` means the default store inside the results folder (checked with it)."""
     if not uri:
         return
-    parsed = urlparse(uri)
     shown = redact(uri)
+    try:
+        parsed = urlparse(uri)
+        parsed.port  # noqa: B018 -- parses the port: ValueError for a bad one
+    except ValueError as err:
+        raise PreflightError(f"--tracking-uri {shown}: not a valid URI ({err})") from None
     if parsed.scheme in ("http", "https"):
         reason = tracking_reachable(uri)
         if reason:
@@ -132,11 +206,21 @@ def check_tracking(uri: str | None, results_dir: str | os.PathLike) -> None:
         inside = str(path.absolute()).startswith(str(Path(results_dir).absolute()) + os.sep)
         if not inside:
             check_folder(path.parent, f"--tracking-uri {shown}:")
+        check_sqlite_file(path, f"--tracking-uri {shown}")
     elif parsed.scheme in ("file", ""):
         check_folder(parsed.path or uri, "--tracking-uri")
     elif parsed.scheme not in ("databricks", "postgresql", "mysql", "mssql", "uc"):
         raise PreflightError(f"--tracking-uri {shown}: unsupported scheme {parsed.scheme!r} "
                              "(expected http(s)://host:port, sqlite:///file.db or a database URI)")
+
+
+def check_sqlite_file(path: Path, option: str) -> None:
+    """An existing SQLite store must be a file this process can write (MLflow otherwise retries a
+    read-only database for minutes before it gives up)."""
+    if path.is_dir():
+        raise PreflightError(f"{option}: {path} is a folder, not a database file")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise PreflightError(f"{option}: {path} is not writable")
 
 
 # ---------------------------------------------------------------- Ray
@@ -171,8 +255,12 @@ def check_ray_address(address: str | None, num_cpus: int | None = None) -> None:
             target = _auto_address()
         except (ImportError, AttributeError):
             return  # Ray moved its helper: ray.init will say what is wrong
-    parsed = urlparse(target if "://" in target else f"ray://{target}")
-    if parsed.scheme not in ("ray", "rays") or not parsed.hostname:
+    try:
+        parsed = urlparse(target if "://" in target else f"ray://{target}")
+        host = parsed.hostname
+    except ValueError:
+        parsed, host = None, None
+    if host is None or parsed.scheme not in ("ray", "rays"):
         raise PreflightError(f"--ray-address {address}: expected auto, host:port or ray://host:port")
     try:
         port = parsed.port or (10001 if "://" in target else 6379)
@@ -214,7 +302,8 @@ def check_checkpoints(sweep, opts) -> None:
     for trial in sweep.trials:
         teacher = trial.config.train.teacher
         if teacher and not trial.teacher_trial and not storage.is_remote(teacher):
-            train_lib.read_checkpoint(storage.local_copy(teacher))  # CheckpointError names the file
+            local = storage.local_copy(teacher)
+            train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))  # CheckpointError names the file
         record = records.load_record(opts.results_dir, sweep.name, trial.name)
         if record and not storage.is_remote(record.get("checkpoint_uri", "")):
             path = storage.local_copy(record["checkpoint_uri"])

@@ -35,8 +35,8 @@ import yaml
 from sors import attacks, checks
 from sors import config as config_lib
 from sors.config import AttackConfig, RunConfig
-from sors.errors import ConfigError
-from sors.models import registry
+from sors.errors import ConfigError, quote
+from sors.models import factory, registry
 
 PRESET_DIR = Path(__file__).parent / "presets"
 TEACHER_PREFIX = "trial:"
@@ -44,6 +44,36 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths",)
 ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
+PRESET_KEYS = ("name", "description", "base", "trials", "evaluation")
+EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
+MAX_PRESET_BYTES = 1 << 20  # a preset is a page of YAML; anything near this is not one
+MAX_NAME_CHARS = 100
+
+
+class _PresetLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases: presets need none, and ``*alias`` chains are how a
+    few hundred bytes of YAML ("billion laughs") expand into more memory than the machine has."""
+
+    def compose_node(self, parent, index):  # noqa: D102 -- PyYAML API
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError("preset", f"YAML alias at line {mark.line + 1} (aliases and anchors "
+                              "are not allowed in presets)", "plain YAML: repeat the values")
+        return super().compose_node(parent, index)
+
+
+def check_component(option: str, value: Any) -> str:
+    """``value`` as a name that becomes one file or folder name under the results folder (a sweep,
+    a label, a preset's ``name``): no path separators, no leading dot (``.``, ``..``, hidden files), no
+    control characters, at most :data:`MAX_NAME_CHARS` characters. ConfigError naming ``option`` otherwise."""
+    text = value if isinstance(value, str) else str(value)
+    bad = (not text or text.startswith(".") or len(text) > MAX_NAME_CHARS or any(c in text for c in "/\\:")
+           or any(ord(c) < 32 or ord(c) == 127 for c in text) or text != text.strip())
+    if bad or not isinstance(value, str):
+        raise ConfigError(option, f"{quote(value)} is not a safe name (it becomes a file name)",
+                          f"one path component of at most {MAX_NAME_CHARS} characters: no / \\ : or control "
+                          "characters, not starting with a dot")
+    return text
 
 
 @dataclass(frozen=True)
@@ -129,6 +159,8 @@ def preset_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
+    if not _NAME.fullmatch(name_or_path):  # a name, not a path: it must not leave the presets folder
+        raise ConfigError("preset", f"unknown preset {quote(name_or_path)}", ", ".join(available()) + ", or a .yaml file")
     shipped = PRESET_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise ConfigError("preset", f"unknown preset {name_or_path!r}", ", ".join(available()) + ", or a .yaml file")
@@ -138,13 +170,43 @@ def preset_path(name_or_path: str) -> Path:
 def load_raw(name_or_path: str) -> dict:
     """The preset file parsed as YAML (a mapping)."""
     path = preset_path(name_or_path)
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_PRESET_BYTES + 1)
+    if len(data) > MAX_PRESET_BYTES:
+        raise ConfigError("preset", f"{path}: larger than {MAX_PRESET_BYTES >> 20} MiB", "a YAML preset file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(data.decode("utf-8"), Loader=_PresetLoader)  # noqa: S506 -- a SafeLoader subclass
+    except ConfigError as err:  # an alias, from _PresetLoader
+        raise ConfigError("preset", f"{path}: {err.problem}", err.allowed) from None
+    except UnicodeDecodeError:
+        raise ConfigError("preset", f"{path}: not a text file (not UTF-8)", "a YAML preset file") from None
     except yaml.YAMLError as err:
-        raise ConfigError("preset", f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError("preset", f"{path}: not valid YAML ({str(err).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise ConfigError("preset", f"{path}: nested too deeply", "a YAML preset file") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("trials"), list) or not raw["trials"]:
         raise ConfigError("preset", f"{path}: expected a mapping with a non-empty 'trials' list")
+    unknown = sorted(str(k) for k in raw if k not in PRESET_KEYS)
+    if unknown:
+        raise ConfigError(f"preset {path.name}", f"unknown field(s) {quote(unknown)}", ", ".join(PRESET_KEYS))
+    _expect("base", raw.get("base"), dict)
+    _expect("evaluation", raw.get("evaluation"), dict)
     return raw
+
+
+def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str | None = None) -> Any:
+    """``value`` when it is None or of ``kind`` (bool is not an int here), else a ConfigError naming ``option``."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        return value
+    names = {dict: "a mapping", list: "a list", str: "text", bool: "true or false", int: "an integer"}
+    wanted = allowed or " or ".join(names.get(k, k.__name__) for k in kinds)
+    raise ConfigError(option, f"{quote(value)} is {type(value).__name__}, not {wanted}", wanted)
+
+
+def _list(option: str, value: Any) -> list:
+    """A list field: None -> []; anything but a list is an error (a bare number is a typo here)."""
+    return list(_expect(option, value, (list, tuple), "a list") or [])
 
 
 def _float(key: str, value: Any) -> float:
@@ -153,20 +215,16 @@ def _float(key: str, value: Any) -> float:
 
 def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
     """The ``evaluation`` section; ``attack.*`` overrides narrow or adjust it."""
-    section = raw.get("evaluation") or {}
-    attacks = []
-    for entry in section.get("attacks") or []:
-        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-        unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
-        if unknown or "name" not in entry:
-            raise ConfigError("evaluation.attacks", f"bad entry {entry}", "mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS))
-        if entry.get("eps") is not None:
-            entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in entry["eps"])
-        attacks.append(entry)
-    eps = tuple(_float("evaluation.eps", e) for e in section.get("eps") or ())
-    seeds = tuple(int(s) for s in section.get("seeds") or (0,))
-    clean = bool(section.get("clean", True))
-    sanity = bool(section.get("sanity", False))
+    section = _expect("evaluation", raw.get("evaluation"), dict) or {}
+    unknown = sorted(str(k) for k in section if k not in EVALUATION_KEYS)
+    if unknown:
+        raise ConfigError("evaluation", f"unknown field(s) {quote(unknown)}", ", ".join(EVALUATION_KEYS))
+    attacks = [_attack_entry(entry) for entry in _list("evaluation.attacks", section.get("attacks"))]
+    eps = tuple(_float("evaluation.eps", e) for e in _list("evaluation.eps", section.get("eps")))
+    seeds = tuple(config_lib._coerce("evaluation.seeds", s, int)
+                  for s in _list("evaluation.seeds", section.get("seeds")) or [0])
+    clean = _expect("evaluation.clean", section.get("clean", True), bool)  # "false" (a string) is not false
+    sanity = bool(_expect("evaluation.sanity", section.get("sanity", False), bool))
     for key, value in overrides:
         option = key.split(".", 1)[1]
         if option == "name":  # keep only the named attacks (clean accuracy stays as the preset says)
@@ -187,14 +245,29 @@ def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
     return plan
 
 
+def _attack_entry(entry: Any) -> dict:
+    """One ``evaluation.attacks`` entry (a name, or a mapping of :data:`ATTACK_ENTRY_KEYS`), types checked."""
+    entry = {"name": entry} if isinstance(entry, str) else dict(_expect("evaluation.attacks", entry, (dict, str)) or {})
+    unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
+    if unknown or not isinstance(entry.get("name"), str):
+        raise ConfigError("evaluation.attacks", f"bad entry {quote(entry)}",
+                          "names, or mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS))
+    if entry.get("eps") is not None:
+        entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in _list("evaluation.attacks.eps", entry["eps"]))
+    for key in ("steps", "eot_samples"):
+        if key in entry:
+            entry[key] = config_lib._coerce(f"evaluation.attacks.{key}", entry[key], int | None)
+    return entry
+
+
 def _grid_points(grid: dict) -> list[dict]:
     """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}`` (one empty dict if no grid)."""
-    if not grid:
+    if not _expect("grid", grid, dict):
         return [{}]
     keys = list(grid)
     for key in keys:
         if not isinstance(grid[key], list) or not grid[key]:
-            raise ConfigError(f"grid.{key}", f"{grid[key]!r} is not a non-empty list")
+            raise ConfigError(f"grid.{key}", f"{quote(grid[key])} is not a non-empty list")
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -210,15 +283,19 @@ def _grid_suffix(point: dict) -> tuple[str, str]:
 
 def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]:
     variants = []
-    for i, entry in enumerate(raw_variants or []):
-        settings = dict(entry.get("set") or {})
+    for i, entry in enumerate(_list(f"trials.{trial_name}.variants", raw_variants)):
+        _expect(f"trials.{trial_name}.variants", entry, dict)
+        settings = dict(_expect(f"variants.{trial_name}.set", entry.get("set"), dict) or {})
         unknown = set(settings) - set(VARIANT_KEYS)
         if unknown:
             raise ConfigError(f"variants.{sorted(unknown)[0]}", "an evaluation variant cannot change training",
                               ", ".join(VARIANT_KEYS))
         k = config_lib._coerce("model.average_paths", settings.get("model.average_paths", 1), int)
         name = entry.get("name") or f"{trial_name}_v{i + 1}"
-        variants.append(Variant(name=name, label=entry.get("label") or name, average_paths=k))
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(f"trials.{trial_name}.variants", f"bad variant name {quote(name)}", "letters, digits, _ . -")
+        label = _expect(f"variants.{name}.label", entry.get("label"), str) or name
+        variants.append(Variant(name=name, label=label, average_paths=k))
     return tuple(variants)
 
 
@@ -243,11 +320,13 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
     base = config_lib.apply_overrides(RunConfig(), raw.get("base") or {})
     trials = []
     for entry in raw["trials"]:
-        if not isinstance(entry, dict) or not _NAME.match(str(entry.get("name", ""))):
-            raise ConfigError("trials", f"bad trial entry {entry!r}", "mappings with a 'name' of letters, digits, _ . -")
+        if not isinstance(entry, dict) or not _NAME.fullmatch(str(entry.get("name", ""))):
+            raise ConfigError("trials", f"bad trial entry {quote(entry)}", "mappings with a 'name' of letters, digits, _ . -")
         unknown = set(entry) - {"name", "label", "set", "grid", "variants"}
         if unknown:
             raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}", "name, label, set, grid, variants")
+        _expect(f"trials.{entry['name']}.set", entry.get("set"), dict)
+        _expect(f"trials.{entry['name']}.label", entry.get("label"), str)
         for point in _grid_points(entry.get("grid") or {}):
             cfg = config_lib.apply_overrides(base, entry.get("set") or {})
             cfg = config_lib.apply_overrides(cfg, point)
@@ -257,7 +336,8 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
             trials.append(TrialSpec(name=name, label=f"{entry.get('label') or entry['name']}{label_suffix}", config=cfg,
                                     variants=_variants(name, entry.get("variants"))))
     _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
-    sweep = Sweep(name=sweep_name or str(raw.get("name") or Path(name_or_path).stem), preset=str(raw.get("name") or name_or_path),
+    name = check_component("--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem)
+    sweep = Sweep(name=name, preset=str(raw.get("name") or name_or_path),
                   description=str(raw.get("description", "")), trials=tuple(trials),
                   evaluation=_eval_plan(raw, attack_overrides))
     _check_names(sweep)
@@ -276,11 +356,16 @@ def _check_unique(names: list[str]) -> None:
 def _check_names(sweep: Sweep) -> None:
     """Model and attack names against their registries, before anything is launched."""
     for trial in sweep.trials:
-        registry.check_name(trial.config.model.name)
+        factory.model_size(trial.config)  # the model, every ensemble member, and options the model takes
+    check_attacks(sweep.evaluation)
+
+
+def check_attacks(plan: EvalPlan) -> None:
+    """Every attack of an evaluation plan is registered (ConfigError on ``attack.name`` otherwise)."""
     known = set(attacks.available()) | {"none"}
-    for entry in sweep.evaluation.attacks:
+    for entry in plan.attacks:
         if entry["name"] not in known:
-            raise ConfigError("attack.name", f"unknown attack {entry['name']!r}", ", ".join(sorted(known)))
+            raise ConfigError("attack.name", f"unknown attack {quote(entry['name'])}", ", ".join(sorted(known)))
 
 
 def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSpec]]:
@@ -348,8 +433,8 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
     config_overrides, attack_overrides = _split_overrides(overrides)
     cfg = config_lib.resolve(config_lib.apply_overrides(RunConfig(), dict(config_overrides)))
     name = trial_name or cfg.model.name
-    if not _NAME.match(name):
-        raise ConfigError("--name", f"{name!r} is not a valid name", "letters, digits, _ . -")
+    if not _NAME.fullmatch(name):
+        raise ConfigError("--name", f"{quote(name)} is not a valid name", "letters, digits, _ . -")
     trial = TrialSpec(name=name, label=name, config=cfg)
     sweep = Sweep(name=sweep_name, preset="train", description="single training run", trials=(trial,),
                   evaluation=evaluation or EvalPlan(clean=False))

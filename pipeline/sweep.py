@@ -30,21 +30,29 @@ import ray
 from ray import tune
 
 from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
-from pipeline.cliutil import root_cause
+from pipeline.cliutil import original_error, root_cause
 from pipeline.records import load_record, save_record
 from pipeline.presets import Sweep, TrialSpec
 from sors import config as config_lib
 from sors import data as data_lib
 from sors import train as train_lib
+from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
 from tasks import cells as cells_lib
 from tasks import gradients, storage
 
 log = logging.getLogger("pipeline.sweep")
+# Errors whose own one-line message says what to fix: shown as they are when a trial raises one.
+USER_ERRORS = (ConfigError, DataNotFoundError, TrainingDiverged, train_lib.CheckpointError)
 TRIAL_RESOURCES = {"memory": 1 << 20}  # the trial only drives Train + evaluation: no CPU of its own
 
 
 class SweepError(RuntimeError):
-    """A trial or cell failed; the one-line message names which and why."""
+    """A trial or cell failed; the one-line message names which and why. ``cause``: the original
+    exception raised in the trial, its Ray Train worker or its Ray task (see :func:`pipeline.cliutil.original_error`)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 class SweepInterrupted(RuntimeError):
@@ -317,7 +325,10 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     errors = [(r.config.get("spec", {}).get("trial", {}).get("name", "?"), r.error) for r in grid_result if r.error]
     if errors:
         name, error = errors[0]
-        raise SweepError(f"trial {name} failed: {root_cause(error)}")
+        cause = original_error(error)
+        why = " ".join(str(cause).split())[:400] if isinstance(cause, USER_ERRORS) and str(cause).strip() \
+            else root_cause(error)
+        raise SweepError(f"trial {name} failed: {why}", cause=cause)
     unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
     if unfinished:
         raise SweepInterrupted(f"sweep {sweep.name} stopped before {', '.join(unfinished)} finished")

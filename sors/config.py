@@ -13,12 +13,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from sors.errors import ConfigError
+from sors.errors import QUOTE_LIMIT, ConfigError, quote
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "att
 
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("independent", "perturbed_copies")
+# Above this a learning rate only ever diverges (SGD or Adam, on images in [0, 1]): refuse it up front.
+MAX_LR = 10.0
 
 
 def _field_name(key: str) -> str:
@@ -111,9 +114,10 @@ def all_keys() -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1)
+    close = difflib.get_close_matches(key[:200], all_keys(), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(key, f"unknown option{hint}", "section.option with section in "
+    shown = key if len(key) <= QUOTE_LIMIT else quote(key)
+    return ConfigError(shown, f"unknown option{hint}", "section.option with section in "
                        + ", ".join(SECTIONS) + "; see `sors train --help-keys`")
 
 
@@ -127,7 +131,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(key, value, inner)
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value or ())
+        if value is None or isinstance(value, (str, list, tuple)):
+            items = value.split(",") if isinstance(value, str) else list(value or ())
+        else:  # a YAML scalar where a list is expected: one item
+            items = [value]
         return tuple(_coerce(key, v, args[0]) for v in items if str(v).strip() != "")
     if annotation is bool:
         if isinstance(value, bool):
@@ -137,25 +144,27 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return True
         if text in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(key, f"{value!r} is not a boolean", "true or false")
+        raise ConfigError(key, f"{quote(value)} is not a boolean", "true or false")
     if annotation is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(key, f"{value!r} is not an integer", "a whole number")
+            raise ConfigError(key, f"{quote(value)} is not an integer", "a whole number")
         try:
             return int(str(value).strip()) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
-            raise ConfigError(key, f"{value!r} is not an integer", "a whole number") from None
+            raise ConfigError(key, f"{quote(value)} is not an integer", "a whole number") from None
     if annotation is float:
         try:
             number = _parse_float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"{value!r} is not a number", "a number, e.g. 0.1 or 25/255") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError(key, f"{value!r} is not a finite number", "a finite number")
+        except ZeroDivisionError:
+            raise ConfigError(key, f"{quote(value)} divides by zero", "a number, e.g. 0.1 or 25/255") from None
+        except (TypeError, ValueError, ArithmeticError):
+            raise ConfigError(key, f"{quote(value)} is not a number", "a number, e.g. 0.1 or 25/255") from None
+        if not math.isfinite(number):
+            raise ConfigError(key, f"{quote(value)} is not a finite number", "a finite number")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(key, f"{value!r} is not a string", "text")
+            raise ConfigError(key, f"{quote(value)} is not a string", "text")
         return str(value)
     raise ConfigError(key, f"unsupported type {annotation}")
 
@@ -188,7 +197,7 @@ def parse_assignment(text: str) -> tuple[str, str]:
     """``"train.lambda=10"`` -> ``("train.lambda", "10")``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError("--set", f"{text!r} is not of the form key=value", "section.option=value")
+        raise ConfigError("--set", f"{quote(text)} is not of the form key=value", "section.option=value")
     return key.strip(), value.strip()
 
 
@@ -271,6 +280,7 @@ def validate(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value. Model and attack names are checked
     against their registries by the layers that build them (``sors.models``, ``sors.attacks``)."""
     d, m, t, a, e = cfg.data, cfg.model, cfg.train, cfg.attack, cfg.eval
+    _check_types(cfg)
     from sors.data import SPECS  # torch: heavy, see is_super_network (the data sets are sors.data's)
 
     _check(d.name in SPECS, "data.name", f"unknown data set {d.name!r}", ", ".join(SPECS))
@@ -284,7 +294,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.baseline_epochs >= 0, "train.baseline_epochs", f"{t.baseline_epochs}", "an integer >= 0")
     _check(t.batch_size >= 1, "train.batch_size", f"batch size {t.batch_size}", "an integer >= 1")
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"unknown optimizer {t.optimizer!r}", ", ".join(OPTIMIZERS))
-    _check(t.lr > 0, "train.lr", f"learning rate {t.lr}", "a number > 0")
+    _check(0 < t.lr <= MAX_LR, "train.lr", f"learning rate {t.lr}", f"a number > 0 and <= {MAX_LR:g}")
+    _check(t.lr_gamma > 0, "train.lr_gamma", f"{t.lr_gamma}", "a number > 0")
     _check(0 <= t.momentum < 1, "train.momentum", f"{t.momentum}", "0 <= momentum < 1")
     _check(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay}", "a number >= 0")
     _check(t.lambda_warmup >= 0, "train.lambda_warmup", f"{t.lambda_warmup}", "a number >= 0")
@@ -304,3 +315,15 @@ def validate(cfg: RunConfig) -> None:
     _check(e.all_paths >= 0, "eval.all_paths", f"{e.all_paths}", "an integer >= 0")
     _check(e.exact_paths_max >= 0, "eval.exact_paths_max", f"{e.exact_paths_max}", "an integer >= 0 (0: always sample)")
     _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size}", "an integer >= 1")
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """Every field holds its declared type and every number is finite -- also for a config built
+    without :func:`set_option` (``dataclasses.replace``, a checkpoint's stored dict)."""
+    for section, cls in SECTIONS.items():
+        values = getattr(cfg, section)
+        for name, annotation in typing.get_type_hints(cls).items():
+            key = f"{section}.{_key_name(name)}"
+            value = getattr(values, name)
+            if _coerce(key, value, annotation) != value:  # raises for a wrong type or a NaN / inf
+                raise ConfigError(key, f"{quote(value)} is not of type {annotation}")

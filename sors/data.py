@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,12 @@ def default_root(name: str) -> str:
 def _read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped) into a numpy array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DataNotFoundError(f"{path}: unreadable ({type(err).__name__}: truncated or corrupt? "
+                                "copy the file again)") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise DataNotFoundError(f"{path}: not an unsigned-byte IDX file (corrupt or truncated?)")
     ndim = raw[3]
@@ -83,6 +88,46 @@ def _find_idx(root: Path, name: str, stem: str) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def _idx_size_problem(path: Path) -> str | None:
+    """Why an IDX file (optionally gzipped) is shorter or longer than its header says, or None; reads
+    the header and, for ``.gz``, the trailer's uncompressed size -- not the whole file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(4)
+            if len(header) < 4 or header[:3] != b"\x00\x00\x08":
+                return "not an unsigned-byte IDX file"
+            dims = handle.read(4 * header[3])
+        expected = 4 + len(dims) + int(np.prod([int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)]))
+        if path.suffix != ".gz":
+            actual = path.stat().st_size
+        else:  # gzip's last 4 bytes: the uncompressed size mod 2**32 (a cut file ends in compressed data)
+            with open(path, "rb") as raw:
+                raw.seek(-4, os.SEEK_END)
+                actual, expected = int.from_bytes(raw.read(4), "little"), expected % 2**32
+    except (EOFError, OSError, zlib.error) as err:
+        return f"unreadable ({type(err).__name__})"
+    return None if actual == expected else f"{actual} bytes where its header says {expected}"
+
+
+def check_intact(name: str, root: str | None = None) -> None:
+    """Every file of both splits is present and whole (cheap: headers and sizes, not the pixels), so a
+    truncated copy fails before training rather than when the split is first read.
+    Raises :class:`DataNotFoundError` naming the file."""
+    spec(name)
+    folder = Path(root if root else default_root(name)).expanduser()
+    if name.startswith("cifar"):
+        return  # torchvision checks its pickles' MD5 sums itself (``_check_integrity``)
+    for split, stems in _IDX_FILES.items():
+        for stem in stems:
+            path = _find_idx(folder, name, stem)
+            if path is None:
+                raise DataNotFoundError(_missing_message(name, folder, [s + "[.gz]" for s in stems]))
+            problem = _idx_size_problem(path)
+            if problem:
+                raise DataNotFoundError(f"{path}: {problem} (truncated or corrupt? copy the file again)")
 
 
 def _missing_message(name: str, root: Path, files: list[str]) -> str:

@@ -28,8 +28,9 @@ from sors import config as config_lib
 from sors import data as data_lib
 from sors import losses, metrics
 from sors.config import RunConfig
+from sors.errors import ConfigError, TrainingDiverged
 from sors.kernels import retain_freed_memory
-from sors.models import build_from_config
+from sors.models import build_from_config, model_size
 from sors.models.supernet import SuperNet
 
 log = logging.getLogger("sors.train")
@@ -141,7 +142,11 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
         losses.backward_into(parts, params)  # parameters only: no gradient w.r.t. the input images
         allreduce_gradients(model)
         optimizer.step()
-        sums["loss"] += parts.total.item()
+        loss = parts.total.item()
+        if not math.isfinite(loss):  # .item() syncs anyway: the check is free
+            raise TrainingDiverged(f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1}/{steps} "
+                                   f"(train.lr={train.lr:g}; try a lower learning rate)")
+        sums["loss"] += loss
         sums["ce"] += parts.ce.item()
         sums["ortho"] += parts.ortho.item()
         sums["kd"] += parts.kd.item()
@@ -209,6 +214,7 @@ def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: i
         start = time.perf_counter()
         row = train_one_epoch(state.model, state.optimizer, train_x, train_y, cfg, state.epoch, teacher,
                               rank, world, device, on_step)
+        check_finite_weights(state.model, state.epoch + 1, cfg.train.lr)  # before any checkpoint of them
         row["clean_acc"] = clean_accuracy(state.model, test_x, test_y, device=device)
         row.update(metrics.gradient_orthogonality(state.model, probe_x, probe_y, n_pairs=4,
                                                   generator=torch.Generator().manual_seed(state.epoch)) or {})
@@ -221,6 +227,14 @@ def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: i
         if on_epoch_end:
             on_epoch_end(state, row)
     return state
+
+
+def check_finite_weights(model: nn.Module, epoch: int, lr: float) -> None:
+    """Raise :class:`TrainingDiverged` when a parameter holds NaN or inf (one reduction per tensor)."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise TrainingDiverged(f"training diverged: parameter {name} is not finite after epoch {epoch} "
+                                   f"(train.lr={lr:g}; try a lower learning rate)")
 
 
 def checkpoint_payload(state: TrainState, cfg: RunConfig) -> dict:
@@ -260,7 +274,21 @@ def read_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt: {type(err).__name__})") from None
     if not isinstance(payload, dict) or "model_state" not in payload or "config" not in payload:
         raise CheckpointError(f"{path}: not a SORS checkpoint (no model_state/config)")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["model_state"], dict):
+        raise CheckpointError(f"{path}: not a SORS checkpoint (its config or model_state is not a mapping)")
     return payload
+
+
+def checkpoint_config(path: str | os.PathLike, payload: dict) -> RunConfig:
+    """The resolved, validated config a checkpoint (read by :func:`read_checkpoint`) was trained with,
+    its model and every ensemble member known and of a size that can be counted; CheckpointError naming
+    the file and the bad option otherwise (a tampered or foreign checkpoint fails here, not mid-run)."""
+    try:
+        cfg = config_lib.resolve(config_lib.from_dict(payload["config"]))
+        model_size(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: bad config in the checkpoint ({err})") from None
+    return cfg
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu", with_optimizer: bool = False):

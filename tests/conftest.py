@@ -6,7 +6,6 @@ Session-scoped so the whole suite loads data and trains each reference model onc
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torch
 from sors import config as config_lib
 from sors import data as data_lib
 from sors import train as train_lib
-from tests import faults
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -136,12 +134,3 @@ def one_thread():
 def lenet(trained_lenet):
     """The trained LeNet-5 of :func:`trained_lenet`, in eval mode."""
     return trained_lenet[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A LeNet-5 checkpoint trained in-process (no Ray) on 256 real Fashion-MNIST images."""
-    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), dict(
-        faults.TINY, **{"model.name": "lenet5", "data.n_train": 256, "train.epochs": 1})))
-    state = train_lib.fit(cfg)
-    return train_lib.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lenet.pt", state, cfg)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import results
+from sors import config as config_lib
+from sors import train as train_lib
 
 pytestmark = pytest.mark.timeout(400)
 REPO = Path(__file__).resolve().parent.parent
@@ -201,3 +203,12 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A LeNet-5 checkpoint trained in-process (no Ray) on 256 real Fashion-MNIST images."""
+    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), dict(
+        TINY, **{"model.name": "lenet5", "data.n_train": 256, "train.epochs": 1})))
+    state = train_lib.fit(cfg)
+    return train_lib.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lenet.pt", state, cfg)

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import cli, results
 from sors import config as config_lib
-from tests.faults import REPO
+from tests.faults import REPO, tiny_checkpoint  # noqa: F401 -- a fixture
 
 pytestmark = pytest.mark.timeout(400)
 

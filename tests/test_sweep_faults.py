@@ -27,6 +27,7 @@ from tests.faults import (
     run_driver,
     spawn_driver,
     store_rows,
+    tiny_checkpoint,  # noqa: F401 -- a fixture
     wait_for,
     wait_for_dead_jobs,
     write_preset,

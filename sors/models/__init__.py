@@ -12,8 +12,9 @@ from sors.models import vgg as _vgg  # noqa: F401
 from sors.models.ensemble import Ensemble, PathAverage, RSE, mean_softmax_log
 from sors.models.registry import available, build, check_name, info
 from sors.models.supernet import ChoiceLayer, FixedPath, SuperNet, freeze_path, is_super_network, per_example_sampling
-from sors.models.factory import build_from_config, is_randomized
+from sors.models.factory import ModelSize, build_from_config, is_randomized, member_names, model_size
 
 __all__ = ["available", "build", "build_from_config", "check_name", "ChoiceLayer", "Ensemble", "FixedPath",
-           "freeze_path", "info", "is_randomized", "is_super_network", "mean_softmax_log", "PathAverage",
+           "freeze_path", "info", "is_randomized", "is_super_network", "member_names", "mean_softmax_log",
+           "model_size", "ModelSize", "PathAverage",
            "per_example_sampling", "RSE", "SuperNet"]
