@@ -1,6 +1,7 @@
 """``sors bench --cases adaptive``: images/s of the adaptive suite against the straightforward
-implementation of the same attacks (every member on every example, EOT draws as sequential
-forwards, no early stop, no exact expectation over paths), on a trained SORS-LeNet-5 and real
+implementation of the same attacks (every member on every example, each EOT draw -- and, for the
+exact expectation over SORS-LeNet-5's 1,024 paths, each path -- as a sequential forward, no early
+stop), on a trained SORS-LeNet-5 and real
 Fashion-MNIST test images at eps = 25/255 (the main job's hardest cell: most survivors).
 
 A trained model matters: an untrained one is broken at once and every early stop looks free. The

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sors.models.factory import is_randomized
-from sors.models.supernet import enumerable, every_path_logits, per_example_sampling, repeat_forward
+from sors.models.supernet import enumerable, every_path, every_path_logits, per_example_sampling, repeat_forward
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -92,8 +92,10 @@ def draw_logits(model: nn.Module, x: torch.Tensor, draws: int | None, sequential
     (:func:`repeat_forward` under :func:`per_example_sampling`). ``draws == 1``: one plain forward;
     ``draws is None``: every path of a super-network (:func:`every_path_logits`), (P, B, K).
     ``sequential``: the straightforward form instead, ``draws`` separate forwards each drawing one
-    path for the whole batch (the reference the benchmark compares against)."""
+    path for the whole batch, or one forward per path (the reference the benchmark compares against)."""
     if draws is None:
+        if sequential:
+            return torch.stack([model(x, path) for path in every_path(model)])
         return every_path_logits(model, x)
     if sequential:
         return torch.stack([model(x) for _ in range(draws)])

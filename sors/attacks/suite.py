@@ -43,7 +43,7 @@ DEFAULT_MEMBERS: tuple[tuple[str, dict], ...] = (
 )
 
 
-_STRAIGHTFORWARD = {"sequential_draws": True, "stop_when_broken": False, "exact_paths_max": 0}
+_STRAIGHTFORWARD = {"sequential_draws": True, "stop_when_broken": False}
 REFERENCE_OPTIONS = {"eot_apgd": _STRAIGHTFORWARD, "autoattack_rand": _STRAIGHTFORWARD}
 
 
@@ -59,8 +59,8 @@ class AdaptiveSuite(Attack):
     ``select_draws`` (fresh draws that score each member's output, 64), ``members`` (a list of
     ``(name, options)``; a member's option ``warm_start: True`` starts an ``eot_apgd`` member at the best
 point found so far instead of the clean image), ``reference`` (True: the straightforward implementation the benchmark
-    compares against: every member on every example, draws as sequential forwards, no early stop,
-    no exact expectations). After a call, ``last_stats`` holds per member the examples it attacked and
+    compares against: the same attacks with every member on every example, each draw -- or each
+    path, for an exact expectation -- as a sequential forward, no early stop). After a call, ``last_stats`` holds per member the examples it attacked and
     the fresh-draw accuracy of its points, and ``member_correct[label]`` per example (NaN where the
     member did not run because the example was already broken)."""
 
