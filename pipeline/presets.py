@@ -44,7 +44,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths",)
 ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
-PRESET_KEYS = ("name", "description", "base", "trials", "evaluation")
+# `nightly`: the settings of a nightly config written in preset format (read by `sors nightly`)
+PRESET_KEYS = ("name", "description", "base", "trials", "evaluation", "nightly")
 EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
 MAX_PRESET_BYTES = 1 << 20  # a preset is a page of YAML; anything near this is not one
 MAX_NAME_CHARS = 100
