@@ -209,3 +209,11 @@ def test_user_errors_pickle_as_themselves(error):
     """What crosses a Ray task or Train worker boundary: the same type and one-line message."""
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error)
+
+
+def test_nightly_without_arguments_is_one_line(capsys):
+    from pipeline import cli
+
+    assert cli.main(["nightly"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one of the arguments --config --accept is required" in err[0]

@@ -43,3 +43,11 @@ def test_the_report_table_ends_with_the_worst_case_columns():
     assert [c.label for c in columns] == ["Clean", f"Adaptive {eps}", f"PGD {eps}", f"Worst case {eps}"]
     assert cells[("SORS", columns[-1])].accuracy == pytest.approx((1 + 0 + 0 + 0.25) / 4)
     assert "Worst case" in report.markdown_table(rows)
+
+
+def test_the_same_cell_stored_twice_does_not_double_n_in_the_report():
+    cell = dict(row("pgd", 0.1, [1, 0, 1, 1]), cell_id="abc")
+    pooled = report.pooled([cell, dict(cell)])
+    assert pooled.n == 4 and pooled.accuracy == pytest.approx(0.75)
+    v1 = dict(cell, example_index=None, example_correct=None)
+    assert report.pooled([v1, dict(v1)]).n == 4

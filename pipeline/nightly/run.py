@@ -196,7 +196,7 @@ def _one_line(err: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """``sors nightly`` options: --config or --accept, --baseline, and the CLI's shared options."""
-    parser = argparse.ArgumentParser(prog="sors nightly", description=DESCRIPTION,
+    parser = cliutil.OneLineArgumentParser(prog="sors nightly", description=DESCRIPTION,
                                      epilog="exit codes: 0 no regression, 1 regression, 2 could not run")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="nightly YAML (e.g. infra/nightly/smoke.yaml)")
