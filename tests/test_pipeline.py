@@ -137,7 +137,7 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     ids = table.column("cell_id").to_pylist()
     assert len(set(ids)) == len(ids)
     assert set(table.column("attack").to_pylist()) == {"none", "fgsm", "pgd"}
-    assert set(table.column("schema_version").to_pylist()) == {1}
+    assert set(table.column("schema_version").to_pylist()) == {2}
     frame = pd.read_parquet(tmp_path / "cells")
     assert len(frame) == 6 and set(frame["dataset"].astype(str)) == {"fashion_mnist"}
     count = duckdb.sql(f"select count(distinct cell_id) from read_parquet('{tmp_path}/cells/**/*.parquet', "
@@ -149,6 +149,11 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
         assert row["n"] == 64 and row["sweep"] == "smoke" and row["mlflow_run_id"]
     sors_rows = [r for r in rows if r["trial"] == "sors"]
     assert all(r["all_path_accuracy"] is not None for r in sors_rows)  # randomized: worst-case view recorded
+    assert all(r["all_path_exact"] and r["all_path_count"] == 1024 for r in sors_rows)  # every path, exactly
+    for row in rows:  # per-example outcomes, aligned, on the same test images in every cell
+        assert len(row["example_index"]) == len(row["example_correct"]) == len(row["example_correct_min"]) == 64
+        assert sum(row["example_correct"]) == pytest.approx(row["correct"])
+    assert len({tuple(r["example_index"]) for r in rows}) == 1
 
     # a rerun runs no trial and no task and adds (or rewrites) no row
     before = _run_files(tmp_path)
