@@ -163,3 +163,31 @@ def test_the_reference_suite_runs_every_member_on_every_example(sors_model, batc
     assert all(reference.last_stats[f"{m}.attacked"] == 16 for m in ("eot_apgd:expected_ce", "autoattack_rand"))
     # at eps = 100/255 the first member breaks examples outright: the fast suite skips them afterwards
     assert fast.last_stats["autoattack_rand.attacked"] < 16
+
+
+class MixedSuper(models.SuperNet):
+    """Choice layers of stackable convs and linears, and of small blocks that cannot be stacked."""
+
+    def __init__(self, nested: bool = False):
+        super().__init__()
+        block = lambda: nn.Sequential(nn.Linear(16, 8), nn.Tanh())  # noqa: E731
+        choices = [models.ChoiceLayer([nn.Conv2d(1, 2, 3, stride=2) for _ in range(2)]), nn.ReLU(), nn.Flatten(),
+                   models.ChoiceLayer([nn.Linear(18, 16) for _ in range(3)]), nn.ReLU(),
+                   models.ChoiceLayer([block() for _ in range(2)]), models.ChoiceLayer([nn.Linear(8, 5) for _ in range(2)])]
+        self.body = nn.Sequential(*choices[:5], nn.Sequential(*choices[5:])) if nested else nn.Sequential(*choices)
+        self._register_choices()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["tree", "copies"])
+def test_every_path_logits_and_their_input_gradient_equal_a_loop_over_paths(nested):
+    torch.manual_seed(0)
+    net = MixedSuper(nested).eval()
+    x = torch.rand(4, 1, 7, 7, requires_grad=True)
+    logits = every_path_logits(net, x)
+    loop = torch.stack([net(x, p) for p in every_path(net)])
+    assert logits.shape == loop.shape == (24, 4, 5)
+    assert torch.allclose(logits, loop, atol=1e-6)
+    weights = torch.rand_like(loop)
+    grad, = torch.autograd.grad((logits * weights).sum(), x)
+    loop_grad, = torch.autograd.grad((loop * weights).sum(), x)
+    assert torch.allclose(grad, loop_grad, atol=1e-6)
