@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sors import attacks, models
-from sors.attacks.objectives import draw_accuracy, eot_objective
+from sors.attacks.objectives import PATH_SIGMOID_T, draw_accuracy, eot_objective
 from sors.config import AttackConfig, EvalConfig
 from sors.evaluation import all_path_correct, evaluate_cell, every_path_correct, path_draws
 from sors.models.supernet import every_path, every_path_logits
@@ -16,6 +16,7 @@ from sors.models.supernet import every_path, every_path_logits
 EPS = 25 / 255
 SMALL_MEMBERS = (("eot_apgd", {"loss": "expected_ce", "steps": 15}),
                  ("eot_apgd", {"loss": "path_margin", "random_start": True, "steps": 15}),
+                 ("eot_apgd", {"loss": "path_sigmoid", "steps": 15, "warm_start": True}),
                  ("autoattack_rand", {"steps": 10, "eot_samples": 4}),
                  ("arc", {"steps": 2, "members": 2}),
                  ("square_eot", {"steps": 30, "eot_samples": 8}))
@@ -43,8 +44,8 @@ def test_the_suite_is_at_least_as_strong_as_each_member_per_example(sors_model, 
     with path_draws([sors_model], 7):
         adv = suite(x, y)
     final = exact_accuracy(sors_model, adv, y)
-    assert set(suite.member_correct) == {"eot_apgd:expected_ce", "eot_apgd:path_margin", "autoattack_rand", "arc",
-                                         "square_eot"}
+    assert set(suite.member_correct) == {"eot_apgd:expected_ce", "eot_apgd:path_margin", "eot_apgd:path_sigmoid",
+                                         "autoattack_rand", "arc", "square_eot"}
     for label, member in suite.member_correct.items():
         ran = ~torch.isnan(member)
         assert (final[ran] <= member[ran] + 1e-6).all(), label
@@ -65,7 +66,7 @@ def test_the_suite_beats_the_papers_pgd_and_eot_pgd_on_sors(sors_model, fmnist_t
     for weaker in (AttackConfig("pgd", EPS), AttackConfig("eot_pgd", EPS, eot_samples=8)):
         other = evaluate_cell(sors_model, x, y, weaker, cfg)
         assert suite.accuracy < other.accuracy, weaker.name
-    assert set(suite.extra["members"]) == {"eot_apgd:expected_ce", "eot_apgd:path_margin", "autoattack_rand"}
+    assert set(suite.extra["members"]) == {"eot_apgd:expected_ce", "eot_apgd:path_margin", "eot_apgd:path_sigmoid"}
     assert len(suite.example_correct) == suite.n == 200
 
 
@@ -115,6 +116,12 @@ def test_expected_objective_over_every_path_equals_the_mean_over_a_loop_of_paths
     assert torch.allclose(grad, loop_grad, atol=1e-5)
     loop_correct = (probs.argmax(-1) == y).float().mean(0)
     assert torch.allclose(correct, loop_correct)
+    # the smooth count of fooled paths: mean over paths of sigmoid(margin / T)
+    sigmoid_loss, _ = eot_objective(net, "path_sigmoid", None)(x, y)
+    log_probs = probs.log()
+    true = log_probs.gather(2, y.expand(len(probs), -1)[..., None]).squeeze(-1)
+    other = log_probs.scatter(2, y.expand(len(probs), -1)[..., None], float("-inf")).amax(-1)
+    assert torch.allclose(sigmoid_loss, torch.sigmoid((other - true) / PATH_SIGMOID_T).mean(0), atol=1e-5)
 
 
 def test_exact_worst_case_over_paths_equals_a_brute_force_loop(fmnist_test):

@@ -14,8 +14,8 @@ Default members (each also usable alone from the registry):
 2. ``eot_apgd`` with ``path_margin`` (mean over paths of the per-path margin, capped: flips as many
    paths as it can), from a random start;
 3. ``autoattack_rand``: APGD-CE + APGD-DLR with mean-gradient EOT, every example attacked;
-4. ``arc``: the attack for randomized ensembles, over sampled paths;
-5. ``square_eot``: gradient-free random search on the expected margin (a masking check).
+5. ``arc``: the attack for randomized ensembles, over sampled paths;
+6. ``square_eot``: gradient-free random search on the expected margin (a masking check).
 
 On a deterministic model every member runs with one draw. ``steps`` and ``eot_samples`` set by the
 config apply to the EOT-APGD members; the others keep their own defaults.
@@ -37,6 +37,7 @@ from sors.errors import ConfigError
 DEFAULT_MEMBERS: tuple[tuple[str, dict], ...] = (
     ("eot_apgd", {"loss": "expected_ce"}),
     ("eot_apgd", {"loss": "path_margin", "random_start": True}),
+    ("eot_apgd", {"loss": "path_sigmoid", "steps": 200, "warm_start": True}),
     ("autoattack_rand", {}),
     ("arc", {"steps": 10, "members": 4}),
     ("square_eot", {"steps": 200, "exact_paths_max": 0}),
