@@ -23,7 +23,6 @@ seed derived from the cell's ``seed``; torch's global generator is restored afte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import time
@@ -40,7 +39,7 @@ from sors.attacks.base import eval_mode, model_device
 from sors.config import AttackConfig, EvalConfig
 from sors.metrics import wilson_interval
 from sors.models import is_randomized, per_example_sampling
-from sors.models.supernet import SuperNet, enumerable, every_path_logits
+from sors.models.supernet import SuperNet, enumerable, every_path_logits, seeded_draws
 
 
 @dataclass
@@ -85,22 +84,10 @@ def derive_seed(seed: int, *tags: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 2
 
 
-@contextlib.contextmanager
 def path_draws(models: Sequence[nn.Module | None], seed: int):
-    """Seed every random draw made inside: each :class:`SuperNet`'s path generator and torch's global
-    generator (noise layers, random starts). Everything is restored on exit."""
-    nets = [m for model in models if model is not None for m in model.modules() if isinstance(m, SuperNet)]
-    saved = [net.generator for net in nets]
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed % 2**63)
-        for i, net in enumerate(nets):
-            net.generator = torch.Generator().manual_seed(derive_seed(seed, "net", i))
-        try:
-            yield
-        finally:
-            for net, generator in zip(nets, saved):
-                net.generator = generator
+    """Context manager: seed every random draw made inside, each :class:`SuperNet`'s path generator
+    and torch's global generator (noise layers, random starts), from ``seed``. Restored on exit."""
+    return seeded_draws(models, seed, lambda i: derive_seed(seed, "net", i))
 
 
 def _batches(n: int, size: int):

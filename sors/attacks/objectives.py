@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sors.models.factory import is_randomized
-from sors.models.supernet import enumerable, every_path, every_path_logits, per_example_sampling, repeat_forward
+from sors.models.supernet import (enumerable, every_path, every_path_logits, per_example_sampling, repeat_forward,
+                                  seeded_draws)
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -153,31 +154,12 @@ def draw_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int
     return correct / draws
 
 
-class fixed_draws:
+def fixed_draws(model: nn.Module, seed: int):
     """Context manager: the path draws (and any other torch-RNG noise) made inside are a fixed
-    function of ``seed``: every :class:`SuperNet` of ``model`` gets a generator seeded from it and
-    torch's global generator is seeded too. Two blocks with the same seed and batch shape see the
+    function of ``seed`` (:func:`seeded_draws`). Two blocks with the same seed and batch shape see the
     same draws (common random numbers: a candidate is compared with the current point under the
     same sub-networks, so the comparison is not noise). Everything is restored on exit."""
-
-    def __init__(self, model: nn.Module, seed: int):
-        self.nets = [m for m in model.modules() if hasattr(m, "sample_path") and hasattr(m, "generator")]
-        self.seed = int(seed)
-
-    def __enter__(self):
-        self.saved = [net.generator for net in self.nets]
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        self.rng = torch.random.fork_rng(devices=devices)
-        self.rng.__enter__()
-        torch.manual_seed(self.seed)
-        for i, net in enumerate(self.nets):
-            net.generator = torch.Generator().manual_seed(self.seed * 1009 + i)
-        return self
-
-    def __exit__(self, *exc):
-        for net, generator in zip(self.nets, self.saved):
-            net.generator = generator
-        return self.rng.__exit__(*exc)
+    return seeded_draws([model], seed, lambda i: seed * 1009 + i)
 
 
 def fresh_seed() -> int:

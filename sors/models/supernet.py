@@ -8,8 +8,10 @@ one path per example (each example routed through its own sub-network in one cal
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -369,3 +371,22 @@ def _all_candidates(layer: ChoiceLayer, h: torch.Tensor) -> torch.Tensor:
         out = kernels.conv2d(h, weight, bias, first.stride, first.padding, first.dilation, first.groups)
         return out.view(rows, first.out_channels, *out.shape[2:])
     return torch.stack([c(h) for c in candidates], dim=1).flatten(0, 1)
+
+
+@contextlib.contextmanager
+def seeded_draws(models: Sequence[nn.Module | None], seed: int, net_seed: Callable[[int], int]):
+    """Make every random draw inside a fixed function of the seeds: torch's global generator (noise
+    layers, random starts) gets ``seed``, the path generator of the i-th :class:`SuperNet` found in
+    ``models`` gets ``net_seed(i)``. Generators and RNG state are restored on exit."""
+    nets = [m for model in models if model is not None for m in model.modules() if isinstance(m, SuperNet)]
+    saved = [net.generator for net in nets]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed % 2**63)
+        for i, net in enumerate(nets):
+            net.generator = torch.Generator().manual_seed(net_seed(i))
+        try:
+            yield
+        finally:
+            for net, generator in zip(nets, saved):
+                net.generator = generator
