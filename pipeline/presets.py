@@ -42,8 +42,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 TEACHER_PREFIX = "trial:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
-VARIANT_KEYS = ("model.average_paths",)
-ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
+VARIANT_KEYS = ("model.average_paths", "eval.defense", "eval.defense_options")
+ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps", "random_start", "source")
 # `nightly`: the settings of a nightly config written in preset format (read by `sors nightly`)
 PRESET_KEYS = ("name", "description", "base", "trials", "evaluation", "nightly")
 EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
@@ -79,10 +79,13 @@ def check_component(option: str, value: Any) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """An evaluation-time variant of a trial's checkpoint (``average_paths`` > 1: RS*/SORS*)."""
+    """An evaluation-time variant of a trial's checkpoint (``average_paths`` > 1: RS*/SORS*; a
+    ``defense``: the checkpoint behind an input transform, Table 7)."""
     name: str
     label: str
     average_paths: int = 1
+    defense: str = "none"
+    defense_options: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,15 @@ class EvalPlan:
         for entry in self.attacks:
             for eps in entry.get("eps") or self.eps:
                 cells.append(AttackConfig(name=entry["name"], eps=float(eps), steps=entry.get("steps"),
-                                          eot_samples=entry.get("eot_samples")))
+                                          eot_samples=entry.get("eot_samples"),
+                                          random_start=entry.get("random_start"), source=entry.get("source")))
         return cells
+
+    def source_trials(self) -> tuple[str, ...]:
+        """Trials the plan's transfer attacks craft on (``source: "trial:<name>"``): they train first."""
+        names = [str(a["source"])[len(TEACHER_PREFIX):] for a in self.attacks
+                 if str(a.get("source") or "").startswith(TEACHER_PREFIX)]
+        return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,13 @@ def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
         elif option == "eot_samples":
             attacks = [dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
                        for a in attacks]
+    for key, value in overrides:  # after the loop: they apply to the attacks attack.name kept
+        option = key.split(".", 1)[1]
+        if option == "source":
+            source = config_lib._coerce(key, value, str | None)
+            attacks = [dict(a, source=source) if _is_transfer(a["name"]) else a for a in attacks]
+        elif option == "random_start":
+            attacks = [dict(a, random_start=config_lib._coerce(key, value, bool | None)) for a in attacks]
     plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
     for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
         config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
@@ -258,7 +275,19 @@ def _attack_entry(entry: Any) -> dict:
     for key in ("steps", "eot_samples"):
         if key in entry:
             entry[key] = config_lib._coerce(f"evaluation.attacks.{key}", entry[key], int | None)
+    if "random_start" in entry:
+        entry["random_start"] = config_lib._coerce("evaluation.attacks.random_start", entry["random_start"], bool | None)
+    if entry.get("source") is not None:
+        entry["source"] = config_lib._coerce("evaluation.attacks.source", entry["source"], str)
+        if not _is_transfer(entry["name"]):
+            raise ConfigError("evaluation.attacks.source", f"attack {entry['name']!r} is not a transfer attack",
+                              "transfer, transfer_fgsm, transfer_pgd or transfer_mim")
     return entry
+
+
+def _is_transfer(name: str) -> bool:
+    """Whether attack ``name`` is crafted on a source model (the registry's ``transfer`` fact)."""
+    return name in attacks.available() and attacks.info(name)["transfer"]
 
 
 def _grid_points(grid: dict) -> list[dict]:
@@ -292,11 +321,15 @@ def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]
             raise ConfigError(f"variants.{sorted(unknown)[0]}", "an evaluation variant cannot change training",
                               ", ".join(VARIANT_KEYS))
         k = config_lib._coerce("model.average_paths", settings.get("model.average_paths", 1), int)
+        defense = config_lib._coerce("eval.defense", settings.get("eval.defense", "none"), str)
+        defense_options = config_lib._coerce("eval.defense_options", settings.get("eval.defense_options"), str | None)
+        config_lib.defense_options(config_lib.EvalConfig(defense=defense, defense_options=defense_options))
         name = entry.get("name") or f"{trial_name}_v{i + 1}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"trials.{trial_name}.variants", f"bad variant name {quote(name)}", "letters, digits, _ . -")
         label = _expect(f"variants.{name}.label", entry.get("label"), str) or name
-        variants.append(Variant(name=name, label=label, average_paths=k))
+        variants.append(Variant(name=name, label=label, average_paths=k, defense=defense,
+                                defense_options=defense_options))
     return tuple(variants)
 
 
@@ -342,7 +375,11 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
                   description=str(raw.get("description", "")), trials=tuple(trials),
                   evaluation=_eval_plan(raw, attack_overrides))
     _check_names(sweep)
-    stages(sweep.trials)  # rejects unknown or circular teachers now rather than mid-sweep
+    for source in sweep.evaluation.source_trials():
+        if not any(t.name == source for t in sweep.trials):
+            raise ConfigError("attack.source", f"transfer source trial {source!r} is not a trial of this preset",
+                              ", ".join(t.name for t in sweep.trials))
+    stages(sweep.trials, sweep.evaluation.source_trials())  # rejects unknown or circular teachers now
     return sweep
 
 
@@ -369,8 +406,9 @@ def check_attacks(plan: EvalPlan) -> None:
             raise ConfigError("attack.name", f"unknown attack {quote(entry['name'])}", ", ".join(sorted(known)))
 
 
-def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSpec]]:
-    """Trials grouped so every teacher is in an earlier group than its students (topological levels)."""
+def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec], sources: Sequence[str] = ()) -> list[list[TrialSpec]]:
+    """Trials grouped so every teacher is in an earlier group than its students (topological levels),
+    and every transfer source (with its teachers) before every other trial, whose cells craft on it."""
     by_name = {t.name: t for t in trials}
     level: dict[str, int] = {}
 
@@ -391,6 +429,14 @@ def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSp
 
     for trial in trials:
         depth(trial)
+    early = set()
+    for name in sources:
+        while name and name not in early:  # a source and the chain of teachers it distils from
+            early.add(name)
+            name = by_name[name].teacher_trial if name in by_name else None
+    if early:
+        shift = max(level[n] for n in early if n in level) + 1
+        level = {n: (v if n in early else v + shift) for n, v in level.items()}
     groups = [[] for _ in range(max(level.values(), default=-1) + 1)]
     for trial in trials:
         groups[level[trial.name]].append(trial)
