@@ -32,21 +32,19 @@ from typing import Any, Sequence
 
 import yaml
 
-from sors import attacks, checks
 from sors import config as config_lib
-from sors.config import AttackConfig, RunConfig
+from sors.config import RunConfig
 from sors.errors import ConfigError, quote
 from sors.models import factory, registry
+from pipeline.plans import (ATTACK_ENTRY_KEYS, EVALUATION_KEYS, TEACHER_PREFIX, EvalPlan,  # noqa: F401 (re-exported)
+                            _eval_plan, _expect, _float, _list, check_attacks, default_plan, evaluation_plan)
 
 PRESET_DIR = Path(__file__).parent / "presets"
-TEACHER_PREFIX = "trial:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths", "eval.defense", "eval.defense_options")
-ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps", "random_start", "source")
 # `nightly`: the settings of a nightly config written in preset format (read by `sors nightly`)
 PRESET_KEYS = ("name", "description", "base", "trials", "evaluation", "nightly")
-EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
 MAX_PRESET_BYTES = 1 << 20  # a preset is a page of YAML; anything near this is not one
 MAX_NAME_CHARS = 100
 
@@ -106,41 +104,6 @@ class TrialSpec:
         """The checkpoint as trained, then its variants: every row this trial contributes."""
         return (Variant(self.name, self.label, 1),) + self.variants
 
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """Which cells every evaluated model gets: clean, then attacks x eps x seeds."""
-    clean: bool = True
-    attacks: tuple[dict, ...] = ()
-    eps: tuple[float, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    sanity: bool = False  # add the extra cells sors.checks' cross-cell comparisons need
-
-    def cells(self, randomized: bool) -> list[tuple[AttackConfig, str]]:
-        """``(attack, role)`` for every cell of one model: the plan's cells ("main"; EOT-style attacks
-        only when ``randomized``), then, with
-        ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
-        main = [(a, "main") for a in self.attack_configs()
-                if randomized or not _randomized_only(a.name)]
-        if not self.sanity:
-            return main
-        return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
-
-    def attack_configs(self) -> list[AttackConfig]:
-        """One :class:`AttackConfig` per (attack, eps); ``none`` (clean accuracy) first, at eps 0."""
-        cells = [AttackConfig(name="none", eps=0.0)] if self.clean else []
-        for entry in self.attacks:
-            for eps in entry.get("eps") or self.eps:
-                cells.append(AttackConfig(name=entry["name"], eps=float(eps), steps=entry.get("steps"),
-                                          eot_samples=entry.get("eot_samples"),
-                                          random_start=entry.get("random_start"), source=entry.get("source")))
-        return cells
-
-    def source_trials(self) -> tuple[str, ...]:
-        """Trials the plan's transfer attacks craft on (``source: "trial:<name>"``): they train first."""
-        names = [str(a["source"])[len(TEACHER_PREFIX):] for a in self.attacks
-                 if str(a.get("source") or "").startswith(TEACHER_PREFIX)]
-        return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -205,89 +168,16 @@ def load_raw(name_or_path: str) -> dict:
     return raw
 
 
-def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str | None = None) -> Any:
-    """``value`` when it is None or of ``kind`` (bool is not an int here), else a ConfigError naming ``option``."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
-        return value
-    names = {dict: "a mapping", list: "a list", str: "text", bool: "true or false", int: "an integer"}
-    wanted = allowed or " or ".join(names.get(k, k.__name__) for k in kinds)
-    raise ConfigError(option, f"{quote(value)} is {type(value).__name__}, not {wanted}", wanted)
 
 
-def _list(option: str, value: Any) -> list:
-    """A list field: None -> []; anything but a list is an error (a bare number is a typo here)."""
-    return list(_expect(option, value, (list, tuple), "a list") or [])
 
 
-def _float(key: str, value: Any) -> float:
-    return config_lib._coerce(key, value, float)  # same parser as --set (accepts 25/255)
 
 
-def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
-    """The ``evaluation`` section; ``attack.*`` overrides narrow or adjust it."""
-    section = _expect("evaluation", raw.get("evaluation"), dict) or {}
-    unknown = sorted(str(k) for k in section if k not in EVALUATION_KEYS)
-    if unknown:
-        raise ConfigError("evaluation", f"unknown field(s) {quote(unknown)}", ", ".join(EVALUATION_KEYS))
-    attacks = [_attack_entry(entry) for entry in _list("evaluation.attacks", section.get("attacks"))]
-    eps = tuple(_float("evaluation.eps", e) for e in _list("evaluation.eps", section.get("eps")))
-    seeds = tuple(config_lib._coerce("evaluation.seeds", s, int)
-                  for s in _list("evaluation.seeds", section.get("seeds")) or [0])
-    clean = _expect("evaluation.clean", section.get("clean", True), bool)  # "false" (a string) is not false
-    sanity = bool(_expect("evaluation.sanity", section.get("sanity", False), bool))
-    for key, value in overrides:
-        option = key.split(".", 1)[1]
-        if option == "name":  # keep only the named attacks (clean accuracy stays as the preset says)
-            known = {a["name"]: a for a in attacks}
-            attacks = [known.get(n.strip(), {"name": n.strip()}) for n in str(value).split(",")
-                       if n.strip() and n.strip() != "none"]
-        elif option == "eps":
-            eps = tuple(_float(key, e) for e in str(value).split(","))
-            attacks = [{k: v for k, v in a.items() if k != "eps"} for a in attacks]
-        elif option == "steps":
-            attacks = [dict(a, steps=config_lib._coerce(key, value, int | None)) for a in attacks]
-        elif option == "eot_samples":
-            attacks = [dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
-                       for a in attacks]
-    for key, value in overrides:  # after the loop: they apply to the attacks attack.name kept
-        option = key.split(".", 1)[1]
-        if option == "source":
-            source = config_lib._coerce(key, value, str | None)
-            attacks = [dict(a, source=source) if _is_transfer(a["name"]) else a for a in attacks]
-        elif option == "random_start":
-            attacks = [dict(a, random_start=config_lib._coerce(key, value, bool | None)) for a in attacks]
-    plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
-    for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
-        config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
-    return plan
 
 
-def _attack_entry(entry: Any) -> dict:
-    """One ``evaluation.attacks`` entry (a name, or a mapping of :data:`ATTACK_ENTRY_KEYS`), types checked."""
-    entry = {"name": entry} if isinstance(entry, str) else dict(_expect("evaluation.attacks", entry, (dict, str)) or {})
-    unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
-    if unknown or not isinstance(entry.get("name"), str):
-        raise ConfigError("evaluation.attacks", f"bad entry {quote(entry)}",
-                          "names, or mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS))
-    if entry.get("eps") is not None:
-        entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in _list("evaluation.attacks.eps", entry["eps"]))
-    for key in ("steps", "eot_samples"):
-        if key in entry:
-            entry[key] = config_lib._coerce(f"evaluation.attacks.{key}", entry[key], int | None)
-    if "random_start" in entry:
-        entry["random_start"] = config_lib._coerce("evaluation.attacks.random_start", entry["random_start"], bool | None)
-    if entry.get("source") is not None:
-        entry["source"] = config_lib._coerce("evaluation.attacks.source", entry["source"], str)
-        if not _is_transfer(entry["name"]):
-            raise ConfigError("evaluation.attacks.source", f"attack {entry['name']!r} is not a transfer attack",
-                              "transfer, transfer_fgsm, transfer_pgd or transfer_mim")
-    return entry
 
 
-def _is_transfer(name: str) -> bool:
-    """Whether attack ``name`` is crafted on a source model (the registry's ``transfer`` fact)."""
-    return name in attacks.available() and attacks.info(name)["transfer"]
 
 
 def _grid_points(grid: dict) -> list[dict]:
@@ -398,12 +288,6 @@ def _check_names(sweep: Sweep) -> None:
     check_attacks(sweep.evaluation)
 
 
-def check_attacks(plan: EvalPlan) -> None:
-    """Every attack of an evaluation plan is registered (ConfigError on ``attack.name`` otherwise)."""
-    known = set(attacks.available()) | {"none"}
-    for entry in plan.attacks:
-        if entry["name"] not in known:
-            raise ConfigError("attack.name", f"unknown attack {quote(entry['name'])}", ", ".join(sorted(known)))
 
 
 def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec], sources: Sequence[str] = ()) -> list[list[TrialSpec]]:
@@ -449,11 +333,6 @@ def is_randomized_arch(model_name: str) -> bool:
     return registry.info(model_name)["randomized"]
 
 
-def _randomized_only(attack_name: str) -> bool:
-    """Attacks that average gradients over random draws of the model (the registry's ``randomized_only``
-    fact): on a deterministic model every draw is the same, so they equal PGD at eot_samples times its
-    cost -- evaluated on randomized models only."""
-    return attack_name in attacks.available() and attacks.info(attack_name)["randomized_only"]
 
 
 def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
@@ -491,15 +370,4 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
     return sweep
 
 
-def default_plan(dataset: str) -> EvalPlan:
-    """The plan ``sors evaluate`` uses without ``--preset``: clean, the adaptive suite (the headline),
-    and the paper's FGSM, PGD and MIM over the paper's eps grid of ``dataset`` (pixel scale), seed 0."""
-    return EvalPlan(clean=True, attacks=({"name": "adaptive"}, {"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
-                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
 
-
-def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
-    """``plan`` with the ``attack.*`` ones of ``overrides`` (``KEY=VALUE``) applied, as a preset's
-    ``evaluation`` section gets them."""
-    pairs = [(k, v) for k, v in map(config_lib.parse_assignment, overrides) if k.startswith("attack.")]
-    return _eval_plan({"evaluation": dataclasses.asdict(plan)}, pairs)
