@@ -159,7 +159,7 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
                                                               cliutil.tracking_line(err))
                     if record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
                         sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
-    return files, report.console_table(rows, order, title=f"sweep {sweep_name}")
+    return files, report.console_report(rows, order, title=f"sweep {sweep_name}")
 
 
 # ---------------------------------------------------------------- commands
@@ -303,7 +303,7 @@ def cmd_evaluate(args) -> int:
         if not record_path(opts.results_dir, args.name, record["trial"]).exists():
             save_record(opts.results_dir, record)
     from pipeline import report  # heavy
-    print(report.console_table(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
+    print(report.console_report(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
     if summary.failures:
         where, why = summary.failures[0]
         raise UsageError(f"{len(summary.failures)} cell(s) failed; first: {where}: {why}")
