@@ -41,7 +41,7 @@ def comparison(rows: list[dict], pooled, eps_text, attack_label) -> list[dict]:
     out = []
     for (model, attack, eps, samples), group in groups.items():
         first = group[0]
-        value = paper.lookup(first["dataset"], model, attack, eps, first.get("n_ops"), samples)
+        value = paper.lookup(first.get("dataset") or "", model, attack, eps, first.get("n_ops"), samples)
         if value is None:
             continue
         adaptive = groups.get((model, "adaptive", eps, None)) or [
@@ -95,6 +95,8 @@ def table1_markdown(rows: list[dict], eps_text) -> list[str]:
 def model_cost(row: dict) -> tuple[int, float] | None:
     """(parameters, ms per image on this machine's CPU) of a row's checkpoint and variant, or None when
     the checkpoint cannot be read here. Ensembles and RS*/SORS* (k paths) cost k forwards."""
+    if not row.get("checkpoint_uri"):
+        return None
     try:
         model, cfg, _ = train_lib.load_checkpoint(storage.local_copy(row["checkpoint_uri"]))
     except Exception:  # noqa: BLE001 -- a remote or deleted checkpoint: the cost column says '-'
@@ -117,11 +119,13 @@ def cost_markdown(rows: list[dict], models: list[str]) -> list[str]:
     first = {}
     for r in _main(rows):
         first.setdefault(r["model"], r)
+    if not any(r.get("checkpoint_uri") for r in first.values()):
+        return []
     lines = ["### Model size and inference cost (Table 8)", "",
              "| Model | Parameters (M) | Paper (M) | Inference (ms / image, CPU) |", "|---|---|---|---|"]
     for model in [m for m in models if m in first]:
         cost = model_cost(first[model])
-        published = paper.parameters(first[model]["dataset"], model)
+        published = paper.parameters(first[model].get("dataset") or "", model)
         params, ms = (f"{cost[0] / 1e6:.3f}", f"{cost[1]:.3f}") if cost else ("-", "-")
         lines.append(f"| {model} | {params} | {published.value:g} | {ms} |" if published else
                      f"| {model} | {params} | - | {ms} |")

@@ -222,3 +222,28 @@ def test_evaluate_with_a_transfer_source_and_a_defense_writes_rows(ray_session, 
     assert {json.loads(r["extra"]).get("defense", {}).get("name") for r in rows} == {"jpeg"}
     assert cli.main(["evaluate", str(target), "--set", "eval.defense=blur"] + common) == 2
     assert "unknown defense 'blur'" in _one_line_error(capsys, "evaluate")
+
+
+# ---------------------------------------------------------------- plots
+
+def test_lambda_plot_needs_three_lambdas_and_draws_one_panel_per_attack(tmp_path, one_thread):
+    from PIL import Image
+
+    rows = []
+    ev = config_lib.EvalConfig(n_examples=8, repeats=1, all_paths=2, batch_size=8)
+    for lam in (0.0, 1.0, 10.0):
+        cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
+            "model.name": "sors_lenet5", "train.lambda": lam, "train.epochs": 0, "data.n_train": 8, "data.n_test": 8}))
+        path = train_lib.save_checkpoint(tmp_path / f"l{lam}.pt", train_lib.fit(cfg), cfg)
+        for attack in (config_lib.AttackConfig("none", 0.0), config_lib.AttackConfig("fgsm", 50 / 255),
+                       config_lib.AttackConfig("pgd", 50 / 255, steps=1), config_lib.AttackConfig("pgd", 100 / 255, steps=1)):
+            spec = cells.CellSpec(checkpoint_uri=str(path), checkpoint_sha256=storage.file_sha256(path),
+                                  dataset="fashion_mnist", attack=attack, eval=ev, model_label=f"SORS (lambda={lam:g})")
+            rows.append(cells.evaluate(spec)[1])
+    two = [r for r in rows if r["lambda"] < 5]
+    assert report.plot_lambda(two, tmp_path / "two.png") is None  # two points make no curve
+    both = report.plot_lambda(rows, tmp_path / "all.png")
+    only_pgd = report.plot_lambda([r for r in rows if r["attack"] != "fgsm"], tmp_path / "pgd.png")
+    assert Image.open(both).size[0] == 2 * Image.open(only_pgd).size[0]  # one panel per attack
+    written = {p.name for p in report.write_report(rows, [], tmp_path / "report")}
+    assert "lambda_sweep.png" in written
