@@ -247,3 +247,16 @@ def test_lambda_plot_needs_three_lambdas_and_draws_one_panel_per_attack(tmp_path
     assert Image.open(both).size[0] == 2 * Image.open(only_pgd).size[0]  # one panel per attack
     written = {p.name for p in report.write_report(rows, [], tmp_path / "report")}
     assert "lambda_sweep.png" in written
+
+
+@pytest.mark.parametrize("source,expected", [("{tmp}/gone.pt", "gone.pt: no such checkpoint file"),
+                                             ("trial:lenet5", "a trial reference works in a preset only")])
+def test_evaluate_refuses_a_missing_or_trial_source_in_one_line(source, expected, tmp_path, capsys):
+    target = tmp_path / "target.pt"
+    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
+        "model.name": "lenet5", "data.n_train": 8, "data.n_test": 8, "train.epochs": 0}))
+    train_lib.save_checkpoint(target, train_lib.fit(cfg), cfg)
+    code = cli.main(["evaluate", str(target), "--results-dir", str(tmp_path / "results"), "--set",
+                     "attack.name=transfer_pgd", "--set", f"attack.source={source.format(tmp=tmp_path)}"])
+    assert code == 2 and expected in _one_line_error(capsys, "evaluate")
+    assert not (tmp_path / "results" / "cells").exists()
