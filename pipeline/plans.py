@@ -95,9 +95,9 @@ def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
     for key, value in overrides:
         option = key.split(".", 1)[1]
         if option == "name":  # keep only the named attacks (clean accuracy stays as the preset says)
-            known = {a["name"]: a for a in attacks}
-            attacks = [known.get(n.strip(), {"name": n.strip()}) for n in str(value).split(",")
-                       if n.strip() and n.strip() != "none"]
+            names = [n.strip() for n in str(value).split(",") if n.strip() and n.strip() != "none"]
+            # every entry of a kept name (Table 9 has one per ensemble size k); a new name gets defaults
+            attacks = [a for n in names for a in ([a for a in attacks if a["name"] == n] or [{"name": n}])]
         elif option == "eps":
             eps = tuple(_float(key, e) for e in str(value).split(","))
             attacks = [{k: v for k, v in a.items() if k != "eps"} for a in attacks]

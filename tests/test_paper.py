@@ -111,11 +111,12 @@ def test_each_paper_preset_dry_runs_on_fashion_mnist(name, tmp_path, capsys):
 
 
 def test_transfer_sources_train_before_every_other_trial():
-    for name in ("table1", "table5"):
+    for name, source in (("table1", "resnet18_source"), ("table5", "vgg16_source")):
         sweep = presets.build_sweep(name)
+        assert sweep.evaluation.source_trials() == (source,)
         stages = presets.stages(sweep.trials, sweep.evaluation.source_trials())
-        assert [t.name for t in stages[0]] == ["source"]
-        assert all(t.teacher_trial != "source" for t in sweep.trials)
+        assert [t.name for t in stages[0]] == [source]
+        assert all(t.teacher_trial != source for t in sweep.trials)
 
 
 def test_super_networks_train_three_times_the_baseline_and_distil_from_resnet18():
@@ -148,8 +149,8 @@ def _train_all(sweep, tmp_path) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,trials,wanted", [
-    ("table1", ("source", "lenet5"), "transfer_pgd"),
-    ("table5", ("source", "sors"), "transfer_mim"),
+    ("table1", ("resnet18_source", "lenet5"), "transfer_pgd"),
+    ("table5", ("vgg16_source", "sors"), "transfer_mim"),
     ("table7", ("lenet5",), "transfer_pgd"),
     ("table9", ("sors",), "ensemble_pgd"),
     ("table10", ("lenet5_ts",), "pgd"),
@@ -260,3 +261,9 @@ def test_evaluate_refuses_a_missing_or_trial_source_in_one_line(source, expected
                      "attack.name=transfer_pgd", "--set", f"attack.source={source.format(tmp=tmp_path)}"])
     assert code == 2 and expected in _one_line_error(capsys, "evaluate")
     assert not (tmp_path / "results" / "cells").exists()
+
+
+def test_narrowing_attacks_keeps_every_ensemble_size_of_table9():
+    plan = presets.build_sweep("table9", ["attack.name=pgd,ensemble_pgd"]).evaluation
+    assert [(a["name"], a.get("eot_samples")) for a in plan.attacks] == [
+        ("pgd", None), ("ensemble_pgd", 2), ("ensemble_pgd", 3), ("ensemble_pgd", 4), ("ensemble_pgd", 5)]
