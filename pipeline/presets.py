@@ -11,6 +11,7 @@ trial is fully determined by preset + overrides. Format::
       - name: sors                      # Tune trial id (letters, digits, _ -)
         label: SORS                     # row name in reports
         set: {model.name: sors_lenet5, train.teacher: "trial:lenet5"}   # teacher = another trial
+        evaluate: true                  # false: train only (a teacher), no cells, no table row
         grid: {train.lambda: [0, 10]}   # optional: one trial per value
         variants: [{name: sors_star, label: "SORS*", set: {model.average_paths: 2}}]
     evaluation:
@@ -93,6 +94,7 @@ class TrialSpec:
     label: str
     config: RunConfig
     variants: tuple[Variant, ...] = ()
+    evaluate: bool = True  # False: trained only (a teacher), no evaluation cells and no table row
 
     @property
     def teacher_trial(self) -> str | None:
@@ -101,7 +103,10 @@ class TrialSpec:
         return teacher[len(TEACHER_PREFIX):] if teacher.startswith(TEACHER_PREFIX) else None
 
     def evaluated(self) -> tuple[Variant, ...]:
-        """The checkpoint as trained, then its variants: every row this trial contributes."""
+        """The checkpoint as trained, then its variants: every row this trial contributes (none for a
+        trial with ``evaluate: false``)."""
+        if not self.evaluate:
+            return ()
         return (Variant(self.name, self.label, 1),) + self.variants
 
 
@@ -246,9 +251,11 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
     for entry in raw["trials"]:
         if not isinstance(entry, dict) or not _NAME.fullmatch(str(entry.get("name", ""))):
             raise ConfigError("trials", f"bad trial entry {quote(entry)}", "mappings with a 'name' of letters, digits, _ . -")
-        unknown = set(entry) - {"name", "label", "set", "grid", "variants"}
+        unknown = set(entry) - {"name", "label", "set", "grid", "variants", "evaluate"}
         if unknown:
-            raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}", "name, label, set, grid, variants")
+            raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}",
+                              "name, label, set, grid, variants, evaluate")
+        evaluate = _expect(f"trials.{entry['name']}.evaluate", entry.get("evaluate", True), bool)
         _expect(f"trials.{entry['name']}.set", entry.get("set"), dict)
         _expect(f"trials.{entry['name']}.label", entry.get("label"), str)
         for point in _grid_points(entry.get("grid") or {}):
@@ -258,7 +265,7 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
             name_suffix, label_suffix = _grid_suffix(point)
             name = f"{entry['name']}{name_suffix}"
             trials.append(TrialSpec(name=name, label=f"{entry.get('label') or entry['name']}{label_suffix}", config=cfg,
-                                    variants=_variants(name, entry.get("variants"))))
+                                    variants=_variants(name, entry.get("variants")), evaluate=evaluate))
     _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
     name = check_component("--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem)
     sweep = Sweep(name=name, preset=str(raw.get("name") or name_or_path),
@@ -344,13 +351,14 @@ def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
 def trial_to_dict(trial: TrialSpec) -> dict:
     """Plain-data form (what travels in a Tune ``param_space``)."""
     return {"name": trial.name, "label": trial.label, "config": config_lib.to_dict(trial.config),
-            "variants": [dataclasses.asdict(v) for v in trial.variants]}
+            "variants": [dataclasses.asdict(v) for v in trial.variants], "evaluate": trial.evaluate}
 
 
 def trial_from_dict(data: dict) -> TrialSpec:
     """Inverse of :func:`trial_to_dict`."""
     return TrialSpec(name=data["name"], label=data["label"], config=config_lib.from_dict(data["config"]),
-                     variants=tuple(Variant(**v) for v in data.get("variants", ())))
+                     variants=tuple(Variant(**v) for v in data.get("variants", ())),
+                     evaluate=bool(data.get("evaluate", True)))
 
 
 def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: str | None = None,

@@ -129,6 +129,10 @@ def test_super_networks_train_three_times_the_baseline_and_distil_from_resnet18(
             if super_network:
                 teacher = sweep.trial(trial.teacher_trial)
                 assert teacher.config.model.name == "resnet18"
+                if name != "table3":  # there ResNet-18 is also the baseline row; elsewhere only the teacher
+                    assert teacher.evaluated() == ()
+                    assert not sweep_lib.cell_specs(teacher, {"checkpoint_uri": "t.pt", "checkpoint_sha256": "ab"},
+                                                    sweep.evaluation, name)
         pgd = [a for a in sweep.evaluation.attack_configs() if a.name in ("pgd", "transfer_pgd")]
         assert pgd and all(a.random_start for a in pgd)
 
