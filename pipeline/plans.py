@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sors import attacks, checks
+from sors.attacks.base import ATTACKS
 from sors import config as config_lib
 from sors.config import AttackConfig, RunConfig
 from sors.errors import ConfigError, quote
@@ -111,8 +112,9 @@ def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
         if option == "source":
             source = config_lib._coerce(key, value, str | None)
             attacks = [dict(a, source=source) if _is_transfer(a["name"]) else a for a in attacks]
-        elif option == "random_start":
-            attacks = [dict(a, random_start=config_lib._coerce(key, value, bool | None)) for a in attacks]
+        elif option == "random_start":  # the attacks that take the option (PGD, MIM, EOT/ensemble PGD...)
+            attacks = [dict(a, random_start=config_lib._coerce(key, value, bool | None))
+                       if _takes_random_start(a["name"]) else a for a in attacks]
     plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
     for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
         config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
@@ -139,6 +141,13 @@ def _attack_entry(entry: Any) -> dict:
             raise ConfigError("evaluation.attacks.source", f"attack {entry['name']!r} is not a transfer attack",
                               "transfer, transfer_fgsm, transfer_pgd or transfer_mim")
     return entry
+
+
+def _takes_random_start(name: str) -> bool:
+    """Whether the white-box attack ``name`` has a ``random_start`` option (transfer attacks set it
+    per preset entry: it belongs to their base attack)."""
+    builder = ATTACKS[name] if name in attacks.available() else None
+    return "random_start" in (getattr(builder, "defaults", None) or {})
 
 
 def _is_transfer(name: str) -> bool:

@@ -119,7 +119,9 @@ def evaluate(spec: CellSpec, device="cpu"):
     num_classes = data_lib.spec(cfg.data.name).num_classes
     transfer = attacks.info(spec.attack.name)["transfer"] if spec.attack.name in attacks.available() else False
     # gray-box (Table 7): with no source named, a transfer cell crafts on the undefended model itself
-    source = (load_source(spec, device) or model) if transfer else None
+    source = load_source(spec, device) if transfer else None
+    if transfer and source is None:
+        source = model
     target = defended(model, spec.eval)
     options = {"random_start": spec.attack.random_start} if spec.attack.random_start is not None else {}
     if transfer:

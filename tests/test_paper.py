@@ -271,3 +271,9 @@ def test_narrowing_attacks_keeps_every_ensemble_size_of_table9():
     plan = presets.build_sweep("table9", ["attack.name=pgd,ensemble_pgd"]).evaluation
     assert [(a["name"], a.get("eot_samples")) for a in plan.attacks] == [
         ("pgd", None), ("ensemble_pgd", 2), ("ensemble_pgd", 3), ("ensemble_pgd", 4), ("ensemble_pgd", 5)]
+
+
+def test_random_start_override_reaches_the_attacks_that_take_it():
+    plan = presets.evaluation_plan(presets.default_plan("fashion_mnist"), ["attack.random_start=true"])
+    starts = {a["name"]: a.get("random_start") for a in plan.attacks}
+    assert starts["pgd"] is True and starts["mim"] is True and starts["fgsm"] is None
