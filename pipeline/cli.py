@@ -159,7 +159,7 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
                                                               cliutil.tracking_line(err))
                     if record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
                         sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
-    return files, report.console_table(rows, order, title=f"sweep {sweep_name}")
+    return files, report.console_report(rows, order, title=f"sweep {sweep_name}")
 
 
 # ---------------------------------------------------------------- commands
@@ -246,6 +246,20 @@ def _evaluation_plan(args, dataset: str):
     return plan
 
 
+def _check_sources(plans) -> None:
+    """Every transfer source an evaluation names is a readable checkpoint (one line otherwise)."""
+    from pipeline import presets  # heavy
+    from sors import train as train_lib  # heavy
+
+    for plan in plans:
+        for source in {a.source for a in plan.attack_configs() if a.source}:
+            if source.startswith(presets.TEACHER_PREFIX):
+                raise UsageError(f"attack.source={source}: a trial reference works in a preset only; "
+                                 "give sors evaluate a checkpoint file or URI")
+            local = storage.local_copy(source)
+            train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))
+
+
 def cmd_evaluate(args) -> int:
     import dataclasses
 
@@ -267,6 +281,7 @@ def cmd_evaluate(args) -> int:
         cfg = train_lib.checkpoint_config(local, payload)  # and a config that resolves, with a known model
         models.append((uri, local, cfg, label))
     plans = {cfg.data.name: _evaluation_plan(args, cfg.data.name) for _, _, cfg, _ in models}
+    _check_sources(plans.values())
     _preflight(args, opts, configs=[(redact(m[0]), m[2]) for m in models])
     specs, records = [], []
     code = tracking.code_version()
@@ -303,7 +318,7 @@ def cmd_evaluate(args) -> int:
         if not record_path(opts.results_dir, args.name, record["trial"]).exists():
             save_record(opts.results_dir, record)
     from pipeline import report  # heavy
-    print(report.console_table(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
+    print(report.console_report(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
     if summary.failures:
         where, why = summary.failures[0]
         raise UsageError(f"{len(summary.failures)} cell(s) failed; first: {where}: {why}")

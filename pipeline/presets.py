@@ -11,6 +11,7 @@ trial is fully determined by preset + overrides. Format::
       - name: sors                      # Tune trial id (letters, digits, _ -)
         label: SORS                     # row name in reports
         set: {model.name: sors_lenet5, train.teacher: "trial:lenet5"}   # teacher = another trial
+        evaluate: true                  # false: train only (a teacher), no cells, no table row
         grid: {train.lambda: [0, 10]}   # optional: one trial per value
         variants: [{name: sors_star, label: "SORS*", set: {model.average_paths: 2}}]
     evaluation:
@@ -32,21 +33,19 @@ from typing import Any, Sequence
 
 import yaml
 
-from sors import attacks, checks
 from sors import config as config_lib
-from sors.config import AttackConfig, RunConfig
+from sors.config import RunConfig
 from sors.errors import ConfigError, quote
 from sors.models import factory, registry
+from pipeline.plans import (ATTACK_ENTRY_KEYS, EVALUATION_KEYS, TEACHER_PREFIX, EvalPlan,  # noqa: F401 (re-exported)
+                            _eval_plan, _expect, _float, _list, check_attacks, default_plan, evaluation_plan)
 
 PRESET_DIR = Path(__file__).parent / "presets"
-TEACHER_PREFIX = "trial:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
-VARIANT_KEYS = ("model.average_paths",)
-ATTACK_ENTRY_KEYS = ("name", "steps", "eot_samples", "eps")
+VARIANT_KEYS = ("model.average_paths", "eval.defense", "eval.defense_options")
 # `nightly`: the settings of a nightly config written in preset format (read by `sors nightly`)
 PRESET_KEYS = ("name", "description", "base", "trials", "evaluation", "nightly")
-EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
 MAX_PRESET_BYTES = 1 << 20  # a preset is a page of YAML; anything near this is not one
 MAX_NAME_CHARS = 100
 
@@ -79,10 +78,13 @@ def check_component(option: str, value: Any) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """An evaluation-time variant of a trial's checkpoint (``average_paths`` > 1: RS*/SORS*)."""
+    """An evaluation-time variant of a trial's checkpoint (``average_paths`` > 1: RS*/SORS*; a
+    ``defense``: the checkpoint behind an input transform, Table 7)."""
     name: str
     label: str
     average_paths: int = 1
+    defense: str = "none"
+    defense_options: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class TrialSpec:
     label: str
     config: RunConfig
     variants: tuple[Variant, ...] = ()
+    evaluate: bool = True  # False: trained only (a teacher), no evaluation cells and no table row
 
     @property
     def teacher_trial(self) -> str | None:
@@ -100,37 +103,12 @@ class TrialSpec:
         return teacher[len(TEACHER_PREFIX):] if teacher.startswith(TEACHER_PREFIX) else None
 
     def evaluated(self) -> tuple[Variant, ...]:
-        """The checkpoint as trained, then its variants: every row this trial contributes."""
+        """The checkpoint as trained, then its variants: every row this trial contributes (none for a
+        trial with ``evaluate: false``)."""
+        if not self.evaluate:
+            return ()
         return (Variant(self.name, self.label, 1),) + self.variants
 
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """Which cells every evaluated model gets: clean, then attacks x eps x seeds."""
-    clean: bool = True
-    attacks: tuple[dict, ...] = ()
-    eps: tuple[float, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    sanity: bool = False  # add the extra cells sors.checks' cross-cell comparisons need
-
-    def cells(self, randomized: bool) -> list[tuple[AttackConfig, str]]:
-        """``(attack, role)`` for every cell of one model: the plan's cells ("main"; EOT-style attacks
-        only when ``randomized``), then, with
-        ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
-        main = [(a, "main") for a in self.attack_configs()
-                if randomized or not _randomized_only(a.name)]
-        if not self.sanity:
-            return main
-        return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
-
-    def attack_configs(self) -> list[AttackConfig]:
-        """One :class:`AttackConfig` per (attack, eps); ``none`` (clean accuracy) first, at eps 0."""
-        cells = [AttackConfig(name="none", eps=0.0)] if self.clean else []
-        for entry in self.attacks:
-            for eps in entry.get("eps") or self.eps:
-                cells.append(AttackConfig(name=entry["name"], eps=float(eps), steps=entry.get("steps"),
-                                          eot_samples=entry.get("eot_samples")))
-        return cells
 
 
 @dataclass(frozen=True)
@@ -195,70 +173,16 @@ def load_raw(name_or_path: str) -> dict:
     return raw
 
 
-def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str | None = None) -> Any:
-    """``value`` when it is None or of ``kind`` (bool is not an int here), else a ConfigError naming ``option``."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
-        return value
-    names = {dict: "a mapping", list: "a list", str: "text", bool: "true or false", int: "an integer"}
-    wanted = allowed or " or ".join(names.get(k, k.__name__) for k in kinds)
-    raise ConfigError(option, f"{quote(value)} is {type(value).__name__}, not {wanted}", wanted)
 
 
-def _list(option: str, value: Any) -> list:
-    """A list field: None -> []; anything but a list is an error (a bare number is a typo here)."""
-    return list(_expect(option, value, (list, tuple), "a list") or [])
 
 
-def _float(key: str, value: Any) -> float:
-    return config_lib._coerce(key, value, float)  # same parser as --set (accepts 25/255)
 
 
-def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
-    """The ``evaluation`` section; ``attack.*`` overrides narrow or adjust it."""
-    section = _expect("evaluation", raw.get("evaluation"), dict) or {}
-    unknown = sorted(str(k) for k in section if k not in EVALUATION_KEYS)
-    if unknown:
-        raise ConfigError("evaluation", f"unknown field(s) {quote(unknown)}", ", ".join(EVALUATION_KEYS))
-    attacks = [_attack_entry(entry) for entry in _list("evaluation.attacks", section.get("attacks"))]
-    eps = tuple(_float("evaluation.eps", e) for e in _list("evaluation.eps", section.get("eps")))
-    seeds = tuple(config_lib._coerce("evaluation.seeds", s, int)
-                  for s in _list("evaluation.seeds", section.get("seeds")) or [0])
-    clean = _expect("evaluation.clean", section.get("clean", True), bool)  # "false" (a string) is not false
-    sanity = bool(_expect("evaluation.sanity", section.get("sanity", False), bool))
-    for key, value in overrides:
-        option = key.split(".", 1)[1]
-        if option == "name":  # keep only the named attacks (clean accuracy stays as the preset says)
-            known = {a["name"]: a for a in attacks}
-            attacks = [known.get(n.strip(), {"name": n.strip()}) for n in str(value).split(",")
-                       if n.strip() and n.strip() != "none"]
-        elif option == "eps":
-            eps = tuple(_float(key, e) for e in str(value).split(","))
-            attacks = [{k: v for k, v in a.items() if k != "eps"} for a in attacks]
-        elif option == "steps":
-            attacks = [dict(a, steps=config_lib._coerce(key, value, int | None)) for a in attacks]
-        elif option == "eot_samples":
-            attacks = [dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
-                       for a in attacks]
-    plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
-    for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
-        config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
-    return plan
 
 
-def _attack_entry(entry: Any) -> dict:
-    """One ``evaluation.attacks`` entry (a name, or a mapping of :data:`ATTACK_ENTRY_KEYS`), types checked."""
-    entry = {"name": entry} if isinstance(entry, str) else dict(_expect("evaluation.attacks", entry, (dict, str)) or {})
-    unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
-    if unknown or not isinstance(entry.get("name"), str):
-        raise ConfigError("evaluation.attacks", f"bad entry {quote(entry)}",
-                          "names, or mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS))
-    if entry.get("eps") is not None:
-        entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in _list("evaluation.attacks.eps", entry["eps"]))
-    for key in ("steps", "eot_samples"):
-        if key in entry:
-            entry[key] = config_lib._coerce(f"evaluation.attacks.{key}", entry[key], int | None)
-    return entry
+
+
 
 
 def _grid_points(grid: dict) -> list[dict]:
@@ -292,11 +216,15 @@ def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]
             raise ConfigError(f"variants.{sorted(unknown)[0]}", "an evaluation variant cannot change training",
                               ", ".join(VARIANT_KEYS))
         k = config_lib._coerce("model.average_paths", settings.get("model.average_paths", 1), int)
+        defense = config_lib._coerce("eval.defense", settings.get("eval.defense", "none"), str)
+        defense_options = config_lib._coerce("eval.defense_options", settings.get("eval.defense_options"), str | None)
+        config_lib.defense_options(config_lib.EvalConfig(defense=defense, defense_options=defense_options))
         name = entry.get("name") or f"{trial_name}_v{i + 1}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"trials.{trial_name}.variants", f"bad variant name {quote(name)}", "letters, digits, _ . -")
         label = _expect(f"variants.{name}.label", entry.get("label"), str) or name
-        variants.append(Variant(name=name, label=label, average_paths=k))
+        variants.append(Variant(name=name, label=label, average_paths=k, defense=defense,
+                                defense_options=defense_options))
     return tuple(variants)
 
 
@@ -323,9 +251,11 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
     for entry in raw["trials"]:
         if not isinstance(entry, dict) or not _NAME.fullmatch(str(entry.get("name", ""))):
             raise ConfigError("trials", f"bad trial entry {quote(entry)}", "mappings with a 'name' of letters, digits, _ . -")
-        unknown = set(entry) - {"name", "label", "set", "grid", "variants"}
+        unknown = set(entry) - {"name", "label", "set", "grid", "variants", "evaluate"}
         if unknown:
-            raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}", "name, label, set, grid, variants")
+            raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}",
+                              "name, label, set, grid, variants, evaluate")
+        evaluate = _expect(f"trials.{entry['name']}.evaluate", entry.get("evaluate", True), bool)
         _expect(f"trials.{entry['name']}.set", entry.get("set"), dict)
         _expect(f"trials.{entry['name']}.label", entry.get("label"), str)
         for point in _grid_points(entry.get("grid") or {}):
@@ -335,14 +265,18 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
             name_suffix, label_suffix = _grid_suffix(point)
             name = f"{entry['name']}{name_suffix}"
             trials.append(TrialSpec(name=name, label=f"{entry.get('label') or entry['name']}{label_suffix}", config=cfg,
-                                    variants=_variants(name, entry.get("variants"))))
+                                    variants=_variants(name, entry.get("variants")), evaluate=evaluate))
     _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
     name = check_component("--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem)
     sweep = Sweep(name=name, preset=str(raw.get("name") or name_or_path),
                   description=str(raw.get("description", "")), trials=tuple(trials),
                   evaluation=_eval_plan(raw, attack_overrides))
     _check_names(sweep)
-    stages(sweep.trials)  # rejects unknown or circular teachers now rather than mid-sweep
+    for source in sweep.evaluation.source_trials():
+        if not any(t.name == source for t in sweep.trials):
+            raise ConfigError("attack.source", f"transfer source trial {source!r} is not a trial of this preset",
+                              ", ".join(t.name for t in sweep.trials))
+    stages(sweep.trials, sweep.evaluation.source_trials())  # rejects unknown or circular teachers now
     return sweep
 
 
@@ -361,16 +295,11 @@ def _check_names(sweep: Sweep) -> None:
     check_attacks(sweep.evaluation)
 
 
-def check_attacks(plan: EvalPlan) -> None:
-    """Every attack of an evaluation plan is registered (ConfigError on ``attack.name`` otherwise)."""
-    known = set(attacks.available()) | {"none"}
-    for entry in plan.attacks:
-        if entry["name"] not in known:
-            raise ConfigError("attack.name", f"unknown attack {quote(entry['name'])}", ", ".join(sorted(known)))
 
 
-def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSpec]]:
-    """Trials grouped so every teacher is in an earlier group than its students (topological levels)."""
+def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec], sources: Sequence[str] = ()) -> list[list[TrialSpec]]:
+    """Trials grouped so every teacher is in an earlier group than its students (topological levels),
+    and every transfer source (with its teachers) before every other trial, whose cells craft on it."""
     by_name = {t.name: t for t in trials}
     level: dict[str, int] = {}
 
@@ -391,6 +320,14 @@ def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec]) -> list[list[TrialSp
 
     for trial in trials:
         depth(trial)
+    early = set()
+    for name in sources:
+        while name and name not in early:  # a source and the chain of teachers it distils from
+            early.add(name)
+            name = by_name[name].teacher_trial if name in by_name else None
+    if early:
+        shift = max(level[n] for n in early if n in level) + 1
+        level = {n: (v if n in early else v + shift) for n, v in level.items()}
     groups = [[] for _ in range(max(level.values(), default=-1) + 1)]
     for trial in trials:
         groups[level[trial.name]].append(trial)
@@ -403,11 +340,6 @@ def is_randomized_arch(model_name: str) -> bool:
     return registry.info(model_name)["randomized"]
 
 
-def _randomized_only(attack_name: str) -> bool:
-    """Attacks that average gradients over random draws of the model (the registry's ``randomized_only``
-    fact): on a deterministic model every draw is the same, so they equal PGD at eot_samples times its
-    cost -- evaluated on randomized models only."""
-    return attack_name in attacks.available() and attacks.info(attack_name)["randomized_only"]
 
 
 def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
@@ -419,13 +351,14 @@ def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
 def trial_to_dict(trial: TrialSpec) -> dict:
     """Plain-data form (what travels in a Tune ``param_space``)."""
     return {"name": trial.name, "label": trial.label, "config": config_lib.to_dict(trial.config),
-            "variants": [dataclasses.asdict(v) for v in trial.variants]}
+            "variants": [dataclasses.asdict(v) for v in trial.variants], "evaluate": trial.evaluate}
 
 
 def trial_from_dict(data: dict) -> TrialSpec:
     """Inverse of :func:`trial_to_dict`."""
     return TrialSpec(name=data["name"], label=data["label"], config=config_lib.from_dict(data["config"]),
-                     variants=tuple(Variant(**v) for v in data.get("variants", ())))
+                     variants=tuple(Variant(**v) for v in data.get("variants", ())),
+                     evaluate=bool(data.get("evaluate", True)))
 
 
 def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: str | None = None,
@@ -445,15 +378,4 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
     return sweep
 
 
-def default_plan(dataset: str) -> EvalPlan:
-    """The plan ``sors evaluate`` uses without ``--preset``: clean, the adaptive suite (the headline),
-    and the paper's FGSM, PGD and MIM over the paper's eps grid of ``dataset`` (pixel scale), seed 0."""
-    return EvalPlan(clean=True, attacks=({"name": "adaptive"}, {"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
-                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
 
-
-def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
-    """``plan`` with the ``attack.*`` ones of ``overrides`` (``KEY=VALUE``) applied, as a preset's
-    ``evaluation`` section gets them."""
-    pairs = [(k, v) for k, v in map(config_lib.parse_assignment, overrides) if k.startswith("attack.")]
-    return _eval_plan({"evaluation": dataclasses.asdict(plan)}, pairs)

@@ -3,9 +3,11 @@
 Table: one row per evaluated model (variants such as RS*/SORS* are rows of their own), clean
 accuracy first, then each attack over its eps grid; every number is ``accuracy % [95% interval]``,
 pooled over seeds (an image scored by several seeds counts once: :func:`pooled`). Plots (matplotlib,
-Agg): accuracy vs eps per attack; the lambda sweep (Fig. 7) when super-networks with several lambdas
-were evaluated; the gradient-angle histogram (Fig. 6) from
-the model records. Sanity cells (role "sanity") feed the flags column, not the table.
+Agg): accuracy vs eps per attack; the lambda sweep (Fig. 7, one panel per attack) when super-networks
+with at least three lambdas were evaluated; the gradient-angle histogram (Fig. 6) and the training /
+validation loss curves (Fig. 8) from the model records. Below the table (:mod:`pipeline.paper_report`):
+the paper's published value beside ours and the adaptive suite's, Table 1's orthogonality vs transfer
+success, and Table 8's parameter counts and inference cost of every model. Sanity cells (role "sanity") feed the flags column, not the table.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import paper_report
 from sors import attacks, models, stats
 from sors.evaluation import CellResult, format_table
 from sors.metrics import wilson_interval
@@ -36,10 +39,11 @@ def attack_label(name: str) -> str:
 class Column:
     attack: str
     eps: float
+    samples: int | None = None  # set only for an attack evaluated with several eot_samples (Table 9's k)
 
     @property
     def label(self) -> str:
-        name = attack_label(self.attack)
+        name = attack_label(self.attack) + (f" k={self.samples}" if self.samples is not None else "")
         if self.attack in ("none",) or self.eps == 0:
             return name
         return f"{name} {eps_text(self.eps)}"
@@ -99,6 +103,13 @@ def _pooled_examples(rows: list[dict]) -> tuple[float, int]:
     return (sum(sums[i] / counts[i] for i in sums) / n if n else 0.0), n
 
 
+def column_of(row: dict, rows: list[dict]) -> Column:
+    """The table column of a row: its attack and eps, and its eot_samples when ``rows`` evaluate that
+    attack with several (the gradient-ensemble PGD of Table 9 at k = 2..5)."""
+    samples = {r.get("eot_samples") for r in rows if r["attack"] == row["attack"]}
+    return Column(row["attack"], round(row["eps"], 9), row.get("eot_samples") if len(samples) > 1 else None)
+
+
 def table_data(rows: list[dict], model_order: list[str] | None = None):
     """``(models, columns, cells, flags)``: ordered model labels, ordered columns, ``{(model, column): Cell}``
     and ``{model: [flags]}`` from stored rows (main-role cells in the table; flags from every cell)."""
@@ -108,10 +119,11 @@ def table_data(rows: list[dict], model_order: list[str] | None = None):
         if r["model"] not in seen:
             seen.append(r["model"])
     order = [m for m in (model_order or []) if m in seen] + [m for m in seen if m not in (model_order or [])]
-    columns = sorted({Column(r["attack"], round(r["eps"], 9)) for r in main}, key=lambda c: (_attack_rank(c.attack), c.eps))
+    columns = sorted({column_of(r, main) for r in main},
+                     key=lambda c: (_attack_rank(c.attack), c.samples or 0, c.eps))
     groups: dict[tuple, list[dict]] = {}
     for r in main:
-        groups.setdefault((r["model"], Column(r["attack"], round(r["eps"], 9))), []).append(r)
+        groups.setdefault((r["model"], column_of(r, main)), []).append(r)
     cells = {key: pooled(group) for key, group in groups.items()}
     for model in order:
         for eps, worst in worst_case_by_eps([r for r in main if r["model"] == model]).items():
@@ -154,7 +166,8 @@ def markdown_table(rows: list[dict], model_order: list[str] | None = None, title
     for model in models:
         for flag in flags.get(model, []):
             lines.append(f"- {model}: {flag}")
-    return "\n".join(lines)
+    extra = paper_report.sections(rows, models, pooled, eps_text, attack_label)
+    return "\n".join(lines) + ("\n\n" + extra if extra else "")
 
 
 def csv_table(rows: list[dict], model_order: list[str] | None = None) -> str:
@@ -184,6 +197,13 @@ def console_table(rows: list[dict], model_order: list[str] | None = None, title:
     return format_table(by_model, title=title)
 
 
+def console_report(rows: list[dict], model_order: list[str] | None = None, title: str | None = None) -> str:
+    """:func:`console_table`, then the paper's value beside ours for every cell that matches one."""
+    entries = paper_report.comparison(rows, pooled, eps_text, attack_label)
+    section = paper_report.comparison_markdown(entries)
+    return console_table(rows, model_order, title) + ("\n\n" + "\n".join(section) if section else "")
+
+
 # ---------------------------------------------------------------- plots
 
 def _pyplot():
@@ -206,7 +226,7 @@ def plot_accuracy_vs_eps(rows: list[dict], path: Path, model_order: list[str] | 
     for ax, attack in zip(axes[0], attacks):
         for model in models:
             points = [(0.0, cells.get((model, Column("none", 0.0))))]
-            points += [(c.eps, cells.get((model, c))) for c in columns if c.attack == attack]
+            points += [(c.eps, cells.get((model, c))) for c in columns if c.attack == attack and not c.samples]
             points = [(e * 255, cell) for e, cell in points if cell is not None]
             if not points:
                 continue
@@ -219,8 +239,10 @@ def plot_accuracy_vs_eps(rows: list[dict], path: Path, model_order: list[str] | 
         ax.set_xlabel("eps (x/255)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    ncol = min(5, max(1, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // ncol + 1), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -230,29 +252,41 @@ def _super_network(arch: str) -> bool:
     return arch in models.available() and models.info(arch)["super_network"]
 
 
+LAMBDA_PLOT_MIN = 3  # fewer lambda values draw no curve worth a figure (two points: a line)
+
+
 def plot_lambda(rows: list[dict], path: Path) -> Path | None:
-    """Fig. 7: accuracy vs lambda for single-path super-networks, clean and each (attack, eps); None
-    when fewer than two lambdas were evaluated."""
+    """Fig. 7: accuracy vs lambda for single-path super-networks, one panel per attack, one line per
+    eps and the clean accuracy in every panel; None when fewer than :data:`LAMBDA_PLOT_MIN` lambdas
+    were evaluated."""
     rows = [r for r in rows if (r.get("role") or "main") == "main" and _super_network(r["arch"])
             and r["average_paths"] == 1]
     lambdas = sorted({r["lambda"] for r in rows})
-    if len(lambdas) < 2:
+    if len(lambdas) < LAMBDA_PLOT_MIN:
         return None
-    plt = _pyplot()
-    series: dict[str, dict[float, list[dict]]] = {}
+    clean: dict[float, list[dict]] = {}
+    panels: dict[str, dict[float, dict[float, list[dict]]]] = {}
     for r in rows:
-        key = "clean" if r["attack"] == "none" else f"{attack_label(r['attack'])} {eps_text(r['eps'])}"
-        series.setdefault(key, {}).setdefault(r["lambda"], []).append(r)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, by_lambda in sorted(series.items(), key=lambda kv: (kv[0] != "clean", kv[0])):
-        xs = sorted(by_lambda)
-        ys = [100 * pooled(by_lambda[x]).accuracy for x in xs]
-        ax.plot(xs, ys, marker="o", label=key, linewidth=2.5 if key == "clean" else 1)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("lambda (orthogonality weight)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+        if r["attack"] == "none":
+            clean.setdefault(r["lambda"], []).append(r)
+        else:
+            panels.setdefault(r["attack"], {}).setdefault(r["eps"], {}).setdefault(r["lambda"], []).append(r)
+    names = sorted(panels, key=_attack_rank) or ["none"]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], names):
+        if clean:
+            xs = sorted(clean)
+            ax.plot(xs, [100 * pooled(clean[x]).accuracy for x in xs], marker="s", color="k", linewidth=2.5, label="clean")
+        for eps, by_lambda in sorted(panels.get(name, {}).items()):
+            xs = sorted(by_lambda)
+            ax.plot(xs, [100 * pooled(by_lambda[x]).accuracy for x in xs], marker="o", label=f"eps {eps_text(eps)}")
+        ax.set_title(attack_label(name) if name != "none" else "clean")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("lambda (orthogonality weight)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -293,7 +327,8 @@ def write_report(rows: list[dict], records: list[dict], out_dir: str | Path, tit
         written.append(out / name)
     for plot in (plot_accuracy_vs_eps(rows, out / "accuracy_vs_eps.png", model_order),
                  plot_lambda(rows, out / "lambda_sweep.png"),
-                 plot_gradient_angles(records, out / "gradient_angles.png")):
+                 plot_gradient_angles(records, out / "gradient_angles.png"),
+                 paper_report.plot_loss_curves(records, out / "loss_curves.png", _pyplot)):
         if plot:
             written.append(plot)
     return written

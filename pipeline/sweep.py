@@ -103,20 +103,48 @@ class SweepSummary:
 # ---------------------------------------------------------------- cells
 
 def cell_specs(trial: TrialSpec, record: dict, plan: presets.EvalPlan, sweep: str, code_version: str = "",
-               data_root: str | None = None) -> list[cells_lib.CellSpec]:
-    """Every evaluation cell of a trained trial: (checkpoint, each variant) x attacks x eps x seeds."""
+               data_root: str | None = None, sources: dict[str, dict] | None = None) -> list[cells_lib.CellSpec]:
+    """Every evaluation cell of a trained trial: (checkpoint, each variant) x attacks x eps x seeds.
+    ``sources``: the model records of the trials the plan's transfer attacks craft on (``trial:<name>``)."""
     specs = []
     randomized = presets.is_randomized_arch(trial.config.model.name)
     for variant in trial.evaluated():
+        eval_cfg = trial.config.eval
+        if variant.defense != "none":
+            eval_cfg = dataclasses.replace(eval_cfg, defense=variant.defense, defense_options=variant.defense_options)
         for attack, role in plan.cells(randomized):
+            source_uri, source_sha, source_label = transfer_source(attack.source, sources or {})
             for seed in plan.seeds:
                 specs.append(cells_lib.CellSpec(
                     checkpoint_uri=record["checkpoint_uri"], checkpoint_sha256=record["checkpoint_sha256"],
-                    dataset=trial.config.data.name, attack=attack, eval=trial.config.eval, seed=seed,
-                    average_paths=variant.average_paths, sweep=sweep, trial=trial.name, variant=variant.name,
-                    model_label=variant.label, role=role, mlflow_run_id=record.get("mlflow_run_id"), code_version=code_version,
-                    data_root=data_root))
+                    dataset=trial.config.data.name, attack=attack, eval=eval_cfg, seed=seed,
+                    average_paths=variant.average_paths, source_uri=source_uri, source_sha256=source_sha,
+                    sweep=sweep, trial=trial.name, variant=variant.name,
+                    model_label=variant.label, role=role, source_label=source_label,
+                    mlflow_run_id=record.get("mlflow_run_id"), code_version=code_version, data_root=data_root))
     return specs
+
+
+def transfer_source(source: str | None, sources: dict[str, dict]) -> tuple[str | None, str | None, str]:
+    """``(checkpoint URI, its SHA-256, row name)`` of a transfer attack's source: a trial of the sweep
+    (``trial:<name>``, from its record), a checkpoint file or URI, or none (the undefended target)."""
+    if not source:
+        return None, None, ""
+    if source.startswith(presets.TEACHER_PREFIX):
+        name = source[len(presets.TEACHER_PREFIX):]
+        record = sources.get(name)
+        if not record:
+            raise SweepError(f"transfer source {name} has no trained model yet")
+        return record["checkpoint_uri"], record["checkpoint_sha256"], record.get("label") or name
+    local = storage.local_copy(source)
+    label = Path(source).stem if Path(source).stem != "model" else Path(source).parent.name
+    return source, storage.file_sha256(local), label
+
+
+def source_records(results_dir: str, sweep: str, plan: presets.EvalPlan) -> dict[str, dict]:
+    """The model records of the plan's source trials that exist (``{trial name: record}``)."""
+    found = {name: load_record(results_dir, sweep, name) for name in plan.source_trials()}
+    return {name: record for name, record in found.items() if record}
 
 
 def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
@@ -124,7 +152,11 @@ def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
     record = load_record(opts.results_dir, sweep.name, trial.name)
     if not record or record.get("config_hash") != config_lib.config_hash(trial.config) or not record.get("evaluated"):
         return False
-    return all(results.is_done(opts.store, s) for s in cell_specs(trial, record, sweep.evaluation, sweep.name))
+    sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)
+    if len(sources) < len(sweep.evaluation.source_trials()):
+        return False
+    return all(results.is_done(opts.store, s) for s in cell_specs(trial, record, sweep.evaluation, sweep.name,
+                                                                  sources=sources))
 
 
 # ---------------------------------------------------------------- the trial (runs in a Tune trial actor)
@@ -170,7 +202,8 @@ def run_trial(params: dict, ctx: dict) -> dict:
         record = load_record(opts.results_dir, ctx["sweep"], trial.name)
         if not record or record.get("config_hash") != config_lib.config_hash(trial.config):
             record = _train(trial, ctx, run_id)
-        specs = cell_specs(trial, record, plan, ctx["sweep"], ctx["code_version"], opts.data_root)
+        specs = cell_specs(trial, record, plan, ctx["sweep"], ctx["code_version"], opts.data_root,
+                           source_records(opts.results_dir, ctx["sweep"], plan))
         skipped = sum(results.is_done(opts.store, s) for s in specs)
         new = 0
         tune.report({"cells_new": 0, "cells_skipped": skipped, "cells_total": len(specs)})
@@ -363,12 +396,13 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     summary = SweepSummary(sweep=sweep.name)
     results.remove_stale_temporaries(opts.store)  # what writers killed in an earlier run left behind
     before = {p.name for p in results.files(opts.store)}
-    for k, stage in enumerate(presets.stages(sweep.trials)):
+    for k, stage in enumerate(presets.stages(sweep.trials, sweep.evaluation.source_trials())):
         _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
     summary.cells_submitted = len({p.name for p in results.files(opts.store)} - before)
     summary.records = [load_record(opts.results_dir, sweep.name, t.name) for t in sweep.trials]
+    sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)
     wanted = {s.cell_id for t, r in zip(_resolve_all(sweep, opts), summary.records) if r
-              for s in cell_specs(t, r, sweep.evaluation, sweep.name)}
+              for s in cell_specs(t, r, sweep.evaluation, sweep.name, sources=sources)}
     summary.rows = [row for row in results.read_rows(opts.store) if row["cell_id"] in wanted]
     summary.seconds = time.perf_counter() - start
     return summary

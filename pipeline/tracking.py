@@ -134,7 +134,7 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 class EpochLogger:
     """Picklable per-epoch metric logger that Ray Train's rank 0 calls as ``logger(epoch, row)``."""
 
-    KEYS = ("loss", "ce", "ortho", "kd", "train_acc", "clean_acc", "grad_abs_cos", "grad_cos2", "lr", "seconds")
+    KEYS = ("loss", "ce", "ortho", "kd", "train_acc", "clean_acc", "val_loss", "grad_abs_cos", "grad_cos2", "lr", "seconds")
 
     def __init__(self, tracking_uri: str, run_id: str | None):
         self.tracking_uri = tracking_uri

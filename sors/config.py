@@ -70,6 +70,10 @@ class AttackConfig:
     eps: float = 0.1  # L-inf radius on the pixel scale [0, 1]
     steps: int | None = None  # None: the attack's paper default
     eot_samples: int | None = None  # None: the attack's default (EOT-PGD: 20)
+    random_start: bool | None = None  # PGD-style attacks: start from a uniform point of the ball (Madry et al.)
+    # transfer attacks: the model to craft on -- a checkpoint file/URI, or "trial:<name>" in a preset
+    # (that trial trains first); None: the undefended evaluated model (the gray-box setting of Table 7)
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,10 @@ class EvalConfig:
     exact_paths_max: int = 4096  # a super-network with at most this many paths: every path, exactly
     batch_size: int = 250
     seed: int = 0
+    # input-transform defense in front of the evaluated model (Table 7): none, median, bit_depth, jpeg,
+    # dnn_jpeg; white-box cells attack it through BPDA, transfer cells craft on the undefended model
+    defense: str = "none"
+    defense_options: str | None = None  # e.g. "quality=50" or "kernel=3,bits=4"; None: the defense's defaults
 
 
 @dataclass(frozen=True)
@@ -315,6 +323,34 @@ def validate(cfg: RunConfig) -> None:
     _check(e.all_paths >= 0, "eval.all_paths", f"{e.all_paths}", "an integer >= 0")
     _check(e.exact_paths_max >= 0, "eval.exact_paths_max", f"{e.exact_paths_max}", "an integer >= 0 (0: always sample)")
     _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size}", "an integer >= 1")
+    defense_options(e)  # raises for an unknown defense, option or value
+    _check(a.source is None or a.source.strip() != "", "attack.source", "an empty source",
+           "a checkpoint file or URI, trial:<name> in a preset, or none")
+
+
+def defense_options(e: EvalConfig) -> dict[str, Any]:
+    """``eval.defense_options`` parsed (``"quality=50,band=5"`` -> ``{"quality": 50, "band": 5}``), each
+    option checked against the defense's own defaults and coerced to their type. ConfigError otherwise."""
+    from sors import defenses  # torch: heavy, see is_super_network
+
+    names = ("none",) + tuple(defenses.available())
+    _check(e.defense in names, "eval.defense", f"unknown defense {quote(e.defense)}", ", ".join(names))
+    if e.defense == "none":
+        _check(not e.defense_options, "eval.defense_options", "options without a defense", "set eval.defense too")
+        return {}
+    defaults = defenses.DEFENSES[e.defense][1]
+    options: dict[str, Any] = {}
+    for item in (e.defense_options or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        _check(bool(sep) and key in defaults, "eval.defense_options", f"{quote(item)} is not an option of {e.defense}",
+               ", ".join(f"{k}=<{type(v).__name__}>" for k, v in defaults.items()))
+        options[key] = _coerce(f"eval.defense_options.{key}", value.strip(), type(defaults[key]))
+        _check(not isinstance(options[key], (int, float)) or isinstance(options[key], bool) or options[key] > 0,
+               f"eval.defense_options.{key}", f"{options[key]}", "a number > 0")
+    return options
 
 
 def _check_types(cfg: RunConfig) -> None:

@@ -156,17 +156,27 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     return {k: v / steps for k, v in sums.items()}
 
 
-@torch.no_grad()
 def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
                    device: torch.device | str = "cpu") -> float:
     """Accuracy on (images, labels) with the model in eval mode, paths sampled as in deployment."""
+    return clean_metrics(model, images, labels, batch_size, device)[0]
+
+
+@torch.no_grad()
+def clean_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+                  device: torch.device | str = "cpu") -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` on (images, labels) in eval mode, paths sampled as in
+    deployment: the validation accuracy and loss of an epoch (Fig. 8)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     for x, y in data_lib.batches(images, labels, batch_size):
-        correct += (model(x.to(device)).argmax(-1).cpu() == y).sum().item()
+        logits = model(x.to(device))
+        y = y.to(device)
+        correct += (logits.argmax(-1) == y).sum().item()
+        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
     model.train(was_training)
-    return correct / max(1, len(labels))
+    return correct / max(1, len(labels)), loss / max(1, len(labels))
 
 
 def load_teacher(path: str | None, device="cpu") -> nn.Module | None:
@@ -201,8 +211,8 @@ def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: i
         on_step: Callable[[int, int], None] | None = None, data=None) -> TrainState:
     """Train ``cfg`` (resolved) to ``cfg.train.epochs``, continuing from ``state`` when given.
 
-    Each epoch's metrics (loss, ce, ortho, kd, train_acc, clean_acc, grad_abs_cos, grad_cos2,
-    lr, seconds) are appended to ``state.history`` and passed to ``on_epoch_end``.
+    Each epoch's metrics (loss, ce, ortho, kd, train_acc, clean_acc, val_loss -- cross-entropy on the
+    test subset --, grad_abs_cos, grad_cos2, lr, seconds) are appended to ``state.history`` and passed to ``on_epoch_end``.
     ``data``: optional ((train_x, train_y), (test_x, test_y)) to skip loading.
     """
     cfg = config_lib.resolve(cfg)
@@ -215,7 +225,7 @@ def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: i
         row = train_one_epoch(state.model, state.optimizer, train_x, train_y, cfg, state.epoch, teacher,
                               rank, world, device, on_step)
         check_finite_weights(state.model, state.epoch + 1, cfg.train.lr)  # before any checkpoint of them
-        row["clean_acc"] = clean_accuracy(state.model, test_x, test_y, device=device)
+        row["clean_acc"], row["val_loss"] = clean_metrics(state.model, test_x, test_y, device=device)
         row.update(metrics.gradient_orthogonality(state.model, probe_x, probe_y, n_pairs=4,
                                                   generator=torch.Generator().manual_seed(state.epoch)) or {})
         row.update(epoch=state.epoch + 1, lr=state.optimizer.param_groups[0]["lr"],

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from sors import attacks, defenses
 from sors import config as config_lib
 from sors import data as data_lib
 from sors import evaluation
@@ -22,7 +23,7 @@ from sors import train as train_lib
 from sors.config import AttackConfig, EvalConfig, RunConfig
 from sors.models.factory import wrap_average
 from sors.models.supernet import SuperNet
-from tasks import storage
+from tasks import gradients, storage
 
 SCHEMA_VERSION = 2  # 2: per-example outcomes, exact-or-sampled worst case over paths
 
@@ -37,12 +38,15 @@ class CellSpec:
     eval: EvalConfig
     seed: int = 0
     average_paths: int = 1  # RS*/SORS*: softmax of this many paths averaged per forward
+    source_uri: str | None = None  # transfer cells: the checkpoint crafted on (None: the undefended target)
+    source_sha256: str | None = None
     # context: stored in the row, not part of the identity
     sweep: str = ""
     trial: str = ""
     variant: str = ""
     model_label: str = ""
     role: str = "main"  # "sanity": an extra cell for the cross-cell checks, not a table column
+    source_label: str = ""  # the source model's row name (Table 1, Table 5)
     mlflow_run_id: str | None = None
     code_version: str = ""
     data_root: str | None = None
@@ -53,6 +57,13 @@ class CellSpec:
                   "eot_samples": self.attack.eot_samples}
         evaluation = {"repeats": self.eval.repeats, "n_examples": self.eval.n_examples, "all_paths": self.eval.all_paths,
                       "exact_paths_max": self.eval.exact_paths_max}
+        # keys added later enter the identity only when set, so every earlier cell keeps its id
+        if self.attack.random_start is not None:
+            attack["random_start"] = bool(self.attack.random_start)
+        if self.source_sha256:
+            attack["source_sha256"] = self.source_sha256
+        if self.eval.defense != "none":
+            evaluation["defense"] = {"name": self.eval.defense, **config_lib.defense_options(self.eval)}
         return {"checkpoint_sha256": self.checkpoint_sha256, "attack": attack, "eval": evaluation,
                 "average_paths": self.average_paths, "seed": self.seed}
 
@@ -67,6 +78,22 @@ def load_model(spec: CellSpec, device="cpu"):
     path = storage.local_copy(spec.checkpoint_uri)
     model, cfg, _ = train_lib.load_checkpoint(path, device=device)
     return wrap_average(model, spec.average_paths).eval(), cfg
+
+
+def load_source(spec: CellSpec, device="cpu"):
+    """The transfer source of a cell (eval mode, frozen), or None when the cell names none."""
+    if not spec.source_uri:
+        return None
+    source, _, _ = train_lib.load_checkpoint(storage.local_copy(spec.source_uri), device=device)
+    return source.eval()
+
+
+def defended(model, eval_cfg: EvalConfig):
+    """``model`` behind the configured input-transform defense (BPDA for non-differentiable ones), or
+    ``model`` itself for ``eval.defense=none``."""
+    if eval_cfg.defense == "none":
+        return model
+    return defenses.build(eval_cfg.defense, model, bpda=True, **config_lib.defense_options(eval_cfg))
 
 
 def test_images(spec: CellSpec, cfg: RunConfig):
@@ -90,11 +117,25 @@ def evaluate(spec: CellSpec, device="cpu"):
     images, labels, index = test_images(spec, cfg)
     eval_cfg = dataclasses.replace(spec.eval, seed=spec.seed)
     num_classes = data_lib.spec(cfg.data.name).num_classes
+    transfer = attacks.info(spec.attack.name)["transfer"] if spec.attack.name in attacks.available() else False
+    # gray-box (Table 7): with no source named, a transfer cell crafts on the undefended model itself
+    source = load_source(spec, device) if transfer else None
+    if transfer and source is None:
+        source = model
+    target = defended(model, spec.eval)
+    options = {"random_start": spec.attack.random_start} if spec.attack.random_start is not None else {}
+    if transfer:
+        options["source_name"] = spec.source_label or ("undefended target" if spec.source_uri is None else "source")
     start = time.perf_counter()
-    result = evaluation.evaluate_cell(model, images, labels, spec.attack, eval_cfg, seed=spec.seed,
-                                      device=device, num_classes=num_classes, dataset=cfg.data.name,
-                                      example_index=index)
+    result = evaluation.evaluate_cell(target, images, labels, spec.attack, eval_cfg, seed=spec.seed,
+                                      source_model=source, device=device, num_classes=num_classes,
+                                      attack_options=options, dataset=cfg.data.name, example_index=index)
     result.extra["role"] = spec.role
+    if spec.eval.defense != "none":
+        result.extra["defense"] = {"name": spec.eval.defense, **config_lib.defense_options(spec.eval)}
+    if transfer:
+        result.extra["source"] = spec.source_label or "undefended target"
+        result.extra["source_grad_orthogonality"] = gradients.cross_orthogonality(source, model, images, labels)
     seconds = getattr(result, "seconds", None) or time.perf_counter() - start
     return result, make_row(spec, cfg, result, n_ops_of(model, cfg), seconds)
 

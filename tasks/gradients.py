@@ -33,3 +33,19 @@ def measure(model: nn.Module, dataset: str, root: str | None, n_examples: int = 
     cosines = pair_cosines(model, images, labels, n_pairs, seed)
     mean_abs = sum(abs(c) for c in cosines) / len(cosines) if cosines else None
     return {"cosines": cosines, "mean_abs_cos": mean_abs}
+
+
+def cross_orthogonality(source: nn.Module, target: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        n_examples: int = 64, seed: int = 0) -> float:
+    """Table 1's gradient orthogonality between a transfer source and its target: 1 - mean |cos|
+    between their input gradients on the first ``n_examples`` images ((B, C, H, W) in [0, 1]); one
+    path draw each for randomized models. 0 for a model against itself (deterministic), 1 when
+    every pair of gradients is orthogonal."""
+    x, y = images[:n_examples], labels[:n_examples]
+    device = next(iter(target.parameters())).device
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        source.eval()
+        target.eval()
+        cos = metrics.model_pair_cosines([source, target], x.to(device), y.to(device))
+    return float(1.0 - cos.abs().mean()) if len(cos) else float("nan")
