@@ -198,7 +198,7 @@ def build_attack(model: nn.Module, attack: AttackConfig, source_model: nn.Module
     attacks (``transfer``, ``transfer_<base>``) craft on ``source_model``."""
     options = dict(options or {})
     options.update({k: v for k, v in (("steps", attack.steps), ("eot_samples", attack.eot_samples)) if v is not None})
-    if attack.name.startswith("transfer"):
+    if attacks_lib.info(attack.name)["transfer"]:
         options["source"] = source_model
     return attacks_lib.build(attack.name, model, attack.eps, dataset=dataset, **options)
 
@@ -248,7 +248,7 @@ def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     spec = adversary.spec
     zero_fraction = None
     if attack.name != "none":
-        gradient_model = source_model if attack.name.startswith("transfer") else model
+        gradient_model = source_model if attacks_lib.info(attack.name)["transfer"] else model
         with path_draws([gradient_model], derive_seed(seed, "gradcheck")):
             zero_fraction = checks.zero_gradient_fraction(gradient_model, x.to(device), y.to(device),
                                                           eval_cfg.batch_size)
@@ -289,7 +289,7 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         cells += [(a, "sanity") for a in checks.sanity_attacks(attacks, is_randomized(model))]
     results = []
     for cfg, role in cells:
-        if cfg.name.startswith("transfer") and source_model is None:
+        if attacks_lib.info(cfg.name)["transfer"] and source_model is None:
             continue
         cell_seed = derive_seed(seed, cfg.name, round(cfg.eps, 9), cfg.steps, cfg.eot_samples)
         result = evaluate_cell(model, images, labels, cfg, eval_cfg, cell_seed, source_model, device, num_classes,
