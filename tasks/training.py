@@ -62,6 +62,7 @@ def _device() -> torch.device:
 
 def _report(state: train_lib.TrainState, cfg: config_lib.RunConfig, metrics: dict, rank: int) -> None:
     """Checkpoint this epoch on every rank (digest; weights on rank 0) and report it to Ray Train."""
+    import ray
     import ray.train
 
     digest = params_digest(state.model)
@@ -69,7 +70,8 @@ def _report(state: train_lib.TrainState, cfg: config_lib.RunConfig, metrics: dic
         if rank == 0:
             train_lib.save_checkpoint(Path(folder) / CHECKPOINT_FILE, state, cfg)
         (Path(folder) / DIGEST_FILE.format(rank=rank)).write_text(digest + "\n")
-        ray.train.report({**metrics, "epoch": state.epoch, "params_digest": digest},
+        ray.train.report({**metrics, "epoch": state.epoch, "params_digest": digest,
+                          "node_id": ray.get_runtime_context().get_node_id()},
                          checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 

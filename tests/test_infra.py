@@ -102,7 +102,7 @@ def test_nightly_cronjob_runs_at_0200_utc_without_overlap_or_retries():
     assert spec["concurrencyPolicy"] == "Forbid"
     assert spec["jobTemplate"]["spec"]["backoffLimit"] == 0
     script = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    assert "ray job submit" in script and "sors nightly --config" in script
+    assert "sors submit --address" in script and "sors nightly --config" in script
 
 
 def test_rayjob_runs_a_sweep_on_the_raycluster():
@@ -144,14 +144,15 @@ def _cronjob_script() -> str:
 @pytest.mark.parametrize("printed, status, expected", [
     ("sors nightly: exit 0: no regression", 0, 0),
     ("sors nightly: exit 1: regression in 2 of 6 cells", 1, 1),
-    ("sors nightly: exit 2: could not run: data not found", 1, 2),
-    ("Traceback ... (the driver died before its last line)", 1, 2),
+    ("sors nightly: exit 2: could not run: data not found", 2, 2),
+    ("sors submit: job sors-nightly-x STOPPED, exit 130", 130, 2),
+    ("sors nightly: exit 0: no regression (a stale line: the code of the job says otherwise)", 1, 1),
 ])
 def test_kubernetes_nightly_pod_exits_with_the_nightlys_own_code(tmp_path, printed, status, expected):
-    """`ray job submit` maps every failure to 1; the pod must still tell regression (1) from could-not-run (2)."""
-    fake = tmp_path / "bin" / "ray"
+    """The pod exits with the code `sors submit` read from the Jobs API (the driver's), never from log lines."""
+    fake = tmp_path / "bin" / "sors"
     fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\necho 'job submitted'\necho '{printed}'\nexit {status}\n")
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = submit ] || exit 99\necho '{printed}'\nexit {status}\n")
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
     done = subprocess.run(["bash", "-c", _cronjob_script()], env=env, capture_output=True, text=True, timeout=30)
