@@ -27,7 +27,7 @@ import shlex
 import sys
 import time
 
-from pipeline import cliutil
+from pipeline import cliutil, presets
 from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, OneLineArgumentParser
 from pipeline.redact import redact
 
@@ -164,8 +164,6 @@ def _report(submission_id: str, info) -> int:
 
 def _sweep_job(args, argv: list[str]) -> tuple[str, list[str]]:
     """(name for the submission id, entry point) of ``sors submit PRESET ...``, the sweep validated here."""
-    from pipeline import presets  # heavy
-
     if not args.preset:
         raise SubmitError("a preset is required (or --status ID / --stop ID, or -- sors COMMAND ...)")
     if args.ray_address:

@@ -182,13 +182,28 @@ def test_ray_cluster_launcher_config_validates_against_rays_schema():
 
 def test_ray_cluster_installs_the_project_on_every_node_and_keeps_the_dashboard_local():
     raw = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
-    (remote, local), = raw["file_mounts"].items()
-    assert local == "."
+    remote = next(r for r, local in raw["file_mounts"].items() if local == ".")
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the shared token, on every node
     setup = " ".join(raw["setup_commands"])  # setup_commands run on head and workers alike
     assert f"-e {remote}" in setup and "ray[" in setup
     assert "dataset-fashion-mnist" in setup
     head_start = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
+    for start in (head_start, " ".join(raw["worker_start_ray_commands"])):
+        assert "RAY_AUTH_MODE=token" in start
+
+
+def test_kuberay_pods_and_the_nightly_submitter_use_ray_token_authentication():
+    (cluster,) = by_kind("RayCluster")
+    (cron,) = by_kind("CronJob")
+    containers = [c for obj in (cluster, cron) for pod in pod_specs(obj) for c in pod["containers"]]
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sors-ray-auth", "key": "auth_token"}
+    for pod in (c for obj in (cluster,) for pod in pod_specs(obj) for c in pod["containers"]):
+        assert {e["name"]: e.get("value") for e in pod["env"]}["RAY_AUTH_MODE"] == "token"
+    head = cluster["spec"]["headGroupSpec"]["rayStartParams"]
+    assert "sors_driver" in head["resources"]  # trial drivers' resource: only the CPU head has it
 
 
 # ---------------------------------------------------------------- cron
