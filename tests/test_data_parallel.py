@@ -102,3 +102,19 @@ def test_lr_scaling_is_validated_hashed_only_when_set_and_scales_with_the_worker
         config_lib.resolve(config_lib.apply_overrides(base, {"train.lr_scaling": "sqrt"}))
     with pytest.raises(ConfigError, match="train.num_workers"):
         config_lib.resolve(config_lib.apply_overrides(base, {"data.n_train": 2, "train.num_workers": 3}))
+
+
+@pytest.mark.ray
+def test_trial_concurrency_counts_the_cluster_and_lets_a_gpu_sweep_scale_out(ray_session):
+    from pipeline import cluster
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    assert cluster.growth_limit("GPU") is None  # a local Ray: no autoscaler to ask
+    assert cluster.max_concurrent_trials(1, use_gpu=False, trials=10) == cpus
+    assert cluster.max_concurrent_trials(2 * cpus, use_gpu=False, trials=10) == 1
+    assert cluster.max_concurrent_trials(1, use_gpu=False, trials=1) == 1
+    # no GPU yet and no known limit: every trial starts and asks for its GPU (what makes an autoscaler add nodes)
+    assert cluster.max_concurrent_trials(1, use_gpu=True, trials=6) == 6
+    assert cluster.max_concurrent_trials(1, use_gpu=True, trials=6, configured=3) == 3
+    wanted = cluster.trial_resources()
+    assert wanted["cpu"] == 0 and cluster.TRIAL_DRIVER_RESOURCE not in wanted  # this Ray has no such resource
