@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import results
 from tests.loopback_cluster import loopback_cluster
@@ -47,7 +48,7 @@ def _node_ids(cluster) -> dict[str, str]:
              f"ray.init(address={cluster.gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
              "print(json.dumps({n['NodeID']: [k for k in n['Resources'] if k.startswith('node_')][0]"
              " for n in ray.nodes() if n['Alive']}))\n")
-    done = subprocess.run([sys.executable, "-c", probe], env=dict(cluster.env, **(env or {})), capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe], env=cluster.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -58,14 +59,16 @@ def sors(cluster, *args: str, timeout: float = 540, env: dict | None = None) -> 
                           timeout=timeout, cwd=REPO)
 
 
-def test_a_sweep_spreads_trials_and_cells_over_both_nodes_into_one_store(cluster, tmp_path):
-    import yaml
+def _preset_file(tmp_path) -> str:
+    path = tmp_path / "twonode.yaml"
+    path.write_text(yaml.safe_dump(PRESET))
+    return str(path)
 
-    preset = tmp_path / "twonode.yaml"
-    preset.write_text(yaml.safe_dump(PRESET))
+
+def test_a_sweep_spreads_trials_and_cells_over_both_nodes_into_one_store(cluster, tmp_path):
     shared = tmp_path / "shared"  # the folder both nodes see (a shared mount on a real cluster)
-    done = sors(cluster, "sweep", str(preset), "--ray-address", cluster.gcs_address, "--results-dir", str(shared),
-                "--no-progress")
+    done = sors(cluster, "sweep", _preset_file(tmp_path), "--ray-address", cluster.gcs_address,
+                "--results-dir", str(shared), "--no-progress")
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     nodes = _node_ids(cluster)
     rows = results.read_rows(shared / "cells")
@@ -75,27 +78,20 @@ def test_a_sweep_spreads_trials_and_cells_over_both_nodes_into_one_store(cluster
     assert {nodes[r["train_node_id"]] for r in records} == {"node_a", "node_b"}, "trials trained on one node only"
 
 
-def _preset_file(tmp_path) -> str:
-    import yaml
-
-    path = tmp_path / "twonode.yaml"
-    path.write_text(yaml.safe_dump(PRESET))
-    return str(path)
-
-
 def test_sors_submit_runs_the_sweep_as_a_job_follows_it_and_exits_with_its_code(cluster, tmp_path):
-    preset, shared = _preset_file(tmp_path), str(tmp_path / "shared")
-    done = sors(cluster, "submit", preset, "--address", cluster.dashboard_url, "--results-dir", shared, "--no-progress")
+    preset, shared = _preset_file(tmp_path), tmp_path / "shared"
+    done = sors(cluster, "submit", preset, "--address", cluster.dashboard_url, "--results-dir", str(shared),
+                "--no-progress")
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     assert "sweep twonode:" in done.stdout  # the job's own output, followed live
     assert "SUCCEEDED, exit 0" in done.stderr
     submission_id = done.stderr.split("submitted ", 1)[1].split(":", 1)[0]
     assert submission_id.startswith("sors-twonode-")
-    assert len(results.read_rows(Path(shared) / "cells")) == 2 * 5
+    assert len(results.read_rows(shared / "cells")) == 2 * 5
 
     status = sors(cluster, "submit", "--status", submission_id, "--address", cluster.dashboard_url)
     assert status.returncode == 0 and "SUCCEEDED" in status.stderr
-    again = sors(cluster, "submit", preset, "--address", cluster.dashboard_url, "--results-dir", shared,
+    again = sors(cluster, "submit", preset, "--address", cluster.dashboard_url, "--results-dir", str(shared),
                  "--no-progress", "--no-wait")  # the same sweep again: a new run of the same id, -2
     assert again.returncode == 0 and again.stdout.strip() == f"{submission_id}-2", again.stderr[-2000:]
     stop = sors(cluster, "submit", "--stop", f"{submission_id}-2", "--address", cluster.dashboard_url)
