@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One-command GPU benchmark of the SORS fast paths: SORS-ResNet-18 at CIFAR shapes, batch 128 (step
 # ratio vs vanilla, speedup vs the sequential reference, images/s, peak memory), EOT-PGD batched vs
-# sequential, the fast-path ablation, PGD images/s; then SORS-LeNet-5.
+# sequential, the fast-path ablation, PGD images/s; then SORS-LeNet-5; then a data-parallel training
+# step over NCCL (bench/dp_step.py: one rank per GPU, at most two; SORS-ResNet-18, batch 128 each;
+# ranks checked bit-identical), written to $OUT/dp_step.json.
 #
 # Runs from a bare checkout on a machine that has torch (no install of this package: PYTHONPATH=.),
-# finishes within 5 minutes (hard limit below), and writes gpu_bench.json / gpu_bench.txt to $OUT
+# finishes within 8 minutes (hard limits below), and writes gpu_bench.json / gpu_bench.txt to $OUT
 # when that is set (else the table goes to stdout only). Extra arguments go to bench/gpu_bench.py
 # (e.g. --device cpu --quick for a dry run without a GPU).
 set -uo pipefail
@@ -22,4 +24,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 timeout -k 10 290 "$PYTHON" -m bench.gpu_bench "$@"
 status=$?
 if [ "$status" -eq 124 ]; then echo "gpu_bench: stopped at the 290 s limit; partial results kept" >&2; fi
-exit "$status"
+# The NCCL data-parallel step (DP_STEP_ARGS="--device cpu --model resnet18 --batch 4" for a dry run).
+timeout -k 10 170 "$PYTHON" -m bench.dp_step ${DP_STEP_ARGS:-}
+dp_status=$?
+if [ "$dp_status" -ne 0 ]; then echo "gpu_bench: data-parallel step exited $dp_status" >&2; fi
+[ "$status" -ne 0 ] && exit "$status"
+exit "$dp_status"

@@ -53,12 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(train)
 
     sweep = sub.add_parser("sweep", help="run a preset: Tune grid of trainings, evaluation cells, report")
-    sweep.add_argument("preset", nargs="?", help="preset name (smoke, quick, table2, ...) or a YAML file")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    sweep.add_argument("--name", default=None, help="sweep name (default: the preset's)")
-    sweep.add_argument("--list", action="store_true", help="list the presets and exit")
-    sweep.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
-    sweep.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
+    cliutil.add_sweep_flags(sweep, DRY_RUN_HELP, ALLOW_LARGE_HELP)
     add_common(sweep)
 
     evaluate = sub.add_parser("evaluate", help="evaluate checkpoints: one Ray task per cell into Parquet")
@@ -77,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("nightly", "scheduled robustness regression against the accepted baseline"),
                        ("bench", "benchmarks"),
-                       ("sync", "backfill MLflow runs from the results folder after a tracking outage")):
+                       ("sync", "backfill MLflow runs from the results folder after a tracking outage"),
+                       ("submit", "run a sweep as a Ray job on a cluster (Jobs API); --status / --stop a job")):
         extra = sub.add_parser(name, help=text)
         extra.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -89,7 +85,8 @@ def _options(args, resume: bool = False):
     from pipeline.sweep import SweepOptions  # heavy
 
     return SweepOptions(results_dir=args.results_dir, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-                        data_root=args.data_root, resume=resume, progress=not args.no_progress)
+                        data_root=args.data_root, resume=resume, progress=not args.no_progress,
+                        max_concurrent_trials=getattr(args, "max_concurrent_trials", None))
 
 
 def _preflight(args, opts, sweep=None, configs=()) -> None:
@@ -207,6 +204,8 @@ def cmd_sweep(args) -> int:
         for name in presets.available():
             print(f"{name:10s} {presets.load_raw(name).get('description', '')}")
         return EXIT_OK if args.list else EXIT_BAD_INPUT
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise UsageError(f"--max-concurrent-trials {args.max_concurrent_trials}: must be at least 1")
     sweep = presets.build_sweep(args.preset, cliutil.overrides(args), sweep_name=args.name)
     opts = _options(args, resume=args.resume).resolved()
     summary = _checked_run(args, opts, sweep)
@@ -361,8 +360,13 @@ def _sync(argv: list[str]) -> int:
     return sync.main(argv)
 
 
-# Commands with a parser of their own: ``sors nightly|bench|sync ARGS`` runs ``main(ARGS)`` there.
-DELEGATED = {"nightly": _nightly, "bench": _bench, "sync": _sync}
+def _submit(argv: list[str]) -> int:
+    from pipeline import submit  # heavy
+    return submit.main(argv)
+
+
+# Commands with a parser of their own: ``sors nightly|bench|sync|submit ARGS`` runs ``main(ARGS)`` there.
+DELEGATED = {"nightly": _nightly, "bench": _bench, "sync": _sync, "submit": _submit}
 
 
 def _delegate(args) -> int:
@@ -371,7 +375,7 @@ def _delegate(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report,
-            "nightly": _delegate, "bench": _delegate, "sync": _delegate}
+            "nightly": _delegate, "bench": _delegate, "sync": _delegate, "submit": _delegate}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -46,6 +46,18 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
 
 
+def add_sweep_flags(parser: argparse.ArgumentParser, dry_run_help: str, allow_large_help: str) -> None:
+    """``sors sweep``'s own arguments (the preset and its switches): also what ``sors submit`` forwards."""
+    parser.add_argument("preset", nargs="?", help="preset name (smoke, quick, table2, ...) or a YAML file")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--name", default=None, help="sweep name (default: the preset's)")
+    parser.add_argument("--list", action="store_true", help="list the presets and exit")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--allow-large", action="store_true", help=allow_large_help)
+    parser.add_argument("--max-concurrent-trials", type=int, default=None, metavar="N",
+                        help="trainings at once (default: as many as the cluster holds, autoscaling included)")
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     """``--set`` values, plus ``data.root`` from ``--data-root``."""
     return list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])

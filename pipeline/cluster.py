@@ -152,10 +152,49 @@ def shortage(workers: int, use_gpu: bool) -> str | None:
             f"it waits until other jobs release them")
 
 
-def max_concurrent_trials(workers_per_trial: int, use_gpu: bool) -> int:
-    """How many training runs fit at once: GPUs (or CPUs) divided by the workers one run needs."""
-    total = resources().get("GPU" if use_gpu else "CPU", 1)
-    return max(1, int(total // max(1, workers_per_trial)))
+def growth_limit(kind: str) -> float | None:
+    """How many ``kind`` (``CPU``, ``GPU``) the cluster can grow to: the autoscaler's node types times
+    their max counts (what KubeRay / the cluster launcher publish), or None when no autoscaler says."""
+    try:
+        # Private, but the same call Ray Train makes to size worker groups on autoscaling clusters; no
+        # public API has the autoscaler's node types yet.
+        from ray._private import state
+
+        limits = state.state.get_max_resources_from_cluster_config()
+    except Exception as err:  # noqa: BLE001 -- best effort: an unknown limit falls back to the current size
+        log.debug("no autoscaler limits: %s", err)
+        return None
+    value = (limits or {}).get(kind)
+    return float(value) if value else None
+
+
+def max_concurrent_trials(workers_per_trial: int, use_gpu: bool, trials: int, configured: int | None = None) -> int:
+    """How many training runs to start at once: ``configured`` (``--max-concurrent-trials``) when given,
+    else GPUs (or CPUs) divided by the workers one run needs, counting what the autoscaler can add --
+    so a GPU sweep on a cluster whose GPU workers scale from zero asks for several GPUs, not one. With no
+    such resource now and no known limit, every trial starts (each waits for its workers, which is what
+    makes an autoscaler add nodes)."""
+    if configured:
+        return configured
+    kind = "GPU" if use_gpu else "CPU"
+    total = max(resources().get(kind, 0.0), growth_limit(kind) or 0.0)
+    if total < 1:
+        return max(1, trials)
+    return max(1, min(trials, int(total // max(1, workers_per_trial))))
+
+
+# A custom resource the cluster configs (infra/) give CPU nodes only: trial drivers ask for a sliver of
+# it, so they stay off GPU and spot nodes. A cluster without it (a local Ray) places them anywhere.
+TRIAL_DRIVER_RESOURCE = "sors_driver"
+TRIAL_DRIVER_MEMORY = 512 << 20  # a trial driver imports torch, Ray Tune and MLflow: hundreds of MB
+
+
+def trial_resources() -> dict:
+    """What each Tune trial (a driver of Ray Train and the evaluation fan-out, no CPU of its own) reserves."""
+    wanted = {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
+    if resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0 or growth_limit(TRIAL_DRIVER_RESOURCE):
+        wanted[TRIAL_DRIVER_RESOURCE] = 0.001
+    return wanted
 
 
 def shutdown() -> None:

@@ -49,6 +49,7 @@ def evaluate_cell_task(spec: CellSpec, store_root: str) -> dict:
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     _, row = cells.evaluate(spec, device=device)
+    row["node_id"] = ray.get_runtime_context().get_node_id()
     results.write_row(store_root, row)
     return row
 

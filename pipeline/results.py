@@ -66,6 +66,7 @@ FILE_SCHEMA = pa.schema([
     ("mlflow_run_id", pa.string()),
     ("code_version", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
+    ("node_id", pa.string()),  # added in schema 2: Ray node that evaluated the cell (null in older rows)
 ], metadata={"sors.schema_version": str(SCHEMA_VERSION)})
 
 SCHEMA = pa.schema(list(FILE_SCHEMA) + [pa.field(k, pa.string()) for k in PARTITION_KEYS],

@@ -43,7 +43,6 @@ from tasks import gradients, storage
 log = logging.getLogger("pipeline.sweep")
 # Errors whose own one-line message says what to fix: shown as they are when a trial raises one.
 USER_ERRORS = (ConfigError, DataNotFoundError, TrainingDiverged, train_lib.CheckpointError)
-TRIAL_RESOURCES = {"memory": 1 << 20}  # the trial only drives Train + evaluation: no CPU of its own
 
 
 class SweepError(RuntimeError):
@@ -69,6 +68,7 @@ class SweepOptions:
     resume: bool = False
     progress: bool = True
     max_failures: int = 1
+    max_concurrent_trials: int | None = None  # None: what the cluster can hold, autoscaling included
 
     def resolved(self) -> "SweepOptions":
         """Absolute paths and concrete defaults (what travels to the trials)."""
@@ -177,6 +177,7 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
               "variants": [dataclasses.asdict(v) for v in trial.variants],
               "config": config_lib.to_dict(trial.config), "config_hash": config_lib.config_hash(trial.config),
               "run_name": name, "checkpoint_uri": outcome.checkpoint_uri,
+              "train_node_id": outcome.metrics.get("node_id"),  # Ray node of training rank 0
               "checkpoint_sha256": storage.file_sha256(local), "mlflow_run_id": run_id,
               "epochs": payload.get("epoch"), "history": payload.get("history", []),
               "grad_cosines": grads["cosines"], "grad_mean_abs_cos": grads["mean_abs_cos"],
@@ -336,7 +337,7 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     shortage = cluster.shortage(max(t.config.train.num_workers for t in needs_training), gpu) if needs_training else None
     if shortage:
         log.warning("sweep %s: %s", sweep.name, shortage)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), cluster.trial_resources())
     experiment = f"{sweep.name}-stage{k}"
     path = f"{opts.storage_path.rstrip('/')}/{experiment}"
     try:
@@ -346,7 +347,8 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
                 trainable,
                 param_space={"spec": tune.grid_search(grid)},
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=cluster.max_concurrent_trials(max(t.config.train.num_workers for t in todo), gpu),
+                    max_concurrent_trials=cluster.max_concurrent_trials(
+                        max(t.config.train.num_workers for t in todo), gpu, len(todo), opts.max_concurrent_trials),
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(name=experiment, storage_path=opts.storage_path, verbose=0,
                                           callbacks=[_Progress()], failure_config=tune.FailureConfig(max_failures=0)))

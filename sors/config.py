@@ -59,7 +59,8 @@ class TrainConfig:
     paths_per_step: int = 2  # K paths sampled per step for the recognition + orthogonality loss
     teacher: str | None = None  # checkpoint file of a teacher for distillation (Eq. 7)
     kd_weight: float = 1.0
-    num_workers: int = 1  # Ray Train data-parallel workers
+    num_workers: int = 1  # Ray Train data-parallel workers; batch_size is per worker (global batch = both multiplied)
+    lr_scaling: str = "none"  # lr for the global batch: "none" (lr as given) or "linear" (lr x num_workers)
     use_gpu: bool | None = None  # None: use a GPU when one is visible
     seed: int = 0
 
@@ -103,6 +104,10 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "att
 
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("independent", "perturbed_copies")
+LR_SCALINGS = ("none", "linear")
+# Options added after models were stored: at these values they leave the config hash as it was, so an
+# existing model (same training) is not retrained because the option exists now.
+HASH_NEUTRAL_DEFAULTS = {("train", "lr_scaling"): "none"}
 # Above this a learning rate only ever diverges (SGD or Adam, on images in [0, 1]): refuse it up front.
 MAX_LR = 10.0
 
@@ -251,7 +256,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 def config_hash(cfg: RunConfig, sections: tuple[str, ...] = ("data", "model", "train")) -> str:
     """Stable 16-hex-digit hash of the given sections (default: what determines trained weights)."""
-    payload = {s: to_dict(cfg)[s] for s in sections}
+    full = to_dict(cfg)
+    payload = {s: {k: v for k, v in full[s].items() if HASH_NEUTRAL_DEFAULTS.get((s, k), object()) != v}
+               for s in sections}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -315,6 +322,9 @@ def validate(cfg: RunConfig) -> None:
            "K >= 2 when train.lambda > 0 (or set train.lambda=0)")
     _check(t.kd_weight >= 0, "train.kd_weight", f"{t.kd_weight}", "a number >= 0")
     _check(t.num_workers >= 1, "train.num_workers", f"{t.num_workers} workers", "an integer >= 1")
+    _check(t.lr_scaling in LR_SCALINGS, "train.lr_scaling", f"unknown rule {t.lr_scaling!r}", ", ".join(LR_SCALINGS))
+    _check(d.n_train is None or d.n_train >= t.num_workers, "train.num_workers",
+           f"{t.num_workers} workers for data.n_train={d.n_train} examples", "at most one worker per training example")
     _check(0 <= a.eps <= 1, "attack.eps", f"ε = {a.eps} is outside the pixel scale", "0 <= eps <= 1 (e.g. 25/255)")
     _check(a.steps is None or a.steps >= 1, "attack.steps", f"{a.steps}", "an integer >= 1")
     _check(a.eot_samples is None or a.eot_samples >= 1, "attack.eot_samples", f"{a.eot_samples}", "an integer >= 1")

@@ -109,16 +109,19 @@ def sors_loss(model: SuperNet, x: torch.Tensor, y: torch.Tensor, k: int = 2, lam
     return LossParts(ce + lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits.detach())
 
 
-def backward_into(parts: LossParts, params: list[torch.Tensor]) -> None:
-    """Accumulate d(parts.total)/d(params) into ``p.grad`` (plus ``parts.weight_grads`` when the
-    loss returned them): the backward of a training step.
+def backward_into(parts: LossParts, params: list[torch.Tensor], scale: float = 1.0) -> None:
+    """Accumulate d(scale * parts.total)/d(params) into ``p.grad`` (plus ``scale * parts.weight_grads``
+    when the loss returned them): the backward of a training step. ``scale``: a data-parallel rank's
+    share of the global batch (``sors.distributed.loss_scale``); it multiplies the loss, not the
+    gradients afterwards, because a global-batch BatchNorm carries other ranks' terms into them.
 
     ``params`` are the trainable parameters in ``model.parameters()`` order. Naming them as the only
     inputs keeps autograd from also differentiating with respect to the (stacked) input images,
     which for the SORS loss is one more input-gradient pass through the first layer.
     """
-    torch.autograd.backward(parts.total, inputs=params)
+    torch.autograd.backward(parts.total if scale == 1.0 else parts.total * scale, inputs=params)
     for p, g in zip(params, parts.weight_grads or ()):
+        g = g if scale == 1.0 else g * scale
         p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
 

@@ -2,7 +2,8 @@
 
 Ray Train workers call :func:`fit` with their rank and world size; under data parallelism every
 rank draws the same paths each step (the path generator is seeded from (seed, epoch, step)), so
-the all-reduced gradients belong to the same sub-networks.
+the all-reduced gradients belong to the same sub-networks. How the ranks stay identical (broadcast,
+global-batch BatchNorm, buffer averaging, every example once per epoch) is in ``sors.distributed``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from sors import config as config_lib
 from sors import data as data_lib
+from sors import distributed
 from sors import losses, metrics
 from sors.config import RunConfig
 from sors.errors import ConfigError, TrainingDiverged
@@ -63,9 +64,12 @@ def make_optimizer(model: nn.Module, train: config_lib.TrainConfig) -> torch.opt
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def learning_rate(train: config_lib.TrainConfig, epoch_progress: float) -> float:
-    """lr at a point of training (epochs, fractional): linear warm-up, then step decay at milestones."""
-    lr = train.lr * train.lr_gamma ** sum(1 for m in train.milestones if epoch_progress >= m)
+def learning_rate(train: config_lib.TrainConfig, epoch_progress: float, world: int = 1) -> float:
+    """lr at a point of training (epochs, fractional): ``train.lr`` (times ``world`` workers under
+    ``train.lr_scaling=linear``, the global batch being ``world`` times larger), linear warm-up, then
+    step decay at milestones."""
+    base = train.lr * (world if train.lr_scaling == "linear" else 1)
+    lr = base * train.lr_gamma ** sum(1 for m in train.milestones if epoch_progress >= m)
     if train.warmup_epochs > 0 and epoch_progress < train.warmup_epochs:
         lr *= (epoch_progress + 1e-3) / train.warmup_epochs
     return lr
@@ -77,24 +81,6 @@ def lambda_at(train: config_lib.TrainConfig, epoch_progress: float) -> float:
     if train.lambda_warmup > 0 and epoch_progress < train.lambda_warmup:
         return train.lambda_ * epoch_progress / train.lambda_warmup
     return train.lambda_
-
-
-def allreduce_gradients(model: nn.Module) -> None:
-    """Average gradients over ranks (a no-op outside torch.distributed). Done by hand rather than
-    with DDP because the SORS loss backprops twice and leaves the unsampled candidates unused."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: config_lib.TrainConfig,
@@ -111,36 +97,38 @@ def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: config
     return losses.plain_loss(model, x, y, teacher_probs, train.kd_weight)
 
 
-def _shard(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's example indices for an epoch: a seeded shuffle, split evenly across ranks."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    per_rank = n // world
-    return order[rank * per_rank:(rank + 1) * per_rank]
+def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    """The epoch's seeded shuffle of example indices, the same on every rank."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                     cfg: RunConfig, epoch: int, teacher: nn.Module | None = None, rank: int = 0, world: int = 1,
                     device: torch.device | str = "cpu", on_step: Callable[[int, int], None] | None = None) -> dict:
-    """One pass over this rank's shard. Returns batch-averaged loss, ce, ortho, kd and train_acc."""
+    """One pass over the training set: each step one global batch of ``batch_size * world`` examples
+    (every example exactly once per epoch), this rank training on its slice. Returns loss, ce, ortho,
+    kd and train_acc, batch-averaged and averaged over the ranks."""
     train = cfg.train
     model.train()
-    index = _shard(len(labels), epoch, train.seed, rank, world)
-    steps = max(1, math.ceil(len(index) / train.batch_size))
+    batches = distributed.global_batches(epoch_order(len(labels), epoch, train.seed), train.batch_size, world)
+    steps = len(batches)
     sums = {"loss": 0.0, "ce": 0.0, "ortho": 0.0, "kd": 0.0, "train_acc": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
     retain_freed_memory()  # CPU: steps reuse their buffers instead of page-faulting them in again
-    for step in range(steps):
-        batch = index[step * train.batch_size:(step + 1) * train.batch_size]
-        x, y = images[batch].to(device), labels[batch].to(device)
-        if cfg.data.augment:
+    for step, batch in enumerate(batches):
+        x, y = images[batch], labels[batch]
+        if cfg.data.augment:  # the whole global batch, then this rank's slice: as one worker would see it
             x = data_lib.augment_batch(x, step_generator(train.seed, epoch, step))
+        mine = distributed.rank_slice(torch.arange(len(batch)), rank, world)
+        x, y = x[mine].to(device), y[mine].to(device)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(train, epoch + step / steps)
+            group["lr"] = learning_rate(train, epoch + step / steps, world)
         parts = batch_loss(model, x, y, train, step_generator(train.seed, epoch, step), teacher,
                            lam=lambda_at(train, epoch + step / steps))
         optimizer.zero_grad(set_to_none=True)
-        losses.backward_into(parts, params)  # parameters only: no gradient w.r.t. the input images
-        allreduce_gradients(model)
+        # parameters only: no gradient w.r.t. the input images; scaled by this rank's share of the batch
+        losses.backward_into(parts, params, scale=distributed.loss_scale(len(y), len(batch), world))
+        distributed.allreduce_gradients(model)
         optimizer.step()
         loss = parts.total.item()
         if not math.isfinite(loss):  # .item() syncs anyway: the check is free
@@ -153,7 +141,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
         sums["train_acc"] += (parts.logits.argmax(-1) == y).float().mean().item()
         if on_step:
             on_step(step + 1, steps)
-    return {k: v / steps for k, v in sums.items()}
+    distributed.average_buffers(model)
+    return distributed.mean_over_ranks({k: v / steps for k, v in sums.items()})
 
 
 def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
@@ -218,6 +207,9 @@ def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: i
     cfg = config_lib.resolve(cfg)
     (train_x, train_y), (test_x, test_y) = data or (load_split(cfg, "train"), load_split(cfg, "test"))
     state = state or new_state(cfg, device)
+    if world > 1:
+        distributed.sync_batchnorm_(state.model)
+    distributed.broadcast_state(state.model)  # rank 0's weights, fresh or restored, on every rank
     teacher = load_teacher(cfg.train.teacher, device)
     probe_x, probe_y = test_x[:64].to(device), test_y[:64].to(device)
     while state.epoch < cfg.train.epochs:

@@ -1,12 +1,14 @@
 """Train one model: the per-worker function Ray Train runs, around :func:`sors.train.fit`.
 
-Each worker trains on its shard (``sors.train`` splits every epoch's shuffle by rank) and draws the
-same sampled path each step as every other rank (the path generator is seeded per step), with
-gradients all-reduced by hand -- no DDP wrapper, because the SORS loss backprops twice and leaves
-unsampled candidates without gradients. After every epoch each rank writes a digest of its
-parameters into the checkpoint folder (rank 0 also writes the weights), and all ranks call
-``ray.train.report`` with it, so a resumed run continues from the latest epoch and anyone can check
-that the ranks stayed identical.
+Each worker trains on its slice of every global batch (``sors.train``: every example once per epoch)
+and draws the same sampled path each step as every other rank (the path generator is seeded per
+step), with gradients all-reduced by hand -- no DDP wrapper, because the SORS loss backprops twice
+and leaves unsampled candidates without gradients. Rank 0's weights and buffers are broadcast at
+the start and after a restore, BatchNorm normalises over the global batch and running statistics
+are averaged each epoch (``sors.distributed``). After every epoch each rank writes a digest of its
+parameters and buffers into the checkpoint folder (rank 0 also writes the weights), and all ranks
+call ``ray.train.report`` with it, so a resumed run continues from the latest epoch and anyone can
+check that the ranks stayed identical.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def _device() -> torch.device:
 
 def _report(state: train_lib.TrainState, cfg: config_lib.RunConfig, metrics: dict, rank: int) -> None:
     """Checkpoint this epoch on every rank (digest; weights on rank 0) and report it to Ray Train."""
+    import ray
     import ray.train
 
     digest = params_digest(state.model)
@@ -67,7 +70,8 @@ def _report(state: train_lib.TrainState, cfg: config_lib.RunConfig, metrics: dic
         if rank == 0:
             train_lib.save_checkpoint(Path(folder) / CHECKPOINT_FILE, state, cfg)
         (Path(folder) / DIGEST_FILE.format(rank=rank)).write_text(digest + "\n")
-        ray.train.report({**metrics, "epoch": state.epoch, "params_digest": digest},
+        ray.train.report({**metrics, "epoch": state.epoch, "params_digest": digest,
+                          "node_id": ray.get_runtime_context().get_node_id()},
                          checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 

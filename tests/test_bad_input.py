@@ -90,6 +90,15 @@ SWEEP_CASES = [
     ("evaluate-not-a-checkpoint", ["evaluate", "{tmp}/notes.pt"], "notes.pt: not a PyTorch checkpoint"),
     ("report-nothing-stored", ["report"], "no results"),
     ("sync-nothing-trained", ["sync", "--results-dir", "{tmp}/results"], "no trained models here"),
+    ("max-concurrent-zero", ["sweep", "smoke", "--max-concurrent-trials", "0"], "--max-concurrent-trials 0"),
+    ("lr-scaling-unknown", ["sweep", "smoke", "--set", "train.lr_scaling=sqrt"], "train.lr_scaling"),
+    ("submit-without-address", ["submit", "smoke"], "--address http://HOST:8265 is required"),
+    ("submit-unreachable", ["submit", "smoke", "--address", "http://127.0.0.1:{port}"], "cannot reach the Ray Jobs API"),
+    ("submit-unknown-preset", ["submit", "nosuch", "--address", "http://127.0.0.1:{port}"], "unknown preset"),
+    ("submit-bad-option", ["submit", "smoke", "--address", "http://127.0.0.1:{port}", "--set", "train.lr=-1"],
+     "train.lr"),
+    ("submit-not-sors-after-dashes", ["submit", "--address", "http://127.0.0.1:{port}", "--", "rm", "-rf", "/"],
+     "after --: a sors command"),
     ("unknown-command", ["deploy"], "invalid choice: 'deploy'"),
 ]
 

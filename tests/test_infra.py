@@ -102,7 +102,7 @@ def test_nightly_cronjob_runs_at_0200_utc_without_overlap_or_retries():
     assert spec["concurrencyPolicy"] == "Forbid"
     assert spec["jobTemplate"]["spec"]["backoffLimit"] == 0
     script = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    assert "ray job submit" in script and "sors nightly --config" in script
+    assert "sors submit --address" in script and "sors nightly --config" in script
 
 
 def test_rayjob_runs_a_sweep_on_the_raycluster():
@@ -144,14 +144,15 @@ def _cronjob_script() -> str:
 @pytest.mark.parametrize("printed, status, expected", [
     ("sors nightly: exit 0: no regression", 0, 0),
     ("sors nightly: exit 1: regression in 2 of 6 cells", 1, 1),
-    ("sors nightly: exit 2: could not run: data not found", 1, 2),
-    ("Traceback ... (the driver died before its last line)", 1, 2),
+    ("sors nightly: exit 2: could not run: data not found", 2, 2),
+    ("sors submit: job sors-nightly-x STOPPED, exit 130", 130, 2),
+    ("sors nightly: exit 0: no regression (a stale line: the code of the job says otherwise)", 1, 1),
 ])
 def test_kubernetes_nightly_pod_exits_with_the_nightlys_own_code(tmp_path, printed, status, expected):
-    """`ray job submit` maps every failure to 1; the pod must still tell regression (1) from could-not-run (2)."""
-    fake = tmp_path / "bin" / "ray"
+    """The pod exits with the code `sors submit` read from the Jobs API (the driver's), never from log lines."""
+    fake = tmp_path / "bin" / "sors"
     fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\necho 'job submitted'\necho '{printed}'\nexit {status}\n")
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = submit ] || exit 99\necho '{printed}'\nexit {status}\n")
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
     done = subprocess.run(["bash", "-c", _cronjob_script()], env=env, capture_output=True, text=True, timeout=30)
@@ -181,13 +182,28 @@ def test_ray_cluster_launcher_config_validates_against_rays_schema():
 
 def test_ray_cluster_installs_the_project_on_every_node_and_keeps_the_dashboard_local():
     raw = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
-    (remote, local), = raw["file_mounts"].items()
-    assert local == "."
+    remote = next(r for r, local in raw["file_mounts"].items() if local == ".")
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the shared token, on every node
     setup = " ".join(raw["setup_commands"])  # setup_commands run on head and workers alike
     assert f"-e {remote}" in setup and "ray[" in setup
     assert "dataset-fashion-mnist" in setup
     head_start = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
+    for start in (head_start, " ".join(raw["worker_start_ray_commands"])):
+        assert "RAY_AUTH_MODE=token" in start
+
+
+def test_kuberay_pods_and_the_nightly_submitter_use_ray_token_authentication():
+    (cluster,) = by_kind("RayCluster")
+    (cron,) = by_kind("CronJob")
+    containers = [c for obj in (cluster, cron) for pod in pod_specs(obj) for c in pod["containers"]]
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sors-ray-auth", "key": "auth_token"}
+    for pod in (c for obj in (cluster,) for pod in pod_specs(obj) for c in pod["containers"]):
+        assert {e["name"]: e.get("value") for e in pod["env"]}["RAY_AUTH_MODE"] == "token"
+    head = cluster["spec"]["headGroupSpec"]["rayStartParams"]
+    assert "sors_driver" in head["resources"]  # trial drivers' resource: only the CPU head has it
 
 
 # ---------------------------------------------------------------- cron
