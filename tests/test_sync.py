@@ -62,8 +62,10 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
     for row in rows:
         key = "clean_eval" if row["attack"] == "none" else f"{row['attack']}_eps{row['eps']:.3f}"
         assert run.data.metrics[f"{key}_acc"] == pytest.approx(row["accuracy"])
-    assert {"cells", "checkpoint", "report"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert run.outputs.model_outputs  # mlflow.pytorch.log_model
+    assert {"cells", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    parent = run.data.tags["mlflow.parentRunId"]  # the sweep's run holds the report
+    assert "report/table.md" in {a.path for a in client.list_artifacts(parent, "report")}
+    assert run.outputs.model_outputs and client.get_model_version("outage.lenet5", "1").run_id == run.info.run_id
     assert {r["mlflow_run_id"] for r in store_rows(results_dir)} == {run.info.run_id}
     assert load_record(str(results_dir), "outage", "lenet5")["tracking"]["status"] == "complete"
 
