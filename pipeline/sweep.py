@@ -364,15 +364,24 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     _check_data(sweep, opts)
     code_version = tracking.code_version()
     experiment_id = sync.experiment_or_none(opts.tracking_uri, sweep.name, opts.artifact_root)
-    if not opts.parent_run_id:
+    owns_parent = not opts.parent_run_id  # a nightly passes its night's run and ends it itself
+    if owns_parent:
         opts = dataclasses.replace(opts, parent_run_id=sync.parent_or_none(opts.tracking_uri, experiment_id,
                                                                            sweep.name, sweep.preset))
     ctx = _context(sweep, opts, code_version)
     summary = SweepSummary(sweep=sweep.name, parent_run_id=opts.parent_run_id)
     results.remove_stale_temporaries(opts.store)  # what writers killed in an earlier run left behind
     before = {p.name for p in results.files(opts.store)}
-    for k, stage in enumerate(presets.stages(sweep.trials)):
-        _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
+    try:
+        for k, stage in enumerate(presets.stages(sweep.trials)):
+            _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
+    except BaseException as err:
+        if owns_parent:
+            sync.end_run(opts.tracking_uri, opts.parent_run_id, "KILLED" if isinstance(
+                err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED")
+        raise
+    if owns_parent:
+        sync.end_run(opts.tracking_uri, opts.parent_run_id, "FINISHED")
     summary.cells_submitted = len({p.name for p in results.files(opts.store)} - before)
     summary.records = [load_record(opts.results_dir, sweep.name, t.name) for t in sweep.trials]
     wanted = {s.cell_id for t, r in zip(_resolve_all(sweep, opts), summary.records) if r

@@ -316,13 +316,18 @@ def run_or_none(uri: str, experiment_id: str | None, trial: str, config_hash: st
         return None
 
 
-def mark_failed(uri: str, run_id: str | None) -> None:
-    """Set a run's status to FAILED if MLflow answers (best effort: the error is what matters)."""
+def end_run(uri: str, run_id: str | None, status: str) -> None:
+    """Set a run's final status (FINISHED, FAILED, KILLED) if MLflow answers (best effort)."""
     if run_id:
         try:
-            tracking.client(uri).set_terminated(run_id, "FAILED")
-        except Exception as err:  # noqa: BLE001
-            log.warning("could not mark MLflow run %s failed: %s", run_id, tracking_line(err))
+            tracking.client(uri).set_terminated(run_id, status)
+        except Exception as err:  # noqa: BLE001 -- the sweep's own outcome is what matters
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status.lower(), tracking_line(err))
+
+
+def mark_failed(uri: str, run_id: str | None) -> None:
+    """Set a run's status to FAILED if MLflow answers (best effort: the error is what matters)."""
+    end_run(uri, run_id, "FAILED")
 
 
 def failure_message(command: str, records: list[dict], results_dir: str, uri: str, sweep: str | None) -> str:

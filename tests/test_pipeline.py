@@ -129,6 +129,7 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     from pipeline import sweep as sweep_lib
 
     args = ["sweep", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", mlflow_server, "--no-progress"]
+    commit = tracking.git_commit()  # of this checkout (None outside git): the source commit every run names
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "LeNet-5" in printed and "SORS" in printed
@@ -177,7 +178,6 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     runs = [r for r in everything if r not in parent]
     assert sorted(r.info.run_name for r in runs) == ["lenet5", "sors"]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent[0].info.run_id}
-    commit = tracking.git_commit()
     assert all(r.data.tags.get("mlflow.source.git.commit") == commit for r in everything)
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     report_files = {Path(a.path).name for a in client.list_artifacts(parent[0].info.run_id, "report")}
