@@ -3,7 +3,7 @@ this file's source, not a pickle, so ``mlflow.pyfunc.load_model`` works with
 ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
 The weights travel as the weights-only checkpoint (artifact ``checkpoint``), read by
-:func:`sors.train.load_checkpoint` (``torch.load(weights_only=True)``) in :meth:`SorsModel.load_context`.
+:func:`sors.train.load_checkpoint` (a weights-only torch load) in :meth:`SorsModel.load_context`.
 :meth:`SorsModel.predict` takes float32 images with pixels in [0, 1], shape (N, C, H, W), and returns
 logits (N, classes) as float32; a super-network samples a random path on every call, as it does when
 deployed. Loading needs the ``sors`` package importable (``pip install`` this project).
