@@ -136,26 +136,28 @@ def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
 
 
 def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts, log_mlflow: bool = True,
-                    out_dir: str | None = None) -> tuple[list[Path], str]:
-    """Write the report files and log them to every trial run of the sweep. Returns (files, console table)."""
-    from pipeline import report  # heavy
+                    out_dir: str | None = None, parent_run_id: str | None = None) -> tuple[list[Path], str]:
+    """Write the report files and log them to the sweep's parent run (found or created when not given).
+    Returns (files, console table)."""
+    from pipeline import report, sync  # heavy
 
     order = report.model_order(records)
     out = Path(out_dir) if out_dir else Path(opts.results_dir) / "reports" / sweep_name
     files = report.write_report(rows, records, out, title=f"sweep {sweep_name}", model_order=order)
-    if log_mlflow:
-        for record in records:
-            # a run whose tracking already failed gets its report from `sors sync` (no second timeout here)
-            if record and record.get("mlflow_run_id") and (record.get("tracking") or {}).get("status") != "incomplete":
-                try:
-                    tracking.log_artifacts(opts.tracking_uri, record["mlflow_run_id"], files, "report")
-                except Exception as err:  # noqa: BLE001 -- the report exists on disk either way
-                    from pipeline import sync  # heavy
-
-                    logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s",
-                                                              cliutil.tracking_line(err))
-                    if record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
-                        sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
+    # a sweep whose tracking already failed gets its report from `sors sync` (no second timeout here)
+    failed = any((r.get("tracking") or {}).get("status") == sync.INCOMPLETE for r in records if r)
+    if log_mlflow and records and not failed:
+        try:
+            if parent_run_id is None:
+                experiment = tracking.ensure_experiment(opts.tracking_uri, sweep_name, opts.artifact_root)
+                parent_run_id = sync.sweep_parent(opts.tracking_uri, experiment, sweep_name)
+            sync.upload_report(opts.tracking_uri, opts.results_dir, sweep_name, parent_run_id, files)
+        except Exception as err:  # noqa: BLE001 -- the report exists on disk either way
+            logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s",
+                                                      cliutil.tracking_line(err))
+            for record in records:
+                if record and record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
+                    sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
     return files, report.console_report(rows, order, title=f"sweep {sweep_name}")
 
 
@@ -211,7 +213,8 @@ def cmd_sweep(args) -> int:
     summary = _checked_run(args, opts, sweep)
     if summary is None:  # a dry run: inputs checked, plan printed
         return EXIT_OK
-    files, table = _publish_report(sweep.name, summary.rows, summary.records, opts)
+    files, table = _publish_report(sweep.name, summary.rows, summary.records, opts,
+                                   parent_run_id=summary.parent_run_id)
     print(table)
     print(f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
           f"{summary.cells_submitted} new cell(s), {len(summary.rows)} row(s), {summary.seconds:.0f} s")

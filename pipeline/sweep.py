@@ -69,6 +69,7 @@ class SweepOptions:
     progress: bool = True
     max_failures: int = 1
     max_concurrent_trials: int | None = None  # None: what the cluster can hold, autoscaling included
+    parent_run_id: str | None = None  # the MLflow run trial runs nest under (default: the sweep's own)
 
     def resolved(self) -> "SweepOptions":
         """Absolute paths and concrete defaults (what travels to the trials)."""
@@ -98,6 +99,7 @@ class SweepSummary:
     rows: list[dict] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    parent_run_id: str | None = None  # the sweep's MLflow parent run (None: MLflow was unreachable)
 
 
 # ---------------------------------------------------------------- cells
@@ -203,6 +205,7 @@ def run_trial(params: dict, ctx: dict) -> dict:
         record = load_record(opts.results_dir, ctx["sweep"], trial.name)
         if not record or record.get("config_hash") != config_lib.config_hash(trial.config):
             record = _train(trial, ctx, run_id)
+        record = sync.adopt_run(opts.results_dir, record, run_id, opts.parent_run_id)
         specs = cell_specs(trial, record, plan, ctx["sweep"], ctx["code_version"], opts.data_root,
                            source_records(opts.results_dir, ctx["sweep"], plan))
         skipped = sum(results.is_done(opts.store, s) for s in specs)
@@ -323,8 +326,10 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
         params = config_lib.flat_dict(trial.config)
         tags = {tracking.TAG_SWEEP: sweep.name, tracking.TAG_PRESET: sweep.preset,
                 tracking.TAG_CODE: ctx["code_version"], "sors.label": trial.label}
+        record = load_record(opts.results_dir, sweep.name, trial.name) or {}
+        trained = record.get("checkpoint_sha256") if record.get("config_hash") == config_lib.config_hash(trial.config) else None
         run_id = sync.run_or_none(opts.tracking_uri, experiment_id, trial.name,  # None: MLflow down, sync later
-                                  config_lib.config_hash(trial.config), params, tags)
+                                  config_lib.config_hash(trial.config), params, tags, opts.parent_run_id, trained)
         grid.append({"trial": presets.trial_to_dict(trial), "run_id": run_id})
     needs_training = [t for t in todo if not load_record(opts.results_dir, sweep.name, t.name)]
     def n_cells(t: TrialSpec) -> int:
@@ -393,13 +398,25 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     Path(opts.results_dir).mkdir(parents=True, exist_ok=True)
     _check_data(sweep, opts)
     code_version = tracking.code_version()
-    ctx = _context(sweep, opts, code_version)
     experiment_id = sync.experiment_or_none(opts.tracking_uri, sweep.name, opts.artifact_root)
-    summary = SweepSummary(sweep=sweep.name)
+    owns_parent = not opts.parent_run_id  # a nightly passes its night's run and ends it itself
+    if owns_parent:
+        opts = dataclasses.replace(opts, parent_run_id=sync.parent_or_none(opts.tracking_uri, experiment_id,
+                                                                           sweep.name, sweep.preset))
+    ctx = _context(sweep, opts, code_version)
+    summary = SweepSummary(sweep=sweep.name, parent_run_id=opts.parent_run_id)
     results.remove_stale_temporaries(opts.store)  # what writers killed in an earlier run left behind
     before = {p.name for p in results.files(opts.store)}
-    for k, stage in enumerate(presets.stages(sweep.trials, sweep.evaluation.source_trials())):
-        _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
+    try:
+        for k, stage in enumerate(presets.stages(sweep.trials, sweep.evaluation.source_trials())):
+            _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
+    except BaseException as err:
+        if owns_parent:
+            sync.end_run(opts.tracking_uri, opts.parent_run_id, "KILLED" if isinstance(
+                err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED")
+        raise
+    if owns_parent:
+        sync.end_run(opts.tracking_uri, opts.parent_run_id, "FINISHED")
     summary.cells_submitted = len({p.name for p in results.files(opts.store)} - before)
     summary.records = [load_record(opts.results_dir, sweep.name, t.name) for t in sweep.trials]
     sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)

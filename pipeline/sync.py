@@ -5,11 +5,15 @@ The results folder is written first and MLflow second. A trained model's record
 Parquet cells hold everything its MLflow run should show, so :func:`track` can (re)build the run
 from them at any time, logging only what the run does not have yet:
 
-- the run itself (params = the resolved config, secrets redacted; tags), found by trial name and
-  config hash or created -- and its id written back into the record and the cells' rows;
-- per-epoch training metrics (step = epoch), the gradient probe, evaluation metrics (step = seed);
-- artifacts: the sors checkpoint, the cell files, the report when there is one; the model through
-  ``mlflow.pytorch.log_model``; the run's final status.
+- the run itself (params = the resolved config, secrets redacted; tags), nested under its sweep's
+  (or nightly night's) parent run, found by parent, trial name and config hash or created -- never a
+  run that holds another checkpoint -- and its id written back into the record and the cells' rows;
+- per-epoch training metrics (step = epoch), the gradient probe, evaluation metrics (step 0), each
+  logged when the run lacks that value at that step (a changed value is logged again);
+- the data splits as run inputs; artifacts: the sors checkpoint and the cell files, uploaded when
+  their SHA-256 is not in the run's manifest; the report on the parent run; the model as a registered
+  version (:mod:`pipeline.registry`), or -- for a model an earlier nightly trained and this one reuses
+  -- a tag naming that version; the run's final status.
 
 A sweep trial calls :func:`track` itself when its evaluation is done. When MLflow cannot be reached
 the trial still finishes (checkpoint and Parquet are on disk), the record is marked
@@ -26,7 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import preflight, records, results, tracking
+from pipeline import preflight, records, registry, results, tracking
 from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, OneLineArgumentParser, tracking_line
 from pipeline.redact import redact
 from sors import config as config_lib
@@ -69,24 +73,54 @@ def _record_rows(results_dir: str | Path, record: dict) -> list[dict]:
             if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")]
 
 
-def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
-    """The record's run on this server, else the run found or created by trial name + config hash."""
+def _existing_run(client, run_id: str | None):
+    """The run ``run_id`` on this server, or None when it is not there."""
     from mlflow.exceptions import MlflowException  # mlflow: imported only when a run is tracked
 
-    run_id = record.get("mlflow_run_id")
-    if run_id:
-        try:
-            client.get_run(run_id)
-            return run_id
-        except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")) + str(err):
-                raise
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")) + str(err):
+            raise
+    return None
+
+
+def sweep_parent(uri: str, experiment_id: str, sweep: str, preset: str | None = None) -> str:
+    """The parent run of sweep ``sweep`` (found by name, else created)."""
+    tags = {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: sweep, tracking.TAG_CODE: tracking.code_version()}
+    if preset:
+        tags[tracking.TAG_PRESET] = preset
+    return tracking.parent_run(uri, experiment_id, sweep, f"sweep {sweep}", tags)
+
+
+def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
+    """The record's run on this server unless it holds another checkpoint, else the run found or
+    created under the record's parent run (the sweep's, created when missing) by trial + config hash."""
+    run = _existing_run(client, record.get("mlflow_run_id"))
+    if run is not None and run.data.tags.get(tracking.TAG_CHECKPOINT) in (None, record.get("checkpoint_sha256")):
+        return run.info.run_id
     experiment = tracking.ensure_experiment(uri, record["sweep"], str(Path(results_dir) / "mlartifacts"))
+    parent = record.get("mlflow_parent_run_id")
+    if _existing_run(client, parent) is None:
+        parent = sweep_parent(uri, experiment, record["sweep"])
     cfg = config_lib.from_dict(record["config"])
     tags = {tracking.TAG_SWEEP: record["sweep"], tracking.TAG_CODE: record.get("code_version", ""),
             "sors.label": record.get("label", record["trial"])}
+    record["mlflow_parent_run_id"] = parent
     return tracking.find_or_create_run(uri, experiment, record["trial"], record.get("config_hash")
-                                       or config_lib.config_hash(cfg), config_lib.flat_dict(cfg), tags)
+                                       or config_lib.config_hash(cfg), config_lib.flat_dict(cfg), tags,
+                                       parent_run_id=parent, checkpoint_sha256=record.get("checkpoint_sha256"))
+
+
+def adopt_run(results_dir: str | Path, record: dict, run_id: str | None, parent_run_id: str | None) -> dict:
+    """Point the record at the run (and parent) this sweep made for it; a record an earlier nightly
+    lent to this one gets this night's run. Unchanged when MLflow gave no run (``run_id`` None)."""
+    if run_id and (record.get("mlflow_run_id"), record.get("mlflow_parent_run_id")) != (run_id, parent_run_id):
+        record = dict(record, mlflow_run_id=run_id, mlflow_parent_run_id=parent_run_id)
+        records.save_record(str(results_dir), record)
+    return record
 
 
 def _link_rows(results_dir: str | Path, record: dict, rows: list[dict], run_id: str) -> list[dict]:
@@ -104,22 +138,26 @@ def _link_rows(results_dir: str | Path, record: dict, rows: list[dict], run_id: 
     return linked
 
 
-def _steps(client, run_id: str, key: str) -> set[int]:
-    return {m.step for m in client.get_metric_history(run_id, key)}
+def _latest_by_step(client, run_id: str, key: str) -> dict[int, float]:
+    """``{step: value}`` of a metric's history, the last logged value winning at each step."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
 
 
 def _missing_metrics(client, run, wanted: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
-    """``{step: {key: value}}`` of ``wanted`` that the run lacks (history fetched only for keys it has)."""
+    """``{step: {key: value}}`` of ``wanted`` the run lacks or holds another value for at that step
+    (history fetched only for keys it has)."""
     have = run.data.metrics
-    steps_of: dict[str, set[int]] = {}
+    values_of: dict[str, dict[int, float]] = {}
     missing: dict[int, dict[str, float]] = {}
     for step, metrics in wanted.items():
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 continue
-            if key in have and key not in steps_of:
-                steps_of[key] = _steps(client, run.info.run_id, key)
-            if step not in steps_of.get(key, set()):
+            if key in have and key not in values_of:
+                values_of[key] = _latest_by_step(client, run.info.run_id, key)
+            logged = values_of.get(key, {}).get(step)
+            if logged is None or not math.isclose(logged, float(value), rel_tol=1e-9, abs_tol=1e-12):
                 missing.setdefault(step, {})[key] = value
     return missing
 
@@ -134,24 +172,49 @@ def _epoch_metrics(record: dict) -> dict[int, dict[str, float]]:
     return out
 
 
-def _artifact_names(client, run_id: str, path: str) -> set[str]:
-    """Base names of the files under artifact folder ``path`` (recursive)."""
-    names, folders = set(), [path]
-    while folders:
-        for info in client.list_artifacts(run_id, folders.pop()):
-            if info.is_dir:
-                folders.append(info.path)
-            else:
-                names.add(Path(info.path).name)
-    return names
+def _registered_version(client, record: dict):
+    """The registry version the record names, if this server has it for the record's checkpoint."""
+    from mlflow.exceptions import MlflowException
+
+    named = record.get("registered_model") or {}
+    if not named.get("name") or not named.get("version"):
+        return None
+    try:
+        version = client.get_model_version(named["name"], str(named["version"]))
+    except MlflowException:
+        return None
+    return version if version.tags.get(registry.TAG_CHECKPOINT) == record.get("checkpoint_sha256") else None
 
 
-def _upload_missing(uri: str, client, run_id: str, files: list[Path], artifact_path: str) -> int:
-    present = _artifact_names(client, run_id, artifact_path)
-    todo = [f for f in files if f.is_file() and f.name not in present]
-    if todo:
-        tracking.log_artifacts(uri, run_id, todo, artifact_path)
-    return len(todo)
+def _track_model(uri: str, results_dir: str | Path, record: dict, client, run) -> dict:
+    """The checkpoint, data inputs and registered model of a trained record's run. A model another run
+    logged (a nightly reusing an earlier night's model) is named by tags, not logged again."""
+    done = {"artifacts": 0, "model": 0}
+    cfg = config_lib.from_dict(record["config"])
+    version = _registered_version(client, record)
+    reused = version is not None and version.run_id != run.info.run_id
+    if not (run.inputs and run.inputs.dataset_inputs):
+        tracking.log_datasets(uri, run.info.run_id, cfg, {"test": "evaluation"} if reused
+                              else {"train": "training", "test": "evaluation"})
+    if reused:
+        tags = {"sors.registered_model": version.name, "sors.model_version": str(version.version),
+                "sors.model_run_id": version.run_id, tracking.TAG_CHECKPOINT: record["checkpoint_sha256"]}
+        for key, value in tags.items():
+            if run.data.tags.get(key) != value:
+                client.set_tag(run.info.run_id, key, value)
+        return done
+    local = storage.local_copy(record["checkpoint_uri"])
+    done["artifacts"] += tracking.upload_changed(uri, run.info.run_id, [local], "checkpoint")
+    if version is None:
+        train_lib.read_checkpoint(local)  # weights-only: a bad file fails here, with one line
+        name, number = registry.log_model(uri, run.info.run_id, local, cfg,
+                                          registry.registered_name(record["sweep"], record["trial"]),
+                                          record["checkpoint_sha256"])
+        client.set_tag(run.info.run_id, tracking.TAG_CHECKPOINT, record["checkpoint_sha256"])
+        record["registered_model"] = {"name": name, "version": number}
+        records.save_record(str(results_dir), record)
+        done["model"] = 1
+    return done
 
 
 # ---------------------------------------------------------------- the one function both paths use
@@ -170,29 +233,38 @@ def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | No
     rows = _link_rows(results_dir, record, rows, run_id)
     run = client.get_run(run_id)
     done = {"metrics": 0, "artifacts": 0, "model": 0}
-    wanted = _epoch_metrics(record) if record.get("run_name") else {}  # trained here (not `sors evaluate`)
-    for seed, metrics in tracking.eval_metrics(rows).items():
-        wanted.setdefault(seed, {}).update(metrics)
+    trained = bool(record.get("run_name") and record.get("checkpoint_uri"))  # trained here (not `sors evaluate`)
+    version = _registered_version(client, record) if trained else None
+    # a reused model's training curve is on the run that trained it; this run gets its own evaluation
+    wanted = _epoch_metrics(record) if trained and (version is None or version.run_id == run_id) else {}
+    wanted.setdefault(0, {}).update(tracking.eval_metrics(rows))
     for step, metrics in sorted(_missing_metrics(client, run, wanted).items()):
         tracking.log_metrics(uri, run_id, metrics, step=step)
         done["metrics"] += len(metrics)
     store = Path(results_dir) / "cells"
     cell_files = [results.cell_path(store, r["dataset"], r["attack"], r["cell_id"]) for r in rows]
-    done["artifacts"] += _upload_missing(uri, client, run_id, cell_files, "cells")
-    if record.get("run_name") and record.get("checkpoint_uri"):
-        local = storage.local_copy(record["checkpoint_uri"])
-        done["artifacts"] += _upload_missing(uri, client, run_id, [local], "checkpoint")
-        if not (run.outputs and run.outputs.model_outputs):
-            model, _, _ = train_lib.load_checkpoint(local)  # weights_only load
-            tracking.log_model(uri, run_id, model)
-            done["model"] = 1
+    done["artifacts"] += tracking.upload_changed(uri, run_id, cell_files, "cells")
+    if trained:
+        model_done = _track_model(uri, results_dir, record, client, run)
+        done["artifacts"] += model_done["artifacts"]
+        done["model"] = model_done["model"]
     if report:
-        folder = Path(results_dir) / "reports" / record["sweep"]
-        if folder.is_dir():
-            done["artifacts"] += _upload_missing(uri, client, run_id, sorted(folder.iterdir()), "report")
+        done["artifacts"] += upload_report(uri, results_dir, record["sweep"], record.get("mlflow_parent_run_id"))
     if status and client.get_run(run_id).info.status != status:
         client.set_terminated(run_id, status)
     return done
+
+
+def upload_report(uri: str, results_dir: str | Path, sweep: str, parent_run_id: str | None,
+                  files: list[Path] | None = None) -> int:
+    """The sweep's report files (default: ``<results>/reports/<sweep>/``) on its parent run, those
+    whose content changed. Returns how many were uploaded."""
+    if files is None:
+        folder = Path(results_dir) / "reports" / sweep
+        files = sorted(folder.iterdir()) if folder.is_dir() else []
+    if not files or not parent_run_id:
+        return 0
+    return tracking.upload_changed(uri, parent_run_id, files, "report")
 
 
 def track_or_mark(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | None = None,
@@ -220,25 +292,42 @@ def experiment_or_none(uri: str, name: str, artifact_root: str | None = None) ->
         return None
 
 
+def parent_or_none(uri: str, experiment_id: str | None, sweep: str, preset: str | None = None) -> str | None:
+    """:func:`sweep_parent`, or None when there is no experiment or MLflow fails."""
+    if experiment_id is None:
+        return None
+    try:
+        return sweep_parent(uri, experiment_id, sweep, preset)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not create the MLflow run of sweep %s: %s", sweep, tracking_line(err))
+        return None
+
+
 def run_or_none(uri: str, experiment_id: str | None, trial: str, config_hash: str, params: dict,
-                tags: dict) -> str | None:
+                tags: dict, parent_run_id: str | None = None, checkpoint_sha256: str | None = None) -> str | None:
     """:func:`tracking.find_or_create_run`, or None when there is no experiment or MLflow fails."""
     if experiment_id is None:
         return None
     try:
-        return tracking.find_or_create_run(uri, experiment_id, trial, config_hash, params, tags)
+        return tracking.find_or_create_run(uri, experiment_id, trial, config_hash, params, tags,
+                                           parent_run_id=parent_run_id, checkpoint_sha256=checkpoint_sha256)
     except Exception as err:  # noqa: BLE001
         log.warning("could not create the MLflow run of %s: %s", trial, tracking_line(err))
         return None
 
 
-def mark_failed(uri: str, run_id: str | None) -> None:
-    """Set a run's status to FAILED if MLflow answers (best effort: the error is what matters)."""
+def end_run(uri: str, run_id: str | None, status: str) -> None:
+    """Set a run's final status (FINISHED, FAILED, KILLED) if MLflow answers (best effort)."""
     if run_id:
         try:
-            tracking.client(uri).set_terminated(run_id, "FAILED")
-        except Exception as err:  # noqa: BLE001
-            log.warning("could not mark MLflow run %s failed: %s", run_id, tracking_line(err))
+            tracking.client(uri).set_terminated(run_id, status)
+        except Exception as err:  # noqa: BLE001 -- the sweep's own outcome is what matters
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status.lower(), tracking_line(err))
+
+
+def mark_failed(uri: str, run_id: str | None) -> None:
+    """Set a run's status to FAILED if MLflow answers (best effort: the error is what matters)."""
+    end_run(uri, run_id, "FAILED")
 
 
 def failure_message(command: str, records: list[dict], results_dir: str, uri: str, sweep: str | None) -> str:

@@ -201,23 +201,48 @@ def _run_id(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """The smoke nightly three times on one local Ray: baseline, the same again, an untrained network.
+    """The smoke nightly four times on one local Ray: baseline, the same again (models reused), an
+    untrained network, and the first config under another code version (models retrained).
 
-    The code version is pinned for the three runs: other work committed to this checkout meanwhile
-    would change it, and a changed code version rightly means "train again"."""
+    The code version is pinned: other work committed to this checkout meanwhile would change it, and
+    a changed code version rightly means "train again" (the fourth run does exactly that)."""
     from pipeline import cluster, tracking
 
     results = tmp_path_factory.mktemp("nightly")
     version = tracking.code_version()
     cluster.connect(None, num_cpus=2)
+    runs = {}
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(tracking, "code_version", lambda: version)
-            runs = {name: _nightly(results, *extra) for name, extra in
-                    (("first", ()), ("second", ()), ("weak", ("--set", "train.epochs=0")))}
+            for name, extra, code in (("first", (), version), ("second", (), version),
+                                      ("weak", ("--set", "train.epochs=0"), version),
+                                      ("recoded", (), f"{version}-changed")):
+                patch.setattr(tracking, "code_version", lambda code=code: code)
+                runs[name] = _nightly(results, *extra)
     finally:
         cluster.shutdown()
     return results, runs
+
+
+def _client(results: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+
+
+def _night_runs(results: Path, night: str) -> dict:
+    """``{trial: run}`` of the runs nested under night ``night``'s parent run."""
+    client = _client(results)
+    experiment = client.get_experiment_by_name("nightly-smoke").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string=f"tags.`sors.nightly.run_id` = '{night}'")
+    nested = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {r.info.run_name: r for r in nested}
+
+
+def _night_rows(results: Path, night: str) -> list[dict]:
+    from pipeline import results as results_lib
+
+    return results_lib.read_rows(nightly.find_run(results, night) / "cells")
 
 
 @pytest.mark.slow
@@ -240,6 +265,58 @@ def test_first_nightly_accepts_itself_and_the_second_finds_no_regression(smoke_r
     assert "no regression" in report["md"] and report["md"].count("| ok |") + report["md"].count("| improved |") == 6
     # same config, same code: both models reused, not retrained
     assert [m["how"] for m in report["meta"]["models"]] == [f"reused from {first}"] * 2
+    # the first night accepted itself: alias `baseline` points at its registered versions
+    from pipeline import registry
+    from pipeline.nightly import tracked
+    versions = tracked.night_versions(nightly.find_run(results, first))
+    assert sorted(versions) == ["nightly-smoke.lenet5", "nightly-smoke.sors"]
+    assert registry.alias_versions(f"sqlite:///{results / 'mlflow.db'}", sorted(versions)) == versions
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_reused_model_gets_its_own_run_per_night_holding_that_nights_metrics(smoke_runs):
+    results, runs = smoke_runs
+    first, second = _run_id(runs["first"][1]), _run_id(runs["second"][1])
+    client = _client(results)
+    night1, night2 = _night_runs(results, first), _night_runs(results, second)
+    assert sorted(night1) == sorted(night2) == ["lenet5", "sors"]
+    for trial in night1:
+        one, two = night1[trial], night2[trial]
+        assert one.info.run_id != two.info.run_id  # a run per night, nested under that night's run
+        for run, night in ((one, first), (two, second)):  # each run holds its own night's values
+            mine = [r for r in _night_rows(results, night) if r["trial"] == trial]
+            assert mine and all(r["mlflow_run_id"] == run.info.run_id for r in mine)
+            for row in mine:
+                key = "clean_eval" if row["attack"] == "none" else f"{row['attack']}_eps{row['eps']:.3f}"
+                assert run.data.metrics[f"{key}_acc"] == pytest.approx(row["accuracy"])
+                assert len(client.get_metric_history(run.info.run_id, f"{key}_acc")) == 1
+        # the model is not logged again: the second night's run names the first night's version
+        version = client.get_model_version(f"nightly-smoke.{trial}", two.data.tags["sors.model_version"])
+        assert version.run_id == one.info.run_id and not two.outputs.model_outputs
+        assert "loss" in one.data.metrics and "loss" not in two.data.metrics  # the training curve stays on one
+        record = json.loads((nightly.find_run(results, second) / "models" / "nightly-smoke" / f"{trial}.json").read_text())
+        assert record["mlflow_run_id"] == two.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_model_retrained_after_a_code_change_gets_a_new_run_and_version(smoke_runs):
+    results, runs = smoke_runs
+    first, recoded = _run_id(runs["first"][1]), _run_id(runs["recoded"][1])
+    report = _report(results, recoded)
+    assert [m["how"] for m in report["meta"]["models"]] == ["trained"] * 2
+    client = _client(results)
+    old, new = _night_runs(results, first), _night_runs(results, recoded)
+    for trial in old:
+        assert new[trial].info.run_id != old[trial].info.run_id
+        record = json.loads((nightly.find_run(results, recoded) / "models" / "nightly-smoke" / f"{trial}.json").read_text())
+        version = client.get_model_version(record["registered_model"]["name"], record["registered_model"]["version"])
+        assert version.run_id == new[trial].info.run_id  # the retrained model is on its own run
+        old_version = old[trial].data.tags
+        assert old_version["sors.checkpoint_sha256"] == json.loads(
+            (nightly.find_run(results, first) / "models" / "nightly-smoke" / f"{trial}.json").read_text())["checkpoint_sha256"]
+        assert len(client.search_model_versions(f"name = 'nightly-smoke.{trial}'")) == 3  # first, weak, recoded
 
 
 @pytest.mark.slow
@@ -270,7 +347,7 @@ def test_nightly_parquet_is_partitioned_by_run_date_and_mlflow_has_tagged_runs(s
     pattern = results / "nightly" / "smoke" / "runs" / "*" / "*" / "cells" / "*" / "*" / "*.parquet"
     counts = duckdb.sql(f"select run_date, run_id, count(*) as n from read_parquet('{pattern}', hive_partitioning=true) "
                         "group by all order by run_id").fetchall()
-    ids = [_run_id(runs[k][1]) for k in ("first", "second", "weak")]
+    ids = [_run_id(runs[k][1]) for k in ("first", "second", "weak", "recoded")]
     assert [(r[1], r[2]) for r in counts] == [(i, 6) for i in ids]
     assert all(len(str(r[0])) == 10 for r in counts)  # YYYY-MM-DD
 
@@ -278,11 +355,16 @@ def test_nightly_parquet_is_partitioned_by_run_date_and_mlflow_has_tagged_runs(s
     experiment = client.get_experiment_by_name("nightly-smoke")
     tagged = client.search_runs([experiment.experiment_id], filter_string="tags.nightly = 'true'")
     verdicts = {r.data.tags["sors.nightly.run_id"]: r.data.tags["sors.nightly.verdict"] for r in tagged}
-    assert verdicts == {ids[0]: "passed", ids[1]: "passed", ids[2]: "regression"}
+    assert {k: verdicts[k] for k in ids[:3]} == {ids[0]: "passed", ids[1]: "passed", ids[2]: "regression"}
+    assert set(verdicts) == set(ids)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     weak = next(r for r in tagged if r.data.tags["sors.nightly.run_id"] == ids[2])
     assert weak.data.metrics["failing_cells"] >= 1
     assert {a.path for a in client.list_artifacts(weak.info.run_id, "nightly")} == {
         "nightly/nightly-report.md", "nightly/nightly-report.json"}
+    assert {a.path for a in client.list_artifacts(weak.info.run_id, "trend")} == {
+        "trend/nightly-trend.png", "trend/nightly-trend.csv"}
+    assert 0 <= weak.data.metrics["clean_acc.LeNet-5"] <= 1  # the trend's point of that night, on its run
 
 
 @pytest.mark.slow
@@ -298,6 +380,16 @@ def test_accept_promotes_a_run_to_the_baseline(smoke_runs, capsys):
     cfg = nightly.load_config(SMOKE)
     assert nightly_run._baseline(cfg, root, results, None) [0] == weak
     assert nightly_run._baseline(cfg, root, results, first)[0] == first  # --baseline pins another run
+    # the registry alias moved with it, and it decides: moved back by hand (as in the UI), the nightly
+    # compares against the night whose versions it names
+    from pipeline import registry
+    from pipeline.nightly import tracked
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    weak_versions = tracked.night_versions(nightly.find_run(results, weak))
+    assert registry.alias_versions(uri, sorted(weak_versions)) == weak_versions
+    assert nightly_run._baseline(cfg, root, results, None, uri)[0] == weak
+    registry.set_alias(uri, tracked.night_versions(nightly.find_run(results, first)))
+    assert nightly_run._baseline(cfg, root, results, None, uri)[0] == first
 
 
 def test_a_nightly_that_cannot_reach_its_data_exits_2_with_one_line(tmp_path):

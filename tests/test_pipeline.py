@@ -4,11 +4,15 @@ Ray-task evaluation into Parquet, a real MLflow server, reports and the CLI's ex
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline import cli, presets, results
+from pipeline import cli, presets, results, tracking
+from tests import mlflow_view
 from sors import config as config_lib
 from sors.errors import ConfigError
 
@@ -125,6 +129,7 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     from pipeline import sweep as sweep_lib
 
     args = ["sweep", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", mlflow_server, "--no-progress"]
+    commit = tracking.git_commit()  # of this checkout (None outside git): the source commit every run names
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "LeNet-5" in printed and "SORS" in printed
@@ -162,12 +167,21 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     assert (summary.trials_run, summary.cells_submitted, len(summary.rows)) == (0, 0, 6)
     assert _run_files(tmp_path) == before
 
-    # MLflow server: one run per trial, with params, per-epoch metrics, evaluation metrics, artifacts, model
+    # MLflow server: a parent run for the sweep, one nested run per trial, with params, per-epoch metrics,
+    # evaluation metrics, data inputs, the source commit, artifacts and a registered model
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("smoke")
-    runs = client.search_runs([experiment.experiment_id])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    everything = client.search_runs([experiment.experiment_id])
+    parent = [r for r in everything if r.data.tags.get("sors.run_role") == "sweep"]
+    assert len(parent) == 1
+    runs = [r for r in everything if r not in parent]
     assert sorted(r.info.run_name for r in runs) == ["lenet5", "sors"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent[0].info.run_id}
+    assert all(r.data.tags.get("mlflow.source.git.commit") == commit for r in everything)
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    report_files = {Path(a.path).name for a in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert {"table.md", "table.csv", "accuracy_vs_eps.png"} <= report_files
     for run in runs:
         record = json.loads((tmp_path / "models" / "smoke" / f"{run.info.run_name}.json").read_text())
         assert record["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
@@ -179,11 +193,32 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
         pgd = [r for r in rows if r["trial"] == run.info.run_name and r["attack"] == "pgd"][0]
         assert run.data.metrics[f"pgd_eps{pgd['eps']:.3f}_acc"] == pytest.approx(pgd["accuracy"])
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"cells", "checkpoint", "report"} <= artifacts
-        report_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
-        assert {"table.md", "table.csv", "accuracy_vs_eps.png"} <= report_files
+        assert {"cells", "checkpoint"} <= artifacts and "report" not in artifacts  # the report: on the parent
         assert run.data.tags["sors.preset"] == "smoke" and run.data.tags["sors.code_version"]
         assert any(m.source_run_id == run.info.run_id for m in models)
+        contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(contexts) == {"training", "evaluation"} and all(len(d.digest) == 16 for d in contexts.values())
+        assert record["registered_model"]["name"] == f"smoke.{run.info.run_name}"
+        version = client.get_model_version(record["registered_model"]["name"], record["registered_model"]["version"])
+        assert version.run_id == run.info.run_id
+
+    # the registered SORS model loads without pickle in a fresh process and predicts logits on 2 images
+    sors_model = json.loads((tmp_path / "models" / "smoke" / "sors.json").read_text())["registered_model"]
+    probe = ("import mlflow, numpy as np; "
+             f"m = mlflow.pyfunc.load_model('models:/{sors_model['name']}/{sors_model['version']}'); "
+             "assert m.metadata.signature is not None; "
+             "print(m.predict(np.random.rand(2, 1, 28, 28).astype(np.float32)).shape)")
+    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", MLFLOW_TRACKING_URI=mlflow_server,
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "(2, 10)"
+
+    # what the UI shows, through the server's REST API
+    view = mlflow_view.sweep_view(mlflow_server, "smoke")
+    assert view["kind"] == "custom_model_development" and sorted(view["children"]) == ["lenet5", "sors"]
+    assert "report/accuracy_vs_eps.png" in view["plots"]
+    assert {name: m["name"] for name, m in view["models"].items()} == {"lenet5": "smoke.lenet5", "sors": "smoke.sors"}
 
     # sors report re-renders from the store
     out = tmp_path / "report"

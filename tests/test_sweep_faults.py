@@ -147,7 +147,10 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
     assert record["evaluated"] and record["tracking"]["status"] == "complete"
     assert [h["epoch"] for h in record["history"]] == list(range(1, record["epochs"] + 1))
     runs = client.search_runs([client.get_run(done_run).info.experiment_id])
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("long", "FINISHED"), ("wide", "FINISHED")]
+    trials = [r for r in runs if r.data.tags.get("sors.run_role") == "trial"]
+    assert sorted((r.info.run_name, r.info.status) for r in trials) == [("long", "FINISHED"), ("wide", "FINISHED")]
+    (parent,) = [r for r in runs if r.data.tags.get("sors.run_role") == "sweep"]  # one, reused by the resume
+    assert parent.info.status == "FINISHED" and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
 
 
 # ---------------------------------------------------------------- 3. evaluation fan-out killed mid-way

@@ -29,13 +29,16 @@ Layout under ``<results>/nightly/<name>/`` (plain files, meant to be read)::
         ray/                                      Ray Train checkpoints and Tune state of this run
 
 so ``read_parquet('<results>/nightly/<name>/runs/*/*/cells/*/*/*.parquet', hive_partitioning=true)``
-(DuckDB) sees ``run_date``, ``run_id``, ``dataset`` and ``attack`` columns. MLflow: the trial runs
-live in experiment ``nightly-<name>``; each nightly adds a run there tagged ``nightly=true`` with the
-counts as metrics and the report files as artifacts.
+(DuckDB) sees ``run_date``, ``run_id``, ``dataset`` and ``attack`` columns. MLflow (``tracked``): each
+night is a parent run tagged ``nightly=true`` in experiment ``nightly-<name>``, its trial runs nested
+under it (a reused model gets a run per night too), with the counts and per-model accuracies as
+metrics and the report files and the trend over nights as artifacts; ``--accept`` moves the registry
+alias ``baseline`` of each model to the night's versions, and that alias picks the night compared
+against (``baseline.json`` caches it).
 
 Modules: ``config`` (the YAML and its ``nightly:`` section), ``store`` (run folders, baseline pointer,
 acceptance, model reuse), ``compare`` (the verdict: pure functions over rows), ``report`` (Markdown and
-JSON reports), ``run`` (one run and the command line).
+JSON reports), ``tracked`` (MLflow runs, trend, the baseline alias), ``run`` (one run and the command line).
 """
 
 # not the function `compare`: it would hide the submodule of that name

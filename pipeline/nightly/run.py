@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline import cliutil, records, results, sync, tracking
 from pipeline.nightly.compare import Thresholds, compare, self_baseline, summarize
 from pipeline.nightly.config import LAST_ACCEPTED, NightlyConfig, NightlyError, load_config
+from pipeline.nightly.tracked import alias_night, log_night, move_baseline, night_parent
 from pipeline.nightly.report import cell_name, headline, _pct, write_reports
 from pipeline.nightly.store import (EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, REPORT_JSON, REPORT_MD, RUN_JSON,
                                     accept, find_run, new_run_id, nightly_root, read_baseline, read_run, run_dir,
@@ -37,10 +38,14 @@ class RunContext:
     folder: Path
     tracking_uri: str
     code_version: str
+    experiment_id: str | None = None
 
 
-def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | None) -> tuple[str | None, str | None]:
-    """(baseline run id, how it was chosen) -- pinned by --baseline / nightly.baseline, else the accepted one."""
+def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | None,
+              tracking_uri: str | None = None) -> tuple[str | None, str | None]:
+    """(baseline run id, how it was chosen) -- pinned by --baseline / nightly.baseline, else the night
+    whose model versions alias ``baseline`` points at in the registry at ``tracking_uri`` (when given
+    and reachable), else the accepted one of ``baseline.json``."""
     choice = pinned or (cfg.settings.baseline if cfg.settings.baseline != LAST_ACCEPTED else None)
     if choice:
         folder = find_run(results_dir, choice)
@@ -53,12 +58,30 @@ def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | N
     pointer = read_baseline(root)
     if pointer is None:
         return None, None
+    aliased = _alias_baseline(root, tracking_uri, pointer["run_id"]) if tracking_uri else None
+    if aliased and aliased != pointer["run_id"]:
+        return aliased, "registry alias baseline (moved since baseline.json was written)"
     try:
         find_run(results_dir, pointer["run_id"])
     except ConfigError:
         raise ConfigError("baseline", f"the accepted baseline run {pointer['run_id']} of nightly {cfg.name} is gone "
                                       f"from {root / 'runs'}", "accept another run with `sors nightly --accept RUN`") from None
     return pointer["run_id"], f"accepted {pointer.get('accepted_at', '')} via {pointer.get('how', '?')}".strip()
+
+
+def _alias_baseline(root: Path, tracking_uri: str, accepted: str) -> str | None:
+    """The night alias ``baseline`` points at (accepted nights first, newest first), None when MLflow
+    cannot say (unreachable, or no model has the alias)."""
+    log_path = root / "accepted.jsonl"
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    nights = [json.loads(line)["run_id"] for line in reversed(lines) if line.strip()] + [accepted]
+    others = sorted((f.name.split("=", 1)[1] for f in root.glob("runs/run_date=*/run_id=*")), reverse=True)
+    candidates = list(dict.fromkeys(nights + others))
+    try:
+        return alias_night(tracking_uri, root, candidates)
+    except Exception as err:  # noqa: BLE001 -- the JSON pointer is the cache for exactly this case
+        log.warning("could not read the registry alias baseline (using baseline.json): %s", cliutil.tracking_line(err))
+        return None
 
 
 def _check_data(cfg: NightlyConfig, data_root: str | None) -> None:
@@ -75,34 +98,41 @@ def _update_run(ctx: RunContext, **fields) -> dict:
     return run
 
 
-def _log_mlflow(ctx: RunContext, meta: dict, summary: dict, files: list[Path], status: str) -> str | None:
-    """A run tagged ``nightly=true`` in experiment ``nightly-<name>``: counts as metrics, the report as
-    artifacts. Returns its id (None when MLflow could not be reached; the report is on disk regardless)."""
+def _night_run(ctx: RunContext) -> tuple[str | None, str | None]:
+    """(experiment id, the night's parent run id), both None when MLflow cannot be reached now."""
     try:
         experiment = tracking.ensure_experiment(ctx.tracking_uri, ctx.cfg.sweep.name,
                                                 str(ctx.results_dir / "mlartifacts"))
-        client = tracking.client(ctx.tracking_uri)
-        tags = {"nightly": "true", "sors.nightly.name": ctx.cfg.name, "sors.nightly.run_id": ctx.run_id,
-                "sors.nightly.verdict": status, "sors.nightly.baseline": meta.get("baseline_run_id") or "",
-                tracking.TAG_CODE: ctx.code_version, tracking.TAG_SWEEP: ctx.cfg.sweep.name}
-        run = client.create_run(experiment, run_name=f"nightly {ctx.run_id}", tags=tags)
-        metrics = {"cells": summary["cells"], "failing_cells": summary["failing"], "exit_code": meta["exit_code"]}
-        metrics.update({f"verdict_{k.replace('-', '_')}": v for k, v in summary["verdicts"].items()})
-        tracking.log_metrics(ctx.tracking_uri, run.info.run_id, metrics)
-        tracking.log_artifacts(ctx.tracking_uri, run.info.run_id, files, "nightly")
-        client.set_terminated(run.info.run_id, "FINISHED" if meta["exit_code"] != EXIT_COULD_NOT_RUN else "FAILED")
-        return run.info.run_id
-    except Exception as err:  # noqa: BLE001 -- tracking trouble must not hide the verdict
-        log.warning("could not log the nightly to MLflow (%s): %s", redact(ctx.tracking_uri),
-                    redact((str(err).splitlines() or [""])[0]))
-        return None
+        return experiment, night_parent(ctx.tracking_uri, experiment, ctx.cfg.name, ctx.run_id,
+                                                ctx.code_version)
+    except Exception as err:  # noqa: BLE001 -- the night runs untracked; `sors sync` backfills its runs
+        log.warning("MLflow unreachable, the nightly continues untracked: %s", cliutil.tracking_line(err))
+        return None, None
+
+
+def _accept(results_dir: Path | str, run_id: str, tracking_uri: str, how: str = "--accept", strict: bool = True):
+    """Move alias ``baseline`` to the night's model versions, then the JSON pointer (its cache).
+    Returns what :func:`accept` returns. A night whose models MLflow never registered moves the
+    pointer only (with a warning); so does an unreachable MLflow when not ``strict``."""
+    try:
+        versions = move_baseline(tracking_uri, find_run(results_dir, run_id))
+    except Exception as err:  # noqa: BLE001 -- strict (--accept): the caller says "could not run", nothing moved
+        if strict:
+            raise
+        log.warning("could not move the registry alias baseline: %s", cliutil.tracking_line(err))
+        versions = {"unreachable": ""}
+    if not versions:
+        log.warning("run %s has no registered model versions (run `sors sync` on its folder): only "
+                    "baseline.json moved, not the registry alias", run_id)
+    return accept(results_dir, run_id, how=how)
 
 
 def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     """One nightly run (Ray connected or connectable through ``args``). Returns the exit code."""
     results_dir = Path(args.results_dir).resolve()
     root = nightly_root(results_dir, cfg.name)
-    baseline_id, baseline_how = _baseline(cfg, root, results_dir, args.baseline)
+    uri = args.tracking_uri or tracking.default_tracking_uri(results_dir)
+    baseline_id, baseline_how = _baseline(cfg, root, results_dir, args.baseline, uri)
     _check_data(cfg, args.data_root)  # before importing Ray: a missing data set fails in seconds
     # Ray is a heavy import (seconds): only once the inputs are known to be there
     from pipeline import sweep as sweep_lib
@@ -110,7 +140,7 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     run_id = new_run_id()
     folder = run_dir(root, run_id)
     ctx = RunContext(cfg=cfg, results_dir=results_dir, root=root, run_id=run_id, folder=folder,
-                     tracking_uri=args.tracking_uri or tracking.default_tracking_uri(results_dir),
+                     tracking_uri=uri,
                      code_version=tracking.code_version())
     started = datetime.now(timezone.utc)
     _update_run(ctx, run_id=run_id, name=cfg.name, config_path=str(cfg.path.resolve()), status="running",
@@ -120,9 +150,10 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
     try:
         models = seed_reused_models(cfg, root, folder, ctx.code_version, run_id)
         storage = f"{args.storage_path.rstrip('/')}/nightly/{cfg.name}/{run_id}" if args.storage_path else None
+        ctx.experiment_id, parent = _night_run(ctx)
         opts = sweep_lib.SweepOptions(results_dir=str(folder), storage_path=storage, tracking_uri=ctx.tracking_uri,
-                                      data_root=args.data_root, progress=not args.no_progress and sys.stderr.isatty())
-        tracking.ensure_experiment(ctx.tracking_uri, cfg.sweep.name, str(results_dir / "mlartifacts"))
+                                      data_root=args.data_root, progress=not args.no_progress and sys.stderr.isatty(),
+                                      parent_run_id=parent)
         connected_here = cliutil.connect(args)
         try:
             summary_run = sweep_lib.run_sweep(cfg.sweep, opts)
@@ -152,11 +183,12 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
             "exit_code": summary["exit_code"], "seconds": round(time.time() - started.timestamp(), 1)}
     files = write_reports(folder, meta, lines, summary)
     status = summary["status"]
-    mlflow_run = _log_mlflow(ctx, meta, summary, files, status)
+    mlflow_run = log_night(ctx.tracking_uri, parent, ctx.experiment_id, root, folder, meta, summary, files,
+                                   status)
     _update_run(ctx, status=status, exit_code=summary["exit_code"], mlflow_run_id=mlflow_run, summary=summary,
                 models=models, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if baseline_id is None:
-        accept(results_dir, run_id, how="first run (no baseline yet)")
+        _accept(results_dir, run_id, ctx.tracking_uri, how="first run (no baseline yet)", strict=False)
     _print_summary(meta, lines, summary, files)
     if missed:
         print(sync.failure_message("nightly", missed, str(folder), ctx.tracking_uri, cfg.sweep.name), file=sys.stderr)
@@ -218,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.accept:
-            pointer, previous = accept(args.results_dir, args.accept)
+            uri = args.tracking_uri or tracking.default_tracking_uri(Path(args.results_dir).resolve())
+            pointer, previous = _accept(args.results_dir, args.accept, uri)
             name = read_run(find_run(args.results_dir, args.accept))["name"]
             was = f" (was {previous['run_id']})" if previous else ""
             print(f"sors nightly: run {pointer['run_id']} is now the baseline of nightly {name}{was}")

@@ -133,6 +133,8 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
             if record is None:
                 models.append({"trial": trial.name, "how": "trained", "config_hash": chash})
                 continue
-            records.save_record(str(folder), dict(record, evaluated=False))
+            # this night gets MLflow runs of its own: the lent record keeps only the model (and its version)
+            records.save_record(str(folder), dict(record, evaluated=False, mlflow_run_id=None,
+                                                  mlflow_parent_run_id=None, tracking=None))
             models.append({"trial": trial.name, "how": f"reused from {record['nightly_origin']}", "config_hash": chash})
     return models
