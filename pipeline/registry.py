@@ -11,6 +11,8 @@ version of the registered model :func:`registered_name` (``<sweep>.<trial>``). L
 
 from __future__ import annotations
 
+import os
+
 import re
 from pathlib import Path
 
@@ -60,14 +62,23 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, cfg, name:
     import mlflow.pyfunc
     import torch
 
+    # log_model only speaks through the fluent API's process-wide URIs: set them for this call and
+    # put back what the process had (a Ray worker or a test session goes on to other stores)
+    saved = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE),
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}, signature=signature(cfg),
-            input_example=input_example(cfg), registered_model_name=name,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE),
+                artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}, signature=signature(cfg),
+                input_example=input_example(cfg), registered_model_name=name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])  # None: the registry follows the tracking URI again
+        if saved[1] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
     version = str(info.registered_model_version)
     tracking.client(tracking_uri).set_model_version_tag(name, version, TAG_CHECKPOINT, checkpoint_sha256)
     return name, version

@@ -106,12 +106,14 @@ def unreachable(err: BaseException) -> bool:
 
 
 def client(tracking_uri: str):
-    """An ``MlflowClient`` for ``tracking_uri`` (bounded HTTP retries, see ``HTTP_DEFAULTS``)."""
+    """An ``MlflowClient`` for ``tracking_uri``, whose model registry is the same store (never the
+    process-wide registry URI, which another store may have set), with bounded HTTP retries
+    (see ``HTTP_DEFAULTS``)."""
     from mlflow.tracking import MlflowClient
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:

@@ -145,7 +145,7 @@ def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_mode
 
     results_dir = tmp_path / "results"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     path, sha, cfg = _checkpoint(tmp_path / "a.pt", seed=0)
     record = {"sweep": "s", "trial": "sors", "label": "SORS", "config": config_lib.to_dict(cfg),
               "config_hash": config_lib.config_hash(cfg), "run_name": "s.sors", "checkpoint_uri": str(path),
