@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sors import attacks as attacks_lib
 from sors import paper
 from sors import train as train_lib
 from sors.data import spec as data_spec
@@ -49,8 +50,33 @@ def comparison(rows: list[dict], pooled, eps_text, attack_label) -> list[dict]:
         label = attack_label(attack) + (f" k={samples}" if value.k is not None else "")
         out.append({"model": model, "attack": label, "eps": "-" if eps == 0 else eps_text(eps),
                     "paper": value.value, "table": value.table, "paper_dataset": paper.DATASET_NAMES[value.dataset],
-                    "dataset": first["dataset"], "ours": pooled(group), "adaptive": pooled(adaptive) if adaptive else None})
+                    "dataset": first["dataset"], "ours": pooled(group), "adaptive": pooled(adaptive) if adaptive else None,
+                    "_order": (attacks_lib.info(attack)["order"], samples or 0, eps)})
+    models = list(dict.fromkeys(r["model"] for r in main))
+    out.sort(key=lambda e: (models.index(e["model"]), e["_order"]))
     return out
+
+
+def comparison_console(entries: list[dict]) -> list[str]:
+    """The paper-vs-ours section for a terminal: one line per (model, attack), values over the eps
+    grid as paper / ours / adaptive suite, in % (intervals are in the report's table.md)."""
+    if not entries:
+        return []
+    series: dict[tuple, list[dict]] = {}
+    for e in entries:
+        series.setdefault((e["model"], e["attack"]), []).append(e)
+    width = max(len(f"{m} {a}") for m, a in series)
+    lines = ["The paper beside ours (%, paper / ours / adaptive suite; eps on the 0-255 scale):"]
+    for (model, attack), group in series.items():
+        eps = "/".join(e["eps"].replace("/255", "") for e in group)
+        paper_values = "/".join(f"{e['paper']:.1f}" for e in group)
+        ours = "/".join(f"{100 * e['ours'].accuracy:.1f}" for e in group)
+        adaptive = "/".join(f"{100 * e['adaptive'].accuracy:.1f}" if e["adaptive"] else "-" for e in group)
+        source = ", ".join(dict.fromkeys(f"T{e['table']}, {e['paper_dataset']}" for e in group))
+        lines.append(f"  {f'{model} {attack}':<{width}}  @{eps}: paper ({source}) {paper_values} | ours {ours} | adaptive {adaptive}")
+    datasets = sorted({e["paper_dataset"] for e in entries})
+    lines.append(f"  (the paper's values are for {', '.join(datasets)}; ours on {', '.join(sorted({e['dataset'] for e in entries}))})")
+    return lines
 
 
 def comparison_markdown(entries: list[dict]) -> list[str]:

@@ -200,7 +200,10 @@ def console_table(rows: list[dict], model_order: list[str] | None = None, title:
 def console_report(rows: list[dict], model_order: list[str] | None = None, title: str | None = None) -> str:
     """:func:`console_table`, then the paper's value beside ours for every cell that matches one."""
     entries = paper_report.comparison(rows, pooled, eps_text, attack_label)
-    section = paper_report.comparison_markdown(entries)
+    if model_order:
+        rank = {label: i for i, label in enumerate(model_order)}
+        entries.sort(key=lambda e: rank.get(e["model"], len(rank)))  # stable: attack and eps order kept
+    section = paper_report.comparison_console(entries)
     return console_table(rows, model_order, title) + ("\n\n" + "\n".join(section) if section else "")
 
 
