@@ -37,7 +37,7 @@ from sors.errors import ConfigError
 DEFAULT_MEMBERS: tuple[tuple[str, dict], ...] = (
     ("eot_apgd", {"loss": "expected_ce"}),
     ("eot_apgd", {"loss": "path_margin", "random_start": True}),
-    ("eot_apgd", {"loss": "path_sigmoid", "steps": 200, "warm_start": True}),
+    ("eot_apgd", {"loss": "path_sigmoid", "steps": 400, "warm_start": True}),
     ("autoattack_rand", {}),
     ("arc", {"steps": 10, "members": 4}),
     ("square_eot", {"steps": 200, "exact_paths_max": 0}),
@@ -56,7 +56,7 @@ def member_label(attack: Attack) -> str:
 @register("adaptive", label="Adaptive", order=5, iterative=True, suite=True)
 class AdaptiveSuite(Attack):
     """Worst case over ``members`` (default :data:`DEFAULT_MEMBERS`). Options: ``steps`` /
-    ``eot_samples`` (for the EOT-APGD members: 100 / 32), ``restarts`` (EOT-APGD, 1 each: the second member is the restart, from a random start with another loss),
+    ``eot_samples`` (for the EOT-APGD members: 200 / 32), ``restarts`` (EOT-APGD, 1 each: the second member is the restart, from a random start with another loss),
     ``select_draws`` (fresh draws that score each member's output, 64), ``members`` (a list of
     ``(name, options)``; a member's option ``warm_start: True`` starts an ``eot_apgd`` member at the best
 point found so far instead of the clean image), ``reference`` (True: the straightforward implementation the benchmark
@@ -66,7 +66,7 @@ point found so far instead of the clean image), ``reference`` (True: the straigh
     member did not run because the example was already broken)."""
 
     name = "adaptive"
-    defaults = {"steps": 100, "eot_samples": 32, "restarts": 1, "select_draws": 64, "members": DEFAULT_MEMBERS,
+    defaults = {"steps": 200, "eot_samples": 32, "restarts": 1, "select_draws": 64, "members": DEFAULT_MEMBERS,
                 "exact_paths_max": EXACT_PATHS_MAX, "reference": False}
 
     def validate(self) -> None:
