@@ -61,38 +61,16 @@ def trained_sors(fmnist_train, fmnist_test):
 
 # ---------------------------------------------------------------- pipeline fixtures (Ray, MLflow server)
 
-def _connect_ours(ray) -> None:
+@pytest.fixture(scope="session")
+def ray_session():
+    """ONE local Ray for the whole test session: 2 CPUs, a 200 MB object store, worker logs off."""
+    import ray
+
     from pipeline import cluster
 
     cluster.connect(num_cpus=2, object_store_memory=200 * 1024 * 1024, quiet=True)
-
-
-@pytest.fixture(scope="session")
-def _ray_started():
-    import ray
-
-    from pipeline import cluster
-
-    _connect_ours(ray)
     yield ray
     cluster.shutdown()
-
-
-@pytest.fixture
-def ray_session(_ray_started):
-    """ONE local Ray for the whole test session (2 CPUs, a 200 MB object store, worker logs off),
-    started by ``pipeline.cluster.connect``. Checked before every test: when an earlier test shut it
-    down and a Ray call then started Ray's default instance in this process, that one is replaced by
-    ours, so every test sees the Ray the CLI starts (loopback, no dashboard)."""
-    import ray
-
-    from pipeline import cluster
-
-    if ray.is_initialized() and ray._private.worker.global_worker.node.address_info.get("node_ip_address") != cluster.LOOPBACK:
-        ray.shutdown()
-    if not ray.is_initialized():
-        _connect_ours(ray)
-    yield ray
 
 
 def _free_port() -> int:
