@@ -178,10 +178,13 @@ class MixedSuper(models.SuperNet):
     def __init__(self, nested: bool = False):
         super().__init__()
         block = lambda: nn.Sequential(nn.Linear(16, 8), nn.Tanh())  # noqa: E731
-        choices = [models.ChoiceLayer([nn.Conv2d(1, 2, 3, stride=2) for _ in range(2)]), nn.ReLU(), nn.Flatten(),
+        # the first layer's candidates share a weight shape but not their dilation: they must not be stacked
+        dilated = nn.Conv2d(1, 2, 3, stride=2, padding=1, dilation=2)
+        choices = [models.ChoiceLayer([nn.Conv2d(1, 2, 3, stride=2), dilated]), nn.ReLU(),
+                   models.ChoiceLayer([nn.Conv2d(2, 2, 1) for _ in range(2)]), nn.Flatten(),
                    models.ChoiceLayer([nn.Linear(18, 16) for _ in range(3)]), nn.ReLU(),
                    models.ChoiceLayer([block() for _ in range(2)]), models.ChoiceLayer([nn.Linear(8, 5) for _ in range(2)])]
-        self.body = nn.Sequential(*choices[:5], nn.Sequential(*choices[5:])) if nested else nn.Sequential(*choices)
+        self.body = nn.Sequential(*choices[:6], nn.Sequential(*choices[6:])) if nested else nn.Sequential(*choices)
         self._register_choices()
 
 
@@ -192,7 +195,7 @@ def test_every_path_logits_and_their_input_gradient_equal_a_loop_over_paths(nest
     x = torch.rand(4, 1, 7, 7, requires_grad=True)
     logits = every_path_logits(net, x)
     loop = torch.stack([net(x, p) for p in every_path(net)])
-    assert logits.shape == loop.shape == (24, 4, 5)
+    assert logits.shape == loop.shape == (48, 4, 5)
     assert torch.allclose(logits, loop, atol=1e-6)
     weights = torch.rand_like(loop)
     grad, = torch.autograd.grad((logits * weights).sum(), x)

@@ -361,16 +361,28 @@ def _all_candidates(layer: ChoiceLayer, h: torch.Tensor) -> torch.Tensor:
     """Every candidate of ``layer`` on every row of ``h`` (R, ...): (R*m, ...), row r*m + k = candidate k."""
     candidates, rows = list(layer.candidates), h.shape[0] * layer.num_choices
     first = candidates[0]
-    same = all(type(c) is type(first) and c.weight.shape == first.weight.shape and (c.bias is None) == (first.bias is None)
-               for c in candidates) if hasattr(first, "weight") else False
-    bias = torch.cat([c.bias for c in candidates]) if same and first.bias is not None else None
-    if same and type(first) is nn.Linear:
-        return F.linear(h, torch.cat([c.weight for c in candidates]), bias).view(rows, -1)
-    if same and isinstance(first, nn.Conv2d) and first.padding_mode == "zeros":
+    if _stackable(candidates):
         weight = torch.cat([c.weight for c in candidates])
+        bias = torch.cat([c.bias for c in candidates]) if first.bias is not None else None
+        if type(first) is nn.Linear:
+            return F.linear(h, weight, bias).view(rows, -1)
         out = kernels.conv2d(h, weight, bias, first.stride, first.padding, first.dilation, first.groups)
         return out.view(rows, first.out_channels, *out.shape[2:])
     return torch.stack([c(h) for c in candidates], dim=1).flatten(0, 1)
+
+
+def _stackable(candidates: list[nn.Module]) -> bool:
+    """True when ``candidates`` are all ``nn.Linear`` or all zero-padded ``nn.Conv2d`` that differ
+    only in their weights: one layer with their weights concatenated computes all of them."""
+    first = candidates[0]
+    if type(first) is nn.Linear:
+        settings = lambda c: (type(c), c.weight.shape, c.bias is None)  # noqa: E731
+    elif isinstance(first, nn.Conv2d) and first.padding_mode == "zeros":
+        settings = lambda c: (type(c), c.weight.shape, c.bias is None, c.stride, c.padding, c.dilation,  # noqa: E731
+                              c.groups, c.padding_mode)
+    else:
+        return False
+    return all(settings(c) == settings(first) for c in candidates)
 
 
 @contextlib.contextmanager
