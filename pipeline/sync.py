@@ -186,12 +186,12 @@ def _registered_version(client, record: dict):
     return version if version.tags.get(registry.TAG_CHECKPOINT) == record.get("checkpoint_sha256") else None
 
 
-def _track_model(uri: str, results_dir: str | Path, record: dict, client, run) -> dict:
+def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, version) -> dict:
     """The checkpoint, data inputs and registered model of a trained record's run. A model another run
-    logged (a nightly reusing an earlier night's model) is named by tags, not logged again."""
+    logged (a nightly reusing an earlier night's model) is named by tags, not logged again.
+    ``version``: the registry version the record names (:func:`_registered_version`), or None."""
     done = {"artifacts": 0, "model": 0}
     cfg = config_lib.from_dict(record["config"])
-    version = _registered_version(client, record)
     reused = version is not None and version.run_id != run.info.run_id
     if not (run.inputs and run.inputs.dataset_inputs):
         tracking.log_datasets(uri, run.info.run_id, cfg, {"test": "evaluation"} if reused
@@ -245,7 +245,7 @@ def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | No
     cell_files = [results.cell_path(store, r["dataset"], r["attack"], r["cell_id"]) for r in rows]
     done["artifacts"] += tracking.upload_changed(uri, run_id, cell_files, "cells")
     if trained:
-        model_done = _track_model(uri, results_dir, record, client, run)
+        model_done = _track_model(uri, results_dir, record, client, run, version)
         done["artifacts"] += model_done["artifacts"]
         done["model"] = model_done["model"]
     if report:
