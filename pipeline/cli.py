@@ -338,9 +338,10 @@ def cmd_report(args) -> int:
     opts = _options(args).resolved()
     preflight.check_store(opts.store)  # a truncated cell: one line naming it, before anything is written
     rows = results.read_rows(opts.store, sweep=args.sweep)
+    records = load_records(opts.results_dir, args.sweep) if args.sweep else []
+    rows += results.rows_of_records(opts.store, records, skip={r["cell_id"] for r in rows})  # stored first elsewhere
     if not rows:
         raise UsageError(f"no results{' for sweep ' + args.sweep if args.sweep else ''} under {opts.store}")
-    records = load_records(opts.results_dir, args.sweep) if args.sweep else []
     files, table = _publish_report(args.sweep or "all", rows, records, opts, log_mlflow=not args.no_mlflow,
                                    out_dir=args.out)
     print(table)

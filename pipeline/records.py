@@ -43,3 +43,14 @@ def all_records(results_dir: str | Path, sweep: str | None = None) -> list[dict]
     root = Path(results_dir) / "models"
     sweeps = [sweep] if sweep else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     return [r for name in sweeps for r in load_records(str(results_dir), name)]
+
+
+def find_trained(results_dir: str | Path, config_hash: str, code_version: str, checkpoint_exists) -> dict | None:
+    """A model record of any sweep under ``results_dir`` trained from the same resolved config by the same
+    code (``config_hash``, ``code_version``) whose checkpoint ``checkpoint_exists(uri)`` still, else None.
+    A record lent from another sweep (``reused_from``) is skipped: its origin is found directly."""
+    for record in all_records(results_dir):
+        if (record.get("config_hash") == config_hash and record.get("code_version") == code_version
+                and not record.get("reused_from") and checkpoint_exists(record.get("checkpoint_uri") or "")):
+            return record
+    return None

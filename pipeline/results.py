@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from tasks import cells as cells_lib
 from tasks.cells import SCHEMA_VERSION, CellSpec
 
 PARTITION_KEYS = ("dataset", "attack")
@@ -185,8 +186,29 @@ def read_rows(root: str | os.PathLike, sweep: str | None = None) -> list[dict]:
 
 
 def rows_for(root: str | os.PathLike, specs: Iterable[CellSpec]) -> list[dict]:
-    """The stored rows of the given cells (missing cells skipped), in the order given."""
-    return [read_row(spec_path(root, s)) for s in specs if is_done(root, s)]
+    """The stored rows of the given cells (missing cells skipped), in the order given, each with its spec's
+    context (sweep, trial, row name, run): a cell first stored for another sweep is shown as this one's."""
+    return [dict(read_row(spec_path(root, s)), **cells_lib.context_of(s)) for s in specs if is_done(root, s)]
+
+
+def cell_contexts(specs: Iterable[CellSpec]) -> dict[str, dict]:
+    """``{cell_id: where it is stored + its context}`` for a model record: lets ``sors report SWEEP`` find the
+    sweep's cells that another sweep stored first (:func:`rows_of_records`)."""
+    return {s.cell_id: {"dataset": s.dataset, "attack": s.attack.name, **cells_lib.context_of(s)} for s in specs}
+
+
+def rows_of_records(root: str | os.PathLike, records: Iterable[dict], skip: set[str]) -> list[dict]:
+    """The stored rows of the cells the records list (``cells``: :func:`cell_contexts`), ids in ``skip``
+    left out, each with the record's context."""
+    rows = []
+    for record in records:
+        for cell_id, where in (record.get("cells") or {}).items():
+            path = cell_path(root, where["dataset"], where["attack"], cell_id)
+            if cell_id not in skip and path.is_file():
+                context = {k: v for k, v in where.items() if k not in ("dataset", "attack")}
+                rows.append(dict(read_row(path), **context))
+                skip.add(cell_id)
+    return rows
 
 
 def update_flags(root: str | os.PathLike, rows: list[dict], extra_flags: dict[str, list[str]]) -> int:
@@ -195,8 +217,8 @@ def update_flags(root: str | os.PathLike, rows: list[dict], extra_flags: dict[st
     changed = 0
     for row in rows:
         new = [f for f in extra_flags.get(row["cell_id"], []) if f not in row["sanity_flags"]]
-        if new:
-            row = dict(row, sanity_flags=list(row["sanity_flags"]) + new)
-            write_row(root, row)
+        if new:  # the stored row, not ``row``: that may show the cell with another sweep's context
+            stored = read_row(cell_path(root, row["dataset"], row["attack"], row["cell_id"]))
+            write_row(root, dict(stored, sanity_flags=list(stored["sanity_flags"]) + new))
             changed += 1
     return changed

@@ -31,7 +31,7 @@ from ray import tune
 
 from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
 from pipeline.cliutil import original_error, root_cause
-from pipeline.records import load_record, save_record
+from pipeline.records import find_trained, load_record, save_record
 from pipeline.presets import Sweep, TrialSpec
 from sors import config as config_lib
 from sors import data as data_lib
@@ -223,6 +223,7 @@ def run_trial(params: dict, ctx: dict) -> dict:
             where, why = summary.failures[0]
             raise SweepError(f"{len(summary.failures)} cell(s) of trial {trial.name} failed; first: {where}: {why}")
         record["evaluated"] = True
+        record["cells"] = results.cell_contexts(specs)
         save_record(opts.results_dir, record)
         # Everything is on disk now; MLflow is logged from it, best effort (a failure marks the record
         # "incomplete" and `sors sync` backfills it later).
@@ -314,8 +315,32 @@ def _check_data(sweep: Sweep, opts: SweepOptions) -> None:
         data_lib.load(name, "test", root, n=1)
 
 
+def lend_trained_models(stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions, code_version: str) -> list[str]:
+    """Give each trial of ``stage`` that has no model yet the model another sweep of the same results folder
+    trained from the same resolved config with the same code, so it is evaluated, not trained again (a
+    shared teacher, the same SORS in several paper tables). Returns "trial <- sweep/trial" per loan."""
+    loans = []
+    for trial in stage:
+        chash = config_lib.config_hash(trial.config)
+        own = load_record(opts.results_dir, sweep.name, trial.name)
+        if own and own.get("config_hash") == chash:
+            continue
+        origin = find_trained(opts.results_dir, chash, code_version, storage.checkpoint_exists)
+        if origin is None:
+            continue
+        # the loan gets this sweep's MLflow run and cells; it keeps the checkpoint and its history
+        save_record(opts.results_dir, dict(origin, sweep=sweep.name, trial=trial.name, label=trial.label,
+                                           variants=[dataclasses.asdict(v) for v in trial.variants],
+                                           evaluated=False, mlflow_run_id=None, mlflow_parent_run_id=None,
+                                           tracking=None, reused_from=f"{origin['sweep']}/{origin['trial']}"))
+        loans.append(f"{trial.name} <- {origin['sweep']}/{origin['trial']}")
+    return loans
+
+
 def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions, ctx: dict,
                experiment_id: str, summary: SweepSummary) -> None:
+    for loan in lend_trained_models(stage, sweep, opts, ctx["code_version"]):
+        log.warning("sweep %s: %s (same config and code: its model is evaluated, not retrained)", sweep.name, loan)
     todo = [t for t in stage if not trial_complete(opts, sweep, t)]
     summary.trials_skipped += len(stage) - len(todo)
     if not todo:
@@ -420,9 +445,9 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     summary.cells_submitted = len({p.name for p in results.files(opts.store)} - before)
     summary.records = [load_record(opts.results_dir, sweep.name, t.name) for t in sweep.trials]
     sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)
-    wanted = {s.cell_id for t, r in zip(_resolve_all(sweep, opts), summary.records) if r
-              for s in cell_specs(t, r, sweep.evaluation, sweep.name, sources=sources)}
-    summary.rows = [row for row in results.read_rows(opts.store) if row["cell_id"] in wanted]
+    wanted = [s for t, r in zip(_resolve_all(sweep, opts), summary.records) if r
+              for s in cell_specs(t, r, sweep.evaluation, sweep.name, sources=sources)]
+    summary.rows = results.rows_for(opts.store, wanted)
     summary.seconds = time.perf_counter() - start
     return summary
 

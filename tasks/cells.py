@@ -140,15 +140,21 @@ def evaluate(spec: CellSpec, device="cpu"):
     return result, make_row(spec, cfg, result, n_ops_of(model, cfg), seconds)
 
 
+def context_of(spec: CellSpec) -> dict:
+    """The row fields that say who asked for a cell (sweep, trial, row name, role, MLflow run), not what it
+    measured: a cell another sweep already stored (same checkpoint, attack and protocol, so the same id) is
+    shown to this one with this context."""
+    return {"sweep": spec.sweep, "trial": spec.trial, "variant": spec.variant or spec.trial,
+            "model": spec.model_label or spec.variant or spec.trial, "role": spec.role,
+            "mlflow_run_id": spec.mlflow_run_id}
+
+
 def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds: float) -> dict:
     """One Parquet row (plain Python values) from a cell's spec, its checkpoint config and its result."""
     return {
         "cell_id": spec.cell_id,
         "schema_version": SCHEMA_VERSION,
-        "sweep": spec.sweep,
-        "trial": spec.trial,
-        "variant": spec.variant or spec.trial,
-        "model": spec.model_label or spec.variant or spec.trial,
+        **context_of(spec),
         "arch": cfg.model.name,
         "dataset": cfg.data.name,
         "lambda": float(cfg.train.lambda_),
@@ -162,7 +168,6 @@ def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds:
         "eot_samples": None if result.eot_samples is None else int(result.eot_samples),
         "repeats": int(result.repeats),
         "seed": int(spec.seed),
-        "role": spec.role,
         "n": int(result.n),
         "correct": float(result.correct),
         "accuracy": float(result.accuracy),
@@ -181,7 +186,6 @@ def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds:
         "checkpoint_uri": spec.checkpoint_uri,
         "checkpoint_sha256": spec.checkpoint_sha256,
         "config_hash": config_lib.config_hash(cfg),
-        "mlflow_run_id": spec.mlflow_run_id,
         "code_version": spec.code_version,
         "created_at": datetime.now(timezone.utc),
     }

@@ -19,6 +19,12 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def checkpoint_exists(uri: str) -> bool:
+    """True when ``uri`` names a checkpoint that can be read: a local file that exists, or any remote URI
+    (not probed: reading it is what tells)."""
+    return bool(uri) and (is_remote(uri) or local_copy(uri).is_file())
+
+
 def local_copy(uri: str) -> Path:
     """A local path holding the file at ``uri`` (the path itself when it is local).
 

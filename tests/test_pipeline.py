@@ -227,3 +227,46 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     markdown = (out / "table.md").read_text()
     assert "| LeNet-5 |" in markdown and "| SORS |" in markdown and "PGD 50/255" in markdown
     assert (out / "gradient_angles.png").stat().st_size > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_config(ray_session, mlflow_server,
+                                                                                      tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import sweep as sweep_lib
+    from pipeline.records import load_record
+    from tests.faults import write_preset
+
+    same = {"model.name": "lenet5"}
+    first = write_preset(tmp_path / "first.yaml", "first", [{"name": "a", "label": "LeNet-5", "set": same}])
+    second = write_preset(tmp_path / "second.yaml", "second", [
+        {"name": "b", "label": "LeNet-5 again", "set": same},
+        {"name": "c", "label": "LeNet-5 seed 1", "set": dict(same, **{"train.seed": 1})}])
+    opts = sweep_lib.SweepOptions(results_dir=str(tmp_path / "results"), tracking_uri=mlflow_server, progress=False)
+    sweep_lib.run_sweep(presets.build_sweep(str(first)), opts)
+    origin = load_record(opts.results_dir, "first", "a")
+
+    summary = sweep_lib.run_sweep(presets.build_sweep(str(second)), opts)
+    lent, trained = (load_record(opts.results_dir, "second", t) for t in ("b", "c"))
+    assert lent["reused_from"] == "first/a" and lent["label"] == "LeNet-5 again"
+    assert (lent["checkpoint_uri"], lent["checkpoint_sha256"]) == (origin["checkpoint_uri"], origin["checkpoint_sha256"])
+    assert not list((tmp_path / "results" / "ray").glob("second.b*")), "the lent model was trained again"
+    assert "reused_from" not in trained and trained["checkpoint_sha256"] != origin["checkpoint_sha256"]
+    assert load_record(opts.results_dir, "first", "a") == origin  # the lender is left as it was
+    # the loan is evaluated and tracked as this sweep's own trial: its rows and its run (the registered model
+    # stays the lender's). Its cells are the lender's (same checkpoint, attack and protocol: the same ids).
+    rows = [r for r in summary.rows if r["trial"] == "b"]
+    assert {r["attack"] for r in rows} == {"none", "fgsm"} and {r["model"] for r in rows} == {"LeNet-5 again"}
+    stored = {r["cell_id"]: r for r in results.read_rows(tmp_path / "results" / "cells")}
+    assert all(stored[r["cell_id"]]["sweep"] == "first" and stored[r["cell_id"]]["accuracy"] == r["accuracy"]
+               for r in rows)
+    assert cli.main(["report", "second", "--results-dir", opts.results_dir, "--no-mlflow",
+                     "--out", str(tmp_path / "report")]) == 0
+    assert "| LeNet-5 again |" in (tmp_path / "report" / "table.md").read_text()
+    assert lent["evaluated"] and lent["mlflow_run_id"] not in (None, origin["mlflow_run_id"])
+    run = MlflowClient(mlflow_server).get_run(lent["mlflow_run_id"])
+    assert run.info.run_name == "b" and run.data.metrics["clean_eval_acc"] == pytest.approx(
+        [r for r in rows if r["attack"] == "none"][0]["accuracy"])
+    assert lent["registered_model"] == origin["registered_model"]  # one checkpoint, one registered version
