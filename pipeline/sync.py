@@ -69,8 +69,10 @@ def mark(results_dir: str | Path, record: dict, status: str, error: str | None =
 
 def _record_rows(results_dir: str | Path, record: dict) -> list[dict]:
     store = Path(results_dir) / "cells"
-    return [r for r in results.read_rows(store, sweep=record["sweep"])
-            if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")]
+    own = [r for r in results.read_rows(store, sweep=record["sweep"])
+           if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")]
+    # + the record's cells that another sweep stored first (a model lent by another sweep)
+    return own + results.rows_of_records(store, [record], skip={r["cell_id"] for r in own})
 
 
 def _existing_run(client, run_id: str | None):
