@@ -280,7 +280,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
         train = dataclasses.replace(train, epochs=train.baseline_epochs * factor)
     data = cfg.data
     if data.augment is None:
-        data = dataclasses.replace(data, augment=data.name.startswith("cifar"))
+        from sors.data import SPECS  # torch: heavy, see validate
+
+        known = SPECS.get(data.name)  # an unknown name is validate's to report
+        data = dataclasses.replace(data, augment=bool(known and known.augment))
     resolved = dataclasses.replace(cfg, train=train, data=data)
     validate(resolved)
     return resolved

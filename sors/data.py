@@ -32,13 +32,16 @@ class DatasetSpec:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    files: str = "idx"  # "idx": MNIST-format IDX files; "cifar": torchvision's CIFAR pickles
+    augment: bool = False  # crop + flip by default (data.augment unset): natural images only
 
 
 SPECS = {
     "mnist": DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,)),
     "fashion_mnist": DatasetSpec("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
-    "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar", True),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar",
+                            True),
 }
 
 _IDX_FILES = {
@@ -116,9 +119,8 @@ def check_intact(name: str, root: str | None = None) -> None:
     """Every file of both splits is present and whole (cheap: headers and sizes, not the pixels), so a
     truncated copy fails before training rather than when the split is first read.
     Raises :class:`DataNotFoundError` naming the file."""
-    spec(name)
     folder = Path(root if root else default_root(name)).expanduser()
-    if name.startswith("cifar"):
+    if spec(name).files == "cifar":
         return  # torchvision checks its pickles' MD5 sums itself (``_check_integrity``)
     for split, stems in _IDX_FILES.items():
         for stem in stems:
@@ -200,11 +202,11 @@ def load_indexed(name: str, split: str, root: str | None = None, n: int | None =
     """:func:`load`, plus each kept example's index in the full split: ``(images, labels, index)``
     with index (N,) long. The same image has the same index in every cell and every run, so
     per-example outcomes of different attacks or nights can be paired."""
-    spec(name)
+    files = spec(name).files
     if split not in _IDX_FILES:
         raise ConfigError("split", f"unknown split {split!r}", "train, test")
     folder = Path(root if root else default_root(name)).expanduser()
-    loader = _load_cifar_split if name.startswith("cifar") else _load_idx_split
+    loader = _load_cifar_split if files == "cifar" else _load_idx_split
     images, labels = loader(name, folder, split)
     index = subset_index(len(labels), n, seed)
     return images[index], labels[index], index
