@@ -267,10 +267,11 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
             trials.append(TrialSpec(name=name, label=f"{entry.get('label') or entry['name']}{label_suffix}", config=cfg,
                                     variants=_variants(name, entry.get("variants")), evaluate=evaluate))
     _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
+    plan = _eval_plan(raw, attack_overrides)
+    trials = _without_unused(trials, plan.source_trials())
     name = check_component("--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem)
     sweep = Sweep(name=name, preset=str(raw.get("name") or name_or_path),
-                  description=str(raw.get("description", "")), trials=tuple(trials),
-                  evaluation=_eval_plan(raw, attack_overrides))
+                  description=str(raw.get("description", "")), trials=tuple(trials), evaluation=plan)
     _check_names(sweep)
     for source in sweep.evaluation.source_trials():
         if not any(t.name == source for t in sweep.trials):
@@ -278,6 +279,14 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
                               ", ".join(t.name for t in sweep.trials))
     stages(sweep.trials, sweep.evaluation.source_trials())  # rejects unknown or circular teachers now
     return sweep
+
+
+def _without_unused(trials: list[TrialSpec], sources: Sequence[str]) -> list[TrialSpec]:
+    """``trials`` less the train-only ones (``evaluate: false``) that no trial distils from and no transfer
+    attack crafts on -- e.g. the paper presets' ResNet-18 teacher under ``--set train.teacher=none``:
+    hours of CPU for a model nothing reads."""
+    used = {t.teacher_trial for t in trials} | set(sources)
+    return [t for t in trials if t.evaluate or t.name in used]
 
 
 def _check_unique(names: list[str]) -> None:

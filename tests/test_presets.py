@@ -43,6 +43,14 @@ def test_teachers_train_in_an_earlier_stage_than_their_students():
     assert [v.label for v in sweep.trial("sors").variants] == ["SORS*"]
 
 
+def test_a_train_only_trial_nothing_uses_is_not_trained():
+    assert "teacher" in {t.name for t in presets.build_sweep("table2").trials}
+    without = presets.build_sweep("table2", ["train.teacher=none"])  # no student distils from it now
+    assert "teacher" not in {t.name for t in without.trials} and {"lenet5", "rs", "sors"} <= {t.name for t in without.trials}
+    table1 = presets.build_sweep("table1", ["train.teacher=none"])  # a transfer source stays (it is evaluated too)
+    assert "resnet18_source" in {t.name for t in table1.trials}
+
+
 def test_lambda_grid_expands_to_one_trial_per_value():
     sweep = presets.build_sweep("lambda", ["train.epochs=1"])
     assert sorted(t.config.train.lambda_ for t in sweep.trials) == [0, 1, 5, 10, 20, 50]
