@@ -331,7 +331,7 @@ def lend_trained_models(stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions
         # the loan gets this sweep's MLflow run and cells; it keeps the checkpoint and its history
         save_record(opts.results_dir, dict(origin, sweep=sweep.name, trial=trial.name, label=trial.label,
                                            variants=[dataclasses.asdict(v) for v in trial.variants],
-                                           evaluated=False, mlflow_run_id=None, mlflow_parent_run_id=None,
+                                           evaluated=False, cells=None, mlflow_run_id=None, mlflow_parent_run_id=None,
                                            tracking=None, reused_from=f"{origin['sweep']}/{origin['trial']}"))
         loans.append(f"{trial.name} <- {origin['sweep']}/{origin['trial']}")
     return loans
