@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import warnings
@@ -52,7 +53,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         if reclaimed:
             log.warning(
                 "removed %d placement group(s) left behind by killed drivers (they held %s)", len(reclaimed),
-                ", ".join(sorted({f"{k}={v:g}" for pg in reclaimed for k, v in _pg_resources(pg).items()})))
+                ", ".join(sorted({f"{k}={v:g}" for pg in reclaimed for k, v in pg.resources.items()})))
 
 
 @contextlib.contextmanager
@@ -81,51 +82,116 @@ def _loopback_only():
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
-def orphaned_placement_groups() -> list:
-    """Placement groups (GCS ``PlacementGroupTableData``) that still reserve resources although the job that
-    created them is dead and they are not detached.
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """One placement group: its id (hex) and the resources its bundles reserve, e.g. ``{"CPU": 2.0}``."""
+
+    placement_group_id: str
+    resources: dict
+
+
+# Ray's terminal job states (a driver job is SUCCEEDED once it is dead, whatever killed it).
+ENDED_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+STATE_API_LIMIT = 10_000  # the most entries Ray's state API returns at once
+
+
+def orphans_of(groups: list[dict], jobs: list[dict]) -> list[Reservation]:
+    """The placement groups of ``groups`` that still reserve resources although the job that created them
+    has ended and they are not detached. ``groups``: ``ray.util.state`` placement-group records
+    (``placement_group_id``, ``creator_job_id``, ``state``, ``is_detached``, ``bundles``); ``jobs``: its job
+    records (``job_id``, ``status``). A creator missing from ``jobs`` counts as alive: never take a live
+    job's reservation."""
+    ended = {job["job_id"] for job in jobs if job.get("job_id") and _status(job) in ENDED_JOB_STATES}
+    return [Reservation(group["placement_group_id"], _bundle_resources(group.get("bundles") or []))
+            for group in groups
+            if group.get("state") != "REMOVED" and not group.get("is_detached")
+            and group.get("creator_job_id") in ended]
+
+
+def _status(job: dict) -> str:
+    status = job.get("status")
+    return str(getattr(status, "value", status))  # JobStatus is an enum of strings
+
+
+def _bundle_resources(bundles: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in (bundle.get("unit_resources") or {}).items():
+            total[name] = total.get(name, 0.0) + float(amount)
+    return total
+
+
+def orphaned_placement_groups() -> list[Reservation]:
+    """:func:`orphans_of` this cluster's placement groups and jobs.
 
     Why: a driver SIGKILLed while a Ray Train controller is starting its worker group can leave one behind --
     the controller registers the group just after Ray has removed the dead job's groups -- and it then holds
     its CPUs/GPUs until the cluster restarts, so a resumed run waits for ever for its workers.
+
+    The facts come from ``ray.util.state``, which asks the cluster's dashboard (every ``ray start`` head and
+    KubeRay cluster runs one). A Ray started without a dashboard has no state API; there the same facts are
+    read from the GCS tables Ray's own ``ray list`` is built on.
     """
+    try:
+        groups, jobs = _state_api_records()
+    except Exception as err:  # noqa: BLE001 -- no dashboard (or an old one): read the GCS instead
+        log.debug("no state API (%s): reading the GCS tables", err)
+        groups, jobs = _gcs_records()
+    return orphans_of(groups, jobs)
+
+
+def _state_api_records() -> tuple[list[dict], list[dict]]:
+    from ray.util.state import list_jobs, list_placement_groups
+
+    groups = list_placement_groups(detail=True, limit=STATE_API_LIMIT, raise_on_missing_output=False)
+    jobs = list_jobs(limit=STATE_API_LIMIT, raise_on_missing_output=False)
+    return [as_record(group) for group in groups], [as_record(job) for job in jobs]
+
+
+def as_record(record) -> dict:
+    """A state-API record as a dict (Ray returns dicts or its schema dataclasses, depending on version)."""
+    if isinstance(record, dict):
+        return record
+    return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(vars(record))
+
+
+def _gcs_records() -> tuple[list[dict], list[dict]]:
+    """The same records as :func:`_state_api_records`, from the GCS (private Ray API: a dashboard-less Ray only)."""
     from ray._private import state
     from ray.core.generated import gcs_pb2
 
-    dead_jobs = {job["JobID"] for job in state.jobs() if job["IsDead"]}
+    jobs = [{"job_id": job["JobID"], "status": "SUCCEEDED" if job["IsDead"] else "RUNNING"} for job in state.jobs()]
     removed = gcs_pb2.PlacementGroupTableData.REMOVED
-    groups = [gcs_pb2.PlacementGroupTableData.FromString(raw)
-              for raw in state.state._connect_and_get_accessor().get_placement_group_table()]
-    return [pg for pg in groups if pg.state != removed and not pg.is_detached
-            and (pg.creator_job_dead or pg.creator_job_id.hex() in dead_jobs)]
+    groups = []
+    for raw in state.state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        creator = group.creator_job_id.hex()
+        if group.creator_job_dead:
+            jobs.append({"job_id": creator, "status": "SUCCEEDED"})
+        groups.append({"placement_group_id": group.placement_group_id.hex(), "creator_job_id": creator,
+                       "state": "REMOVED" if group.state == removed else "CREATED",
+                       "is_detached": group.is_detached,
+                       "bundles": [{"unit_resources": dict(b.unit_resources)} for b in group.bundles]})
+    return groups, jobs
 
 
-def reclaim_orphaned_placement_groups() -> list:
+def reclaim_orphaned_placement_groups() -> list[Reservation]:
     """Remove every :func:`orphaned_placement_groups` entry; returns those removed (best effort: never raises)."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     try:
         orphans = orphaned_placement_groups()
-    except Exception as err:  # noqa: BLE001 -- internal Ray API: a change there must not stop a run
+    except Exception as err:  # noqa: BLE001 -- the GCS fallback is internal Ray API: a change there must not stop a run
         log.debug("cannot list placement groups: %s", err)
         return []
     reclaimed = []
-    for pg in orphans:
+    for orphan in orphans:
         try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            reclaimed.append(pg)
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(orphan.placement_group_id))))
+            reclaimed.append(orphan)
         except Exception as err:  # noqa: BLE001 -- already removed by Ray in the meantime
             log.debug("could not remove placement group: %s", err)
     return reclaimed
-
-
-def _pg_resources(pg) -> dict[str, float]:
-    """Total resources a placement group reserves, e.g. ``{"CPU": 2.0}``."""
-    total: dict[str, float] = {}
-    for bundle in pg.bundles:
-        for name, amount in bundle.unit_resources.items():
-            total[name] = total.get(name, 0.0) + amount
-    return total
 
 
 def resources() -> dict[str, float]:

@@ -59,9 +59,14 @@ def sors(cluster, *args: str, timeout: float = 540, env: dict | None = None) -> 
                           timeout=timeout, cwd=REPO)
 
 
-def _preset_file(tmp_path) -> str:
-    path = tmp_path / "twonode.yaml"
-    path.write_text(yaml.safe_dump(PRESET))
+# What `sors submit` runs: the smallest sweep that trains and evaluates (the job, not the spread, is tested).
+ONE_TRIAL = dict(PRESET, trials=PRESET["trials"][:1], evaluation=dict(PRESET["evaluation"], attacks=[{"name": "fgsm"}],
+                                                                      eps=["25/255"]))
+
+
+def _preset_file(tmp_path, preset: dict = PRESET) -> str:
+    path = tmp_path / f"{preset['name']}.yaml"
+    path.write_text(yaml.safe_dump(preset))
     return str(path)
 
 
@@ -79,7 +84,7 @@ def test_a_sweep_spreads_trials_and_cells_over_both_nodes_into_one_store(cluster
 
 
 def test_sors_submit_runs_the_sweep_as_a_job_follows_it_and_exits_with_its_code(cluster, tmp_path):
-    preset, shared = _preset_file(tmp_path), tmp_path / "shared"
+    preset, shared = _preset_file(tmp_path, ONE_TRIAL), tmp_path / "shared"
     done = sors(cluster, "submit", preset, "--address", cluster.dashboard_url, "--results-dir", str(shared),
                 "--no-progress")
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
@@ -87,7 +92,7 @@ def test_sors_submit_runs_the_sweep_as_a_job_follows_it_and_exits_with_its_code(
     assert "SUCCEEDED, exit 0" in done.stderr
     submission_id = done.stderr.split("submitted ", 1)[1].split(":", 1)[0]
     assert submission_id.startswith("sors-twonode-")
-    assert len(results.read_rows(shared / "cells")) == 2 * 5
+    assert len(results.read_rows(shared / "cells")) == 2  # clean and FGSM of the one trial
 
     status = sors(cluster, "submit", "--status", submission_id, "--address", cluster.dashboard_url)
     assert status.returncode == 0 and "SUCCEEDED" in status.stderr
@@ -99,7 +104,7 @@ def test_sors_submit_runs_the_sweep_as_a_job_follows_it_and_exits_with_its_code(
 
 
 def test_sors_submit_exits_with_the_failed_jobs_code_and_refuses_bad_input_unsubmitted(cluster, tmp_path):
-    preset = _preset_file(tmp_path)
+    preset = _preset_file(tmp_path, ONE_TRIAL)
     failed = sors(cluster, "submit", preset, "--address", cluster.dashboard_url, "--results-dir", str(tmp_path / "r"),
                   "--data-root", str(tmp_path / "no-such-folder"), "--no-progress")
     assert failed.returncode == 2, (failed.stdout[-2000:], failed.stderr[-3000:])  # sors sweep's code on the cluster
@@ -110,3 +115,36 @@ def test_sors_submit_exits_with_the_failed_jobs_code_and_refuses_bad_input_unsub
     no_token = sors(cluster, "submit", "--status", "sors-x", "--address", cluster.dashboard_url,
                     env={"RAY_AUTH_TOKEN": "", "RAY_AUTH_MODE": "disabled"})
     assert no_token.returncode == 2 and len(no_token.stderr.strip().splitlines()) == 1
+
+
+PROBE_RESERVATIONS = """
+import json, logging, ray, sys
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.state import list_placement_groups
+from pipeline import cluster
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+mine = placement_group([{"node_b": 0.25}, {"node_b": 0.25}])
+assert mine.wait(60)
+me = ray.get_runtime_context().get_job_id()
+record = [cluster.as_record(g) for g in list_placement_groups(detail=True)]
+record = [g for g in record if g["placement_group_id"] == mine.id.hex()]
+print(json.dumps({
+    "orphans": [o.placement_group_id for o in cluster.orphaned_placement_groups()],
+    "reclaimed": [o.placement_group_id for o in cluster.reclaim_orphaned_placement_groups()],
+    "mine": mine.id.hex(),
+    # the real state-API record, read as if this job had ended: what a resumed run would reclaim
+    "as_ended": [vars(o) for o in cluster.orphans_of(record, [{"job_id": me, "status": "SUCCEEDED"}])],
+}))
+remove_placement_group(mine)
+"""
+
+
+def test_the_cluster_helpers_read_placement_groups_and_jobs_from_rays_state_api(cluster):
+    done = subprocess.run([sys.executable, "-c", PROBE_RESERVATIONS, cluster.gcs_address], env=cluster.env,
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no state API" not in done.stderr  # the dashboard answered: no private GCS reads
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["mine"] not in found["orphans"] + found["reclaimed"]  # a live job's reservation stays
+    assert found["as_ended"] == [{"placement_group_id": found["mine"], "resources": {"node_b": 0.5}}]

@@ -89,11 +89,28 @@ def test_reclaiming_orphaned_placement_groups_leaves_live_jobs_reservations_alon
     assert mine.wait(60)
     try:
         # this job is alive, so its reservation is not an orphan (whatever earlier tests' killed drivers left)
-        assert mine.id.binary() not in {pg.placement_group_id for pg in cluster.orphaned_placement_groups()}
-        assert mine.id.binary() not in {pg.placement_group_id for pg in cluster.reclaim_orphaned_placement_groups()}
+        assert mine.id.hex() not in {pg.placement_group_id for pg in cluster.orphaned_placement_groups()}
+        assert mine.id.hex() not in {pg.placement_group_id for pg in cluster.reclaim_orphaned_placement_groups()}
         assert placement_group_table(mine)["state"] == "CREATED"
     finally:
         remove_placement_group(mine)
+
+
+def test_an_orphan_is_an_ended_jobs_live_undetached_reservation_and_nothing_else():
+    from pipeline import cluster
+
+    def group(pg_id, job, state="CREATED", detached=False):
+        return {"placement_group_id": pg_id, "creator_job_id": job, "state": state, "is_detached": detached,
+                "bundles": [{"unit_resources": {"CPU": 1.0}}, {"unit_resources": {"CPU": 1.0, "GPU": 1.0}}]}
+
+    jobs = [{"job_id": "01", "status": "SUCCEEDED"}, {"job_id": "02", "status": "RUNNING"},
+            {"job_id": "03", "status": "FAILED"}, {"job_id": None, "status": "PENDING"}]
+    groups = [group("aa", "01"), group("bb", "02"), group("cc", "01", detached=True),
+              group("dd", "01", state="REMOVED"), group("ee", "03", state="PENDING"), group("ff", "99")]
+    orphans = cluster.orphans_of(groups, jobs)
+    # a live job's group, a detached one, a removed one and one whose creator is unknown are left alone
+    assert [o.placement_group_id for o in orphans] == ["aa", "ee"]
+    assert orphans[0].resources == {"CPU": 2.0, "GPU": 1.0}
 
 
 @pytest.mark.ray
