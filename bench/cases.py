@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.adaptive import case_adaptive
+from bench.strength import case_strength
 from bench.fanout import case_fanout
 from bench.harness import (TRAIN_MODELS, Row, Settings, current_rss_bytes, gpu_step_memory, measure, median, ms,
                            paired_ratio, peak_rss_bytes, reset_peak_rss)
@@ -321,6 +322,7 @@ CASES: dict[str, Callable[[Settings], list[Row]]] = {
     "fanout": case_fanout,
     "compile": case_compile,
     "adaptive": case_adaptive,
+    "strength": case_strength,
 }
-# compile: opt-in (slow to build); adaptive: opt-in (trains a model, then minutes per side on a CPU)
+# compile: opt-in (slow to build); adaptive and strength: opt-in (train a model, then minutes on a CPU)
 DEFAULT_CASES = ("train_step", "fastpaths", "eot", "pgd", "memory", "fanout")

@@ -19,6 +19,9 @@ Cases (``--cases``, comma-separated; default all):
 - ``adaptive`` (opt-in): images/s of the adaptive suite vs the straightforward implementation of
   the same attacks (sequential draws, no early stop, every member on every example) on a trained
   SORS-LeNet-5 at eps 25/255 -> speedup (target >= 5).
+- ``strength`` (opt-in): the suite's exact expected accuracy on held-out images of a trained
+  SORS-LeNet-5, then stronger attacks from its points (3x the steps; targeted) -> how many points
+  they find beyond the suite (near 0 when the suite is strong enough).
 - ``memory``: peak RSS (CPU, in a fresh process) or peak allocated memory (GPU) of one training step.
 
 Targets (CPU only; ``--target name=value`` overrides): train_step ratio for sors_lenet5 <= 4.5,

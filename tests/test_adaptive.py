@@ -201,3 +201,23 @@ def test_every_path_logits_and_their_input_gradient_equal_a_loop_over_paths(nest
     grad, = torch.autograd.grad((logits * weights).sum(), x)
     loop_grad, = torch.autograd.grad((loop * weights).sum(), x)
     assert torch.allclose(grad, loop_grad, atol=1e-6)
+
+
+def test_the_strength_check_runs_stronger_attacks_from_the_suites_points_and_reports_their_gain(sors_model, batch,
+                                                                                                monkeypatch):
+    from bench import strength
+    from bench.harness import Settings
+
+    x, y = batch
+    objective, encode = strength.targeted_objective(sors_model, classes=10)
+    loss, correct = objective(x[:8], encode(y[:8], y[:8]))  # "target" = the true class: every margin is 0
+    assert torch.allclose(loss, torch.full_like(loss, 0.5)) and torch.equal(correct, exact_accuracy(sors_model, x[:8], y[:8]))
+
+    monkeypatch.setattr(strength, "trained_sors", lambda device: sors_model)
+    rows = {row.name: row for row in strength.case_strength(Settings(device=torch.device("cpu"), quick=True))}
+    attacked = [rows[name].value for name in ("strength.path_sigmoid_x3", "strength.targeted_top1",
+                                              "strength.targeted_top2", "strength.targeted_top3",
+                                              "strength.targeted_top1_cold")]
+    suite, worst = rows["strength.suite"].value, rows["strength.worst_case"].value
+    assert worst <= min(attacked + [suite])  # per example the worst of all of them
+    assert rows["strength.gain_points"].value == pytest.approx(suite - worst, abs=0.011)
