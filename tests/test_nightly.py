@@ -200,24 +200,27 @@ def _run_id(output: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory, ray_session):
+def smoke_runs(tmp_path_factory):
     """The smoke nightly four times on one local Ray: baseline, the same again (models reused), an
     untrained network, and the first config under another code version (models retrained).
 
     The code version is pinned: other work committed to this checkout meanwhile would change it, and
     a changed code version rightly means "train again" (the fourth run does exactly that)."""
-    from pipeline import tracking
+    from pipeline import cluster, tracking
 
-    # on the session's Ray: the nightly joins it and leaves it running for the tests after this module
     results = tmp_path_factory.mktemp("nightly")
     version = tracking.code_version()
+    cluster.connect(None, num_cpus=2)
     runs = {}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, extra, code in (("first", (), version), ("second", (), version),
-                                  ("weak", ("--set", "train.epochs=0"), version),
-                                  ("recoded", (), f"{version}-changed")):
-            patch.setattr(tracking, "code_version", lambda code=code: code)
-            runs[name] = _nightly(results, *extra)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, extra, code in (("first", (), version), ("second", (), version),
+                                      ("weak", ("--set", "train.epochs=0"), version),
+                                      ("recoded", (), f"{version}-changed")):
+                patch.setattr(tracking, "code_version", lambda code=code: code)
+                runs[name] = _nightly(results, *extra)
+    finally:
+        cluster.shutdown()
     return results, runs
 
 

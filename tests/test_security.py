@@ -65,8 +65,8 @@ cluster.shutdown()
 
 @pytest.mark.ray
 def test_the_local_ray_starts_no_dashboard():
-    # in a process of its own, as `sors` starts it (the session's Ray is shared and may have been
-    # joined by other drivers); ray[default] (the Jobs API) ships the dashboard
+    # in a process of its own, as `sors` starts it: the test session's Ray may have been replaced
+    # by whatever an earlier test left, and ray[default] (the Jobs API) ships the dashboard
     done = subprocess.run([sys.executable, "-c", PROBE_LOCAL_RAY], cwd=REPO, capture_output=True, text=True,
                           timeout=180, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr[-2000:]
