@@ -143,8 +143,11 @@ def orphaned_placement_groups() -> list[Reservation]:
 def _state_api_records() -> tuple[list[dict], list[dict]]:
     from ray.util.state import list_jobs, list_placement_groups
 
-    groups = list_placement_groups(detail=True, limit=STATE_API_LIMIT, raise_on_missing_output=False)
-    jobs = list_jobs(limit=STATE_API_LIMIT, raise_on_missing_output=False)
+    # the cluster this process is connected to: without an address the state API looks for "auto", which
+    # fails (or finds another one) on a machine that runs more than one Ray
+    address = ray.get_runtime_context().gcs_address
+    groups = list_placement_groups(address=address, detail=True, limit=STATE_API_LIMIT, raise_on_missing_output=False)
+    jobs = list_jobs(address=address, limit=STATE_API_LIMIT, raise_on_missing_output=False)
     return [as_record(group) for group in groups], [as_record(job) for job in jobs]
 
 

@@ -127,7 +127,7 @@ ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 mine = placement_group([{"node_b": 0.25}, {"node_b": 0.25}])
 assert mine.wait(60)
 me = ray.get_runtime_context().get_job_id()
-record = [cluster.as_record(g) for g in list_placement_groups(detail=True)]
+record = [cluster.as_record(g) for g in list_placement_groups(address=sys.argv[1], detail=True)]
 record = [g for g in record if g["placement_group_id"] == mine.id.hex()]
 print(json.dumps({
     "orphans": [o.placement_group_id for o in cluster.orphaned_placement_groups()],
@@ -140,7 +140,8 @@ remove_placement_group(mine)
 """
 
 
-def test_the_cluster_helpers_read_placement_groups_and_jobs_from_rays_state_api(cluster):
+def test_the_cluster_helpers_read_placement_groups_and_jobs_from_rays_state_api(cluster, ray_session):
+    # ray_session: a second Ray on this machine, so the helpers must ask the cluster they are connected to
     done = subprocess.run([sys.executable, "-c", PROBE_RESERVATIONS, cluster.gcs_address], env=cluster.env,
                           capture_output=True, text=True, timeout=180, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
