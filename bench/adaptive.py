@@ -26,9 +26,16 @@ def trained_sors(device: torch.device) -> torch.nn.Module:
     checkpoint = os.environ.get("SORS_BENCH_CHECKPOINT")
     if checkpoint:
         return train.load_checkpoint(checkpoint, device=device)[0].eval()
-    overrides = {"model.name": "sors_lenet5", "model.init": "perturbed_copies", "train.optimizer": "adam",
-                 "train.lr": 0.002, "train.batch_size": 32, "train.epochs": 3, "data.n_train": 5000,
-                 "data.n_test": 200}
+    overrides = {
+        "model.name": "sors_lenet5",
+        "model.init": "perturbed_copies",
+        "train.optimizer": "adam",
+        "train.lr": 0.002,
+        "train.batch_size": 32,
+        "train.epochs": 3,
+        "data.n_train": 5000,
+        "data.n_test": 200,
+    }
     cfg = config.resolve(config.apply_overrides(config.RunConfig(), overrides))
     return train.fit(cfg, device=device).model.eval()
 
@@ -42,9 +49,17 @@ def case_adaptive(s: Settings) -> list[Row]:
     options = {"steps": 2, "members": (("eot_apgd", {"steps": 2}),)} if s.quick else {}
     suite = attacks.build("adaptive", model, EPS, **options)
     reference = attacks.build("adaptive", model, EPS, reference=True, **options)
-    times = measure({"suite": lambda: suite(x, y), "reference": lambda: reference(x, y)}, s.device,
-                    repeats=1 if not s.quick else s.repeats, warmup=0)
+    times = measure(
+        {"suite": lambda: suite(x, y), "reference": lambda: reference(x, y)},
+        s.device,
+        repeats=1 if not s.quick else s.repeats,
+        warmup=0,
+    )
     rate = {k: round(batch / median(v), 2) for k, v in times.items()}
-    detail = {"model": "sors_lenet5 (trained)", "batch": batch, "eps": "25/255",
-              **{f"{k}_images_per_s": v for k, v in rate.items()}}
+    detail = {
+        "model": "sors_lenet5 (trained)",
+        "batch": batch,
+        "eps": "25/255",
+        **{f"{k}_images_per_s": v for k, v in rate.items()},
+    }
     return [Row("adaptive.speedup_vs_reference", round(paired_ratio(times, "reference", "suite"), 3), "x", detail)]

@@ -16,10 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from bench.adaptive import case_adaptive
-from bench.strength import case_strength
 from bench.fanout import case_fanout
-from bench.harness import (TRAIN_MODELS, Row, Settings, current_rss_bytes, gpu_step_memory, measure, median, ms,
-                           paired_ratio, peak_rss_bytes, reset_peak_rss)
+from bench.harness import (
+    TRAIN_MODELS,
+    Row,
+    Settings,
+    current_rss_bytes,
+    gpu_step_memory,
+    measure,
+    median,
+    ms,
+    paired_ratio,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
+from bench.strength import case_strength
 from sors import attacks, kernels, losses, models
 from sors.losses_ablation import FAST_PATH_VARIANTS, sors_step_variant
 
@@ -92,15 +103,33 @@ def case_train_step(s: Settings) -> list[Row]:
         model, x, y = train_inputs(name, batch, s.device)
         fns = step_functions(model, x, y, distinct_paths(model))
         times = measure(fns, s.device, s.repeats, s.warmup)
-        detail = {"batch": batch, "input": list(shape), "k": 2, "lambda": 10.0,
-                  **{f"{k}_ms": ms(v) for k, v in times.items()},
-                  "reference_ratio": round(paired_ratio(times, "reference", "vanilla"), 3)}
-        rows.append(Row(f"train_step.{name}.ratio", round(paired_ratio(times, "sors", "vanilla"), 3),
-                        "x vanilla step", detail))
-        rows.append(Row(f"train_step.{name}.speedup_vs_reference",
-                        round(paired_ratio(times, "reference", "sors"), 3), "x", {"batch": batch}))
-        rows.append(Row(f"train_step.{name}.sors_images_per_s", round(batch / median(times["sors"]), 1),
-                        "images/s", {f"{k}_images_per_s": round(batch / median(v), 1) for k, v in times.items()}))
+        detail = {
+            "batch": batch,
+            "input": list(shape),
+            "k": 2,
+            "lambda": 10.0,
+            **{f"{k}_ms": ms(v) for k, v in times.items()},
+            "reference_ratio": round(paired_ratio(times, "reference", "vanilla"), 3),
+        }
+        rows.append(
+            Row(f"train_step.{name}.ratio", round(paired_ratio(times, "sors", "vanilla"), 3), "x vanilla step", detail)
+        )
+        rows.append(
+            Row(
+                f"train_step.{name}.speedup_vs_reference",
+                round(paired_ratio(times, "reference", "sors"), 3),
+                "x",
+                {"batch": batch},
+            )
+        )
+        rows.append(
+            Row(
+                f"train_step.{name}.sors_images_per_s",
+                round(batch / median(times["sors"]), 1),
+                "images/s",
+                {f"{k}_images_per_s": round(batch / median(v), 1) for k, v in times.items()},
+            )
+        )
     return rows
 
 
@@ -115,7 +144,7 @@ def case_fastpaths(s: Settings) -> list[Row]:
     steps = step_functions(model, x, y, paths)
     fns = {"vanilla": steps["vanilla"], "reference": steps["reference"]}
     for label, options in FAST_PATH_VARIANTS.items():
-        fns[label] = (lambda o=options: sors_step_variant(model, x, y, paths, params, opt, **o))
+        fns[label] = lambda o=options: sors_step_variant(model, x, y, paths, params, opt, **o)
 
     def reuse_ce_weight_grads():  # an alternative, not a default: dCE/dtheta from the create_graph pass
         opt.zero_grad(set_to_none=True)
@@ -131,9 +160,16 @@ def case_fastpaths(s: Settings) -> list[Row]:
 
     fns["sequential paths (reference) on the fast first conv"] = sequential_on_fast_conv
     times = measure(fns, s.device, s.repeats, s.warmup)
-    return [Row(f"fastpaths.{label}", round(paired_ratio(times, label, "vanilla"), 3), "x vanilla step",
-                {"ms": ms(times[label]), "vanilla_ms": ms(times["vanilla"]), "model": s.ablation_model, "batch": batch})
-            for label in fns if label != "vanilla"]
+    return [
+        Row(
+            f"fastpaths.{label}",
+            round(paired_ratio(times, label, "vanilla"), 3),
+            "x vanilla step",
+            {"ms": ms(times[label]), "vanilla_ms": ms(times["vanilla"]), "model": s.ablation_model, "batch": batch},
+        )
+        for label in fns
+        if label != "vanilla"
+    ]
 
 
 def case_compile(s: Settings) -> list[Row]:
@@ -174,12 +210,25 @@ def case_compile(s: Settings) -> list[Row]:
         rows.append(Row("compile.pgd_gradient_speedup", None, "x eager", {"reason": str(err).splitlines()[0][:160]}))
         return rows
     compile_s = time.perf_counter() - start
-    times = measure({"eager": lambda: gradient(loss), "compiled": lambda: gradient(compiled)}, s.device,
-                    s.repeats, s.warmup)
-    rows.append(Row("compile.pgd_gradient_speedup", round(paired_ratio(times, "eager", "compiled"), 3), "x eager",
-                    {"model": name, "batch": batch, "compile_s": round(compile_s, 1),
-                     **{f"{k}_ms": ms(v) for k, v in times.items()}}))
+    times = measure(
+        {"eager": lambda: gradient(loss), "compiled": lambda: gradient(compiled)}, s.device, s.repeats, s.warmup
+    )
+    rows.append(
+        Row(
+            "compile.pgd_gradient_speedup",
+            round(paired_ratio(times, "eager", "compiled"), 3),
+            "x eager",
+            {
+                "model": name,
+                "batch": batch,
+                "compile_s": round(compile_s, 1),
+                **{f"{k}_ms": ms(v) for k, v in times.items()},
+            },
+        )
+    )
     return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # memory
 
@@ -197,13 +246,19 @@ def memory_child(name: str, batch: int, which: str) -> dict[str, float]:
     fn()
     peak = peak_rss_bytes()
     mib = 1024 * 1024
-    return {"rss_before_mib": round(before / mib, 1), "peak_rss_mib": round(peak / mib, 1),
-            "step_peak_mib": round((peak - before) / mib, 1), "peak_reset": reset}
+    return {
+        "rss_before_mib": round(before / mib, 1),
+        "peak_rss_mib": round(peak / mib, 1),
+        "step_peak_mib": round((peak - before) / mib, 1),
+        "peak_reset": reset,
+    }
 
 
 def _run_memory_child(name: str, batch: int, which: str, threads: int) -> dict[str, float]:
-    code = (f"import json, torch; torch.set_num_threads({threads}); from bench.cases import memory_child; "
-            f"print(json.dumps(memory_child({name!r}, {batch}, {which!r})))")
+    code = (
+        f"import json, torch; torch.set_num_threads({threads}); from bench.cases import memory_child; "
+        f"print(json.dumps(memory_child({name!r}, {batch}, {which!r})))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     if out.returncode != 0:
@@ -231,10 +286,16 @@ def case_memory(s: Settings) -> list[Row]:
             key, unit = "step_peak_mib", "MiB peak allocated by the step"
         detail = {"batch": batch, **{f"{w}_{k}": v for w, r in found.items() for k, v in r.items()}}
         rows.append(Row(f"memory.{name}.sors_step", found["sors"][key], unit, detail))
-        rows.append(Row(f"memory.{name}.ratio_vs_vanilla",
-                        round(found["sors"]["step_peak_mib"] / max(found["vanilla"]["step_peak_mib"], 1e-9), 3),
-                        "x (step's own peak)", {}))
+        rows.append(
+            Row(
+                f"memory.{name}.ratio_vs_vanilla",
+                round(found["sors"]["step_peak_mib"] / max(found["vanilla"]["step_peak_mib"], 1e-9), 3),
+                "x (step's own peak)",
+                {},
+            )
+        )
     return rows
+
 
 # ---------------------------------------------------------------------------------------------
 # attacks
@@ -262,6 +323,7 @@ def sequential_eot_gradient(model, x: torch.Tensor, y: torch.Tensor, samples: in
 def _torchattacks():
     try:
         import torchattacks
+
         return torchattacks
     except Exception:  # noqa: BLE001 -- optional comparison: any import failure means "not installed"
         return None
@@ -282,11 +344,22 @@ def case_eot(s: Settings) -> list[Row]:
         theirs = ta.EOTPGD(model, eps=eps, alpha=eps / 4, steps=steps, eot_iter=e, random_start=False)
         fns["torchattacks"] = lambda: theirs(x, y)
     times = measure(fns, s.device, s.repeats, s.warmup)
-    detail = {"model": s.attack_model, "batch": batch, "eot_samples": e, "steps": steps, **{f"{k}_ms": ms(v) for k, v in times.items()}}
+    detail = {
+        "model": s.attack_model,
+        "batch": batch,
+        "eot_samples": e,
+        "steps": steps,
+        **{f"{k}_ms": ms(v) for k, v in times.items()},
+    }
     rows = [Row("eot.speedup_vs_sequential", round(paired_ratio(times, "sequential", "batched"), 3), "x", detail)]
-    rows.append(Row("eot.speedup_vs_torchattacks",
-                    round(paired_ratio(times, "torchattacks", "batched"), 3) if ta else None, "x",
-                    {} if ta else {"note": "torchattacks not installed"}))
+    rows.append(
+        Row(
+            "eot.speedup_vs_torchattacks",
+            round(paired_ratio(times, "torchattacks", "batched"), 3) if ta else None,
+            "x",
+            {} if ta else {"note": "torchattacks not installed"},
+        )
+    )
     return rows
 
 
@@ -305,11 +378,18 @@ def case_pgd(s: Settings) -> list[Row]:
         fns["torchattacks"] = lambda: theirs(x, y)
     times = measure(fns, s.device, s.repeats, s.warmup)
     rate = {k: round(batch / median(v), 1) for k, v in times.items()}
-    detail = {"model": s.attack_model, "batch": batch, "steps": steps, **{f"{k}_images_per_s": v for k, v in rate.items()}}
+    detail = {
+        "model": s.attack_model,
+        "batch": batch,
+        "steps": steps,
+        **{f"{k}_images_per_s": v for k, v in rate.items()},
+    }
     if ta is None:
         return [Row("pgd.ratio_vs_torchattacks", None, "x images/s", {**detail, "note": "torchattacks not installed"})]
-    return [Row("pgd.ratio_vs_torchattacks", round(paired_ratio(times, "torchattacks", "ours"), 3),
-                "x images/s", detail)]
+    return [
+        Row("pgd.ratio_vs_torchattacks", round(paired_ratio(times, "torchattacks", "ours"), 3), "x images/s", detail)
+    ]
+
 
 # registry and output
 

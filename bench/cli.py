@@ -40,8 +40,17 @@ from dataclasses import asdict
 import torch
 
 from bench.cases import CASES, DEFAULT_CASES
-from bench.harness import (CLOCK, CLOCKS, DEFAULT_TARGETS, TRAIN_MODELS, Row, Settings, check_targets, format_table,
-                           machine)
+from bench.harness import (
+    CLOCK,
+    CLOCKS,
+    DEFAULT_TARGETS,
+    TRAIN_MODELS,
+    Row,
+    Settings,
+    check_targets,
+    format_table,
+    machine,
+)
 from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK
 from sors import kernels
 
@@ -59,31 +68,53 @@ def parse_targets(items: list[str]) -> dict[str, tuple[str, float]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sors bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help=f"comma-separated subset of {','.join(CASES)} (default: all but compile)")
+    parser.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated subset of {','.join(CASES)} (default: all but compile)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median; >= 5 for a report)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every side first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="wall (default; the targets' clock) or process CPU time (use with --threads 1 "
-                             "on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall (default; the targets' clock) or process CPU time (use with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--eot-samples", type=int, default=20)
     parser.add_argument("--fanout-cells", type=int, default=5)
     parser.add_argument("--cell-seconds", type=float, default=5.0, help="length of one fan-out cell")
-    parser.add_argument("--models", default=",".join(TRAIN_MODELS),
-                        help="super-networks of the train_step and memory cases (comma-separated)")
-    parser.add_argument("--attack-model", default="sors_lenet5", choices=list(TRAIN_MODELS),
-                        help="super-network of the eot and pgd cases")
-    parser.add_argument("--ablation-model", default="sors_lenet5", choices=list(TRAIN_MODELS),
-                        help="super-network of the fastpaths case")
+    parser.add_argument(
+        "--models",
+        default=",".join(TRAIN_MODELS),
+        help="super-networks of the train_step and memory cases (comma-separated)",
+    )
+    parser.add_argument(
+        "--attack-model",
+        default="sors_lenet5",
+        choices=list(TRAIN_MODELS),
+        help="super-network of the eot and pgd cases",
+    )
+    parser.add_argument(
+        "--ablation-model",
+        default="sors_lenet5",
+        choices=list(TRAIN_MODELS),
+        help="super-network of the fastpaths case",
+    )
     parser.add_argument("--lenet-batch", type=int, default=None)
     parser.add_argument("--resnet-batch", type=int, default=None)
     parser.add_argument("--eot-batch", type=int, default=None, help="images per attack batch (eot, pgd)")
     parser.add_argument("--attack-steps", type=int, default=3, help="PGD steps of the EOT attack")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test; figures not comparable)")
-    parser.add_argument("--target", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a target threshold, e.g. train_step.sors_lenet5.ratio=5")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a target threshold, e.g. train_step.sors_lenet5.ratio=5",
+    )
     parser.add_argument("--no-targets", action="store_true", help="report only; exit 0 whatever the figures")
     return parser
 
@@ -97,15 +128,29 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    s = Settings(device=device, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
-                 eot_samples=args.eot_samples, fanout_cells=args.fanout_cells, cell_seconds=args.cell_seconds,
-                 lenet_batch=args.lenet_batch, resnet_batch=args.resnet_batch, eot_batch=args.eot_batch,
-                 attack_steps=args.attack_steps, models=parse_models(args.models),
-                 attack_model=args.attack_model, ablation_model=args.ablation_model)
+    s = Settings(
+        device=device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        quick=args.quick,
+        eot_samples=args.eot_samples,
+        fanout_cells=args.fanout_cells,
+        cell_seconds=args.cell_seconds,
+        lenet_batch=args.lenet_batch,
+        resnet_batch=args.resnet_batch,
+        eot_batch=args.eot_batch,
+        attack_steps=args.attack_steps,
+        models=parse_models(args.models),
+        attack_model=args.attack_model,
+        ablation_model=args.ablation_model,
+    )
     if args.quick:
         s.lenet_batch, s.resnet_batch, s.eot_batch = s.lenet_batch or 8, s.resnet_batch or 2, s.eot_batch or 8
         s.attack_steps = 1
@@ -144,8 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     ok = all(r.ok is not False for r in rows)
     if args.json:
-        print(json.dumps({"machine": info, "settings": {**asdict(s), "device": str(s.device), "cases": cases},
-                          "results": [asdict(r) for r in rows], "ok": ok}))
+        print(
+            json.dumps(
+                {
+                    "machine": info,
+                    "settings": {**asdict(s), "device": str(s.device), "cases": cases},
+                    "results": [asdict(r) for r in rows],
+                    "ok": ok,
+                }
+            )
+        )
     else:
         print(format_table(info, rows))
         missed = [r.name for r in rows if r.ok is False]

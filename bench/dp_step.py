@@ -34,10 +34,24 @@ def _digest(model: torch.nn.Module) -> str:
 
 
 def _config(model: str, batch: int, world: int, steps: int) -> config_lib.RunConfig:
-    return config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
-        "data.name": "cifar10", "data.n_train": batch * world * steps, "data.n_test": 8, "data.augment": False,
-        "model.name": model, "train.epochs": 1, "train.batch_size": batch, "train.num_workers": world,
-        "train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9}))
+    return config_lib.resolve(
+        config_lib.apply_overrides(
+            config_lib.RunConfig(),
+            {
+                "data.name": "cifar10",
+                "data.n_train": batch * world * steps,
+                "data.n_test": 8,
+                "data.augment": False,
+                "model.name": model,
+                "train.epochs": 1,
+                "train.batch_size": batch,
+                "train.num_workers": world,
+                "train.optimizer": "sgd",
+                "train.lr": 0.01,
+                "train.momentum": 0.9,
+            },
+        )
+    )
 
 
 def _rank(rank: int, world: int, port: int, args: dict, folder: str) -> None:
@@ -50,8 +64,10 @@ def _rank(rank: int, world: int, port: int, args: dict, folder: str) -> None:
         cfg = _config(args["model"], args["batch"], world, args["steps"])
         gen = torch.Generator().manual_seed(0)
         n = cfg.data.n_train
-        data = ((torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)),
-                (torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)))
+        data = (
+            (torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)),
+            (torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)),
+        )
         times = []
 
         def on_step(step: int, steps: int) -> None:
@@ -62,8 +78,12 @@ def _rank(rank: int, world: int, port: int, args: dict, folder: str) -> None:
         start = time.perf_counter()
         state = train_lib.fit(cfg, None, rank, world, device, on_step=on_step, data=data)
         steady = [b - a for a, b in zip(times[:-1], times[1:])] or [times[0] - start]
-        result = {"rank": rank, "digest": _digest(state.model), "step_s": min(steady),
-                  "median_step_s": sorted(steady)[len(steady) // 2]}
+        result = {
+            "rank": rank,
+            "digest": _digest(state.model),
+            "step_s": min(steady),
+            "median_step_s": sorted(steady)[len(steady) // 2],
+        }
         Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         torch.distributed.destroy_process_group()
@@ -89,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(_rank, args=(world, port, args, folder), nprocs=world, join=True, start_method="spawn")
         ranks = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world)]
-    summary = {"backend": "nccl" if args["device"] == "cuda" else "gloo", "world": world, **args,
-               "identical_ranks": len({r["digest"] for r in ranks}) == 1,
-               "step_s": max(r["step_s"] for r in ranks),
-               "images_per_s": world * args["batch"] / max(r["step_s"] for r in ranks),
-               "device_name": torch.cuda.get_device_name(0) if args["device"] == "cuda" else "cpu"}
+    summary = {
+        "backend": "nccl" if args["device"] == "cuda" else "gloo",
+        "world": world,
+        **args,
+        "identical_ranks": len({r["digest"] for r in ranks}) == 1,
+        "step_s": max(r["step_s"] for r in ranks),
+        "images_per_s": world * args["batch"] / max(r["step_s"] for r in ranks),
+        "device_name": torch.cuda.get_device_name(0) if args["device"] == "cuda" else "cpu",
+    }
     print(json.dumps(summary))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "dp_step.json").write_text(json.dumps({"summary": summary, "ranks": ranks}, indent=1))

@@ -34,9 +34,18 @@ def _cell(n_examples: int, seed: int, start: float) -> dict[str, float]:
         images, labels = data_lib.load("fashion_mnist", "test", n=n_examples, seed=seed)
     except Exception:  # noqa: BLE001 -- no data set on this machine: random images cost the same
         g = torch.Generator().manual_seed(seed)
-        images, labels = torch.rand(n_examples, 1, 28, 28, generator=g), torch.randint(0, 10, (n_examples,), generator=g)
-    result = evaluation.evaluate_cell(model, images, labels, config_lib.AttackConfig(name="pgd", eps=0.1),
-                                      config_lib.EvalConfig(n_examples=n_examples, repeats=2, all_paths=4), seed=seed)
+        images, labels = (
+            torch.rand(n_examples, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (n_examples,), generator=g),
+        )
+    result = evaluation.evaluate_cell(
+        model,
+        images,
+        labels,
+        config_lib.AttackConfig(name="pgd", eps=0.1),
+        config_lib.EvalConfig(n_examples=n_examples, repeats=2, all_paths=4),
+        seed=seed,
+    )
     accuracy = float(result.accuracy)
     return {"accuracy": accuracy, "seconds": time.perf_counter() - start}
 
@@ -56,6 +65,7 @@ def calibrate_cell(seconds: float) -> int:
 
 def _ray_cell():
     import ray
+
     return ray.remote(num_cpus=1, max_retries=0)(bench_cell)
 
 
@@ -77,7 +87,7 @@ def case_fanout(s: Settings) -> list[Row]:
         ray.get([task.remote(8, seed=i) for i in range(2)])  # warm-up: start both workers, import torch
         local, remote, inner = [], [], []
         for i in range(cells):  # alternate which side goes first
-            for side in (("local", "ray") if i % 2 == 0 else ("ray", "local")):
+            for side in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
                 start = time.perf_counter()
                 if side == "local":
                     bench_cell(n, seed=i)
@@ -105,10 +115,25 @@ def case_fanout(s: Settings) -> list[Row]:
         cluster.shutdown()
     serial = sum(local)
     overhead = median([(r - l) / r for r, l in zip(remote, local)])
-    detail = {"cells": cells, "images_per_cell": n, "local_cell_s": round(median(local), 2),
-              "ray_cell_s": round(median(remote), 2), "in_task_s": round(median(inner), 2)}
-    return [Row("fanout.overhead", round(overhead, 4), "of wall time", detail),
-            Row("fanout.local_2cpu_scaling", round(serial / parallel, 3), "x serial",
-                {"wall_s": round(parallel, 2), "serial_s": round(serial, 2), "ideal": min(cells, 2)}),
-            Row("fanout.cluster_2node_scaling", round(serial / cluster_wall, 3), "x serial",
-                {"wall_s": round(cluster_wall, 2), "nodes": 2, "ideal": min(cells, 2)})]
+    detail = {
+        "cells": cells,
+        "images_per_cell": n,
+        "local_cell_s": round(median(local), 2),
+        "ray_cell_s": round(median(remote), 2),
+        "in_task_s": round(median(inner), 2),
+    }
+    return [
+        Row("fanout.overhead", round(overhead, 4), "of wall time", detail),
+        Row(
+            "fanout.local_2cpu_scaling",
+            round(serial / parallel, 3),
+            "x serial",
+            {"wall_s": round(parallel, 2), "serial_s": round(serial, 2), "ideal": min(cells, 2)},
+        ),
+        Row(
+            "fanout.cluster_2node_scaling",
+            round(serial / cluster_wall, 3),
+            "x serial",
+            {"wall_s": round(cluster_wall, 2), "nodes": 2, "ideal": min(cells, 2)},
+        ),
+    ]

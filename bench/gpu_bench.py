@@ -62,17 +62,23 @@ def describe(device: torch.device) -> dict:
     info = harness.machine(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark,
-                    tf32_conv=torch.backends.cudnn.allow_tf32, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+        info.update(
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            tf32_conv=torch.backends.cudnn.allow_tf32,
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
     return info
 
 
 def write(out_dir: Path | None, info: dict, rows: list[harness.Row], log: list[dict]) -> str:
     table = harness.format_table(info, rows)
     if log:
-        table += "\n\n" + "\n".join(f"{e['case']}[{e['model']}]: {e['status']} {e.get('seconds', '')}s "
-                                     f"{e.get('error', '')}".rstrip() for e in log)
+        table += "\n\n" + "\n".join(
+            f"{e['case']}[{e['model']}]: {e['status']} {e.get('seconds', '')}s {e.get('error', '')}".rstrip()
+            for e in log
+        )
     if out_dir is not None:
         payload = {"machine": info, "results": [asdict(r) for r in rows], "cases": log}
         tmp = out_dir / "gpu_bench.json.tmp"
@@ -101,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     info, rows, log = describe(device), [], []
     print(f"gpu_bench: {info.get('gpu', info['cpu'])}, torch {info['torch']}", flush=True)
     for case, settings in plan(device, args.quick):
-        model = settings.attack_model if case in ("eot", "pgd", "compile") else (
-            settings.ablation_model if case == "fastpaths" else ",".join(settings.models))
+        model = (
+            settings.attack_model
+            if case in ("eot", "pgd", "compile")
+            else (settings.ablation_model if case == "fastpaths" else ",".join(settings.models))
+        )
         entry = {"case": case, "model": model}
         if time.monotonic() - start > min(args.budget, START_BY.get(case, args.budget)):
             entry["status"] = "skipped (time budget)"
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["status"] = "ok"
         except Exception as err:  # noqa: BLE001 -- one-shot run: keep going, report the failure
             entry["status"] = "failed"
-            entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            entry["error"] = (
+                f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            )
             traceback.print_exc()
         entry["seconds"] = round(time.monotonic() - began, 1)
         log.append(entry)

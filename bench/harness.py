@@ -33,6 +33,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, float]] = {
 class Row:
     """One reported figure. ``name`` is ``case.what`` (targets address it); ``detail`` holds the
     raw medians it was computed from."""
+
     name: str
     value: float | None
     unit: str
@@ -44,6 +45,7 @@ class Row:
 @dataclass
 class Settings:
     """What the cases run with (``--quick`` shrinks sizes for smoke tests)."""
+
     device: torch.device
     repeats: int = 5
     warmup: int = 2
@@ -74,8 +76,9 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": 
 CLOCK = {"name": "wall"}  # set by --clock
 
 
-def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 5,
-            warmup: int = 1) -> dict[str, list[float]]:
+def measure(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds of each callable, ``repeats`` times, interleaved: the order alternates every repeat
     (A B C, C B A, ...) so a slow drift of machine load hits every side alike. Wall time unless
     ``--clock process`` (CPU seconds of this process: with --threads 1, blind to other processes)."""
@@ -87,7 +90,7 @@ def measure(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: in
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             synchronize(device)
             start = clock()
             fns[name]()
@@ -126,10 +129,17 @@ def cpu_model() -> str:
 
 def machine(device: torch.device) -> dict[str, Any]:
     """The machine the figures come from: CPU, threads, torch, device, load average."""
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "load_average": [round(v, 2) for v in os.getloadavg()],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node()}
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -179,8 +189,11 @@ def gpu_step_memory(fn: Callable[[], None], device: torch.device) -> dict[str, f
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     mib = 1024 * 1024
-    return {"allocated_before_mib": round(before / mib, 1), "peak_allocated_mib": round(peak / mib, 1),
-            "step_peak_mib": round((peak - before) / mib, 1)}
+    return {
+        "allocated_before_mib": round(before / mib, 1),
+        "peak_allocated_mib": round(peak / mib, 1),
+        "step_peak_mib": round((peak - before) / mib, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +211,15 @@ def check_targets(rows: list[Row], targets: dict[str, tuple[str, float]]) -> Non
 
 def format_table(info: dict[str, Any], rows: list[Row]) -> str:
     """The human table: machine header, one line per figure."""
-    head = (f"sors bench  {info['date']}  device={info['device']}"
-            + (f" ({info['gpu']})" if "gpu" in info else "")
-            + f"\ncpu={info['cpu']}  cores={info['cores']}  torch threads={info['torch_threads']}  "
-              f"torch={info['torch']}  load={info['load_average']}"
-              + (f" -> {info['load_average_end']}" if "load_average_end" in info else "")
-              + f"  clock={info.get('clock', 'wall')}"
-              + ("  freed memory retained" if info.get("retain_freed_memory") else ""))
+    head = (
+        f"sors bench  {info['date']}  device={info['device']}"
+        + (f" ({info['gpu']})" if "gpu" in info else "")
+        + f"\ncpu={info['cpu']}  cores={info['cores']}  torch threads={info['torch_threads']}  "
+        f"torch={info['torch']}  load={info['load_average']}"
+        + (f" -> {info['load_average_end']}" if "load_average_end" in info else "")
+        + f"  clock={info.get('clock', 'wall')}"
+        + ("  freed memory retained" if info.get("retain_freed_memory") else "")
+    )
     lines = [head, ""]
     width = max([len(r.name) for r in rows] + [10])
     lines.append(f"{'figure':<{width}}  {'value':>10}  {'unit':<30} {'target':<8} {'ok':<4} detail")

@@ -65,8 +65,12 @@ def case_strength(s: Settings) -> list[Row]:
     x, y = data.load("fashion_mnist", "test", n=HELD_OUT_FROM + n)
     x, y = x[HELD_OUT_FROM:].to(s.device), y[HELD_OUT_FROM:].to(s.device)
     steps = 1 if s.quick else MEMBER_STEPS
-    detail = {"model": "sors_lenet5 (trained)", "images": f"test {HELD_OUT_FROM}..{HELD_OUT_FROM + n - 1}",
-              "eps": "25/255", "accuracy": "exact over every path"}
+    detail = {
+        "model": "sors_lenet5 (trained)",
+        "images": f"test {HELD_OUT_FROM}..{HELD_OUT_FROM + n - 1}",
+        "eps": "25/255",
+        "accuracy": "exact over every path",
+    }
     rows, started = [], time.perf_counter()
     options = {"steps": 2, "members": (("eot_apgd", {"steps": 2}),)} if s.quick else {}
     suite_points = attacks.build("adaptive", model, EPS, **options)(x, y)
@@ -76,23 +80,45 @@ def case_strength(s: Settings) -> list[Row]:
 
     started = time.perf_counter()
     longer = attacks.build("eot_apgd", model, EPS, loss="path_sigmoid", steps=3 * steps, restarts=1)
-    worst = _offer(rows, "strength.path_sigmoid_x3", draw_accuracy(model, longer.perturb_from(x, y, suite_points), y, None),
-                   worst, {"steps": 3 * steps, "s": _since(started)})
+    worst = _offer(
+        rows,
+        "strength.path_sigmoid_x3",
+        draw_accuracy(model, longer.perturb_from(x, y, suite_points), y, None),
+        worst,
+        {"steps": 3 * steps, "s": _since(started)},
+    )
     wrong = ranked_wrong_classes(model, suite_points, y)
     objective, encode = targeted_objective(model, classes=wrong.shape[1] + 1)
     for rank in TARGET_RANKS:
         started = time.perf_counter()
-        best = apgd(objective, x, encode(y, wrong[:, rank]), EPS, steps=steps, best=BestPoints.start(x),
-                    start=suite_points)
-        worst = _offer(rows, f"strength.targeted_top{rank + 1}", draw_accuracy(model, best.adv, y, None), worst,
-                       {"steps": steps, "s": _since(started)})
+        best = apgd(
+            objective, x, encode(y, wrong[:, rank]), EPS, steps=steps, best=BestPoints.start(x), start=suite_points
+        )
+        worst = _offer(
+            rows,
+            f"strength.targeted_top{rank + 1}",
+            draw_accuracy(model, best.adv, y, None),
+            worst,
+            {"steps": steps, "s": _since(started)},
+        )
     started = time.perf_counter()  # and as an independent check would run it: from a random start, no suite
     cold = apgd(objective, x, encode(y, wrong[:, 0]), EPS, steps=steps, random_start=True, best=BestPoints.start(x))
-    worst = _offer(rows, "strength.targeted_top1_cold", draw_accuracy(model, cold.adv, y, None), worst,
-                   {"steps": steps, "start": "random", "s": _since(started)})
+    worst = _offer(
+        rows,
+        "strength.targeted_top1_cold",
+        draw_accuracy(model, cold.adv, y, None),
+        worst,
+        {"steps": steps, "start": "random", "s": _since(started)},
+    )
     rows.append(Row("strength.worst_case", _percent(worst), "% accuracy", {"over": "the suite and every attack above"}))
-    rows.append(Row("strength.gain_points", round(_percent(suite_acc) - _percent(worst), 2), "points",
-                    {"meaning": "what the stronger attacks found beyond the suite"}))
+    rows.append(
+        Row(
+            "strength.gain_points",
+            round(_percent(suite_acc) - _percent(worst), 2),
+            "points",
+            {"meaning": "what the stronger attacks found beyond the suite"},
+        )
+    )
     return rows
 
 

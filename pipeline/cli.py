@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline import cliutil, tracking
-from pipeline.cliutil import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, OneLineArgumentParser,
-                              add_common, connect, shutdown)
+from pipeline.cliutil import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    OneLineArgumentParser,
+    add_common,
+    connect,
+    shutdown,
+)
 from pipeline.records import load_records, record_path, save_record
 from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
@@ -35,8 +43,10 @@ class UsageError(Exception):
     """Bad command-line input that argparse cannot see (one line)."""
 
 
-DRY_RUN_HELP = ("check every input (config, data, folders, tracking, Ray address), print the trials and what "
-                "each model would allocate, run nothing")
+DRY_RUN_HELP = (
+    "check every input (config, data, folders, tracking, Ray address), print the trials and what "
+    "each model would allocate, run nothing"
+)
 ALLOW_LARGE_HELP = "run models over 2 GiB of weights or 64 ensemble members (refused by default)"
 
 
@@ -70,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_common(report)
 
-    for name, text in (("nightly", "scheduled robustness regression against the accepted baseline"),
-                       ("bench", "benchmarks"),
-                       ("sync", "backfill MLflow runs from the results folder after a tracking outage"),
-                       ("submit", "run a sweep as a Ray job on a cluster (Jobs API); --status / --stop a job")):
+    for name, text in (
+        ("nightly", "scheduled robustness regression against the accepted baseline"),
+        ("bench", "benchmarks"),
+        ("sync", "backfill MLflow runs from the results folder after a tracking outage"),
+        ("submit", "run a sweep as a Ray job on a cluster (Jobs API); --status / --stop a job"),
+    ):
         extra = sub.add_parser(name, help=text)
         extra.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -81,12 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _options(args, resume: bool = False):
     from pipeline.sweep import SweepOptions  # heavy
 
-    return SweepOptions(results_dir=args.results_dir, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-                        data_root=args.data_root, resume=resume, progress=not args.no_progress,
-                        max_concurrent_trials=getattr(args, "max_concurrent_trials", None))
+    return SweepOptions(
+        results_dir=args.results_dir,
+        storage_path=args.storage_path,
+        tracking_uri=args.tracking_uri,
+        data_root=args.data_root,
+        resume=resume,
+        progress=not args.no_progress,
+        max_concurrent_trials=getattr(args, "max_concurrent_trials", None),
+    )
 
 
 def _preflight(args, opts, sweep=None, configs=()) -> None:
@@ -101,8 +120,9 @@ def _preflight(args, opts, sweep=None, configs=()) -> None:
         preflight.check_model_size(cfg, where, getattr(args, "allow_large", False))
     configs = [c for _, c in named]
     datasets = {(c.data.name, opts.data_root or c.data.root) for c in configs}
-    preflight.check_inputs(opts.results_dir, args.storage_path, opts.tracking_uri, args.ray_address, args.num_cpus,
-                           datasets)
+    preflight.check_inputs(
+        opts.results_dir, args.storage_path, opts.tracking_uri, args.ray_address, args.num_cpus, datasets
+    )
     preflight.check_store(opts.store)
     if sweep is not None:
         preflight.check_checkpoints(sweep, opts)
@@ -113,8 +133,12 @@ def _dry_run(sweep) -> None:
     from pipeline import preflight, presets  # heavy
 
     defaults = config_lib.flat_dict(config_lib.RunConfig())
-    cells = sum(len(sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name)))
-                * len(sweep.evaluation.seeds) * len(t.evaluated()) for t in sweep.trials)
+    cells = sum(
+        len(sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name)))
+        * len(sweep.evaluation.seeds)
+        * len(t.evaluated())
+        for t in sweep.trials
+    )
 
     print(f"sweep {sweep.name}: {len(sweep.trials)} trial(s), {cells} evaluation cell(s); inputs OK, nothing run")
     for trial in sweep.trials:
@@ -135,8 +159,15 @@ def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
     return EXIT_CHECK_FAILED
 
 
-def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts, log_mlflow: bool = True,
-                    out_dir: str | None = None, parent_run_id: str | None = None) -> tuple[list[Path], str]:
+def _publish_report(
+    sweep_name: str,
+    rows: list[dict],
+    records: list[dict],
+    opts,
+    log_mlflow: bool = True,
+    out_dir: str | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[list[Path], str]:
     """Write the report files and log them to the sweep's parent run (found or created when not given).
     Returns (files, console table)."""
     from pipeline import report, sync  # heavy
@@ -153,8 +184,9 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
                 parent_run_id = sync.sweep_parent(opts.tracking_uri, experiment, sweep_name)
             sync.upload_report(opts.tracking_uri, opts.results_dir, sweep_name, parent_run_id, files)
         except Exception as err:  # noqa: BLE001 -- the report exists on disk either way
-            logging.getLogger("pipeline.cli").warning("could not log the report to MLflow: %s",
-                                                      cliutil.tracking_line(err))
+            logging.getLogger("pipeline.cli").warning(
+                "could not log the report to MLflow: %s", cliutil.tracking_line(err)
+            )
             for record in records:
                 if record and record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
                     sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
@@ -162,6 +194,7 @@ def _publish_report(sweep_name: str, rows: list[dict], records: list[dict], opts
 
 
 # ---------------------------------------------------------------- commands
+
 
 def _checked_run(args, opts, sweep):
     """Preflight (exits 2 on bad input), then either the dry-run plan (returns None: nothing ran) or
@@ -213,11 +246,12 @@ def cmd_sweep(args) -> int:
     summary = _checked_run(args, opts, sweep)
     if summary is None:  # a dry run: inputs checked, plan printed
         return EXIT_OK
-    files, table = _publish_report(sweep.name, summary.rows, summary.records, opts,
-                                   parent_run_id=summary.parent_run_id)
+    files, table = _publish_report(sweep.name, summary.rows, summary.records, opts, parent_run_id=summary.parent_run_id)
     print(table)
-    print(f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
-          f"{summary.cells_submitted} new cell(s), {len(summary.rows)} row(s), {summary.seconds:.0f} s")
+    print(
+        f"\nsweep {sweep.name}: {summary.trials_run} trial(s) run, {summary.trials_skipped} already done, "
+        f"{summary.cells_submitted} new cell(s), {len(summary.rows)} row(s), {summary.seconds:.0f} s"
+    )
     print(f"results: {opts.store}  report: {files[0].parent}  mlflow: {redact(opts.tracking_uri)}")
     return _tracking_outcome("sweep", opts, sweep.name)
 
@@ -256,8 +290,10 @@ def _check_sources(plans) -> None:
     for plan in plans:
         for source in {a.source for a in plan.attack_configs() if a.source}:
             if source.startswith(presets.TEACHER_PREFIX):
-                raise UsageError(f"attack.source={source}: a trial reference works in a preset only; "
-                                 "give sors evaluate a checkpoint file or URI")
+                raise UsageError(
+                    f"attack.source={source}: a trial reference works in a preset only; "
+                    "give sors evaluate a checkpoint file or URI"
+                )
             local = storage.local_copy(source)
             train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))
 
@@ -292,21 +328,41 @@ def cmd_evaluate(args) -> int:
         eval_cfg = config_lib.resolve(config_lib.apply_overrides(cfg, eval_overrides)).eval
         plan = plans[cfg.data.name]
         sha = storage.file_sha256(local)
-        run_id = tracking.find_or_create_run(opts.tracking_uri, experiment, label, sha[:16], config_lib.flat_dict(cfg),
-                                             {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code})
+        run_id = tracking.find_or_create_run(
+            opts.tracking_uri,
+            experiment,
+            label,
+            sha[:16],
+            config_lib.flat_dict(cfg),
+            {tracking.TAG_SWEEP: args.name, tracking.TAG_CODE: code},
+        )
         # the sweep's cell builder: one trial of this checkpoint as trained (no variants), its eval settings
         trial = presets.TrialSpec(name=label, label=label, config=dataclasses.replace(cfg, eval=eval_cfg))
         record = {"checkpoint_uri": uri, "checkpoint_sha256": sha, "mlflow_run_id": run_id}
         specs += sweep_lib.cell_specs(trial, record, plan, args.name, code, args.data_root)
-        records.append({"sweep": args.name, "trial": label, "label": label, "checkpoint_uri": uri,
-                        "checkpoint_sha256": sha, "mlflow_run_id": run_id, "config": config_lib.to_dict(cfg),
-                        "config_hash": config_lib.config_hash(cfg), "variants": [], "evaluated": True,
-                        "history": payload.get("history", [])})
+        records.append(
+            {
+                "sweep": args.name,
+                "trial": label,
+                "label": label,
+                "checkpoint_uri": uri,
+                "checkpoint_sha256": sha,
+                "mlflow_run_id": run_id,
+                "config": config_lib.to_dict(cfg),
+                "config_hash": config_lib.config_hash(cfg),
+                "variants": [],
+                "evaluated": True,
+                "history": payload.get("history", []),
+            }
+        )
     started = connect(args)
     try:
         from tqdm.auto import tqdm
+
         todo = sum(not results.is_done(opts.store, s) for s in specs)
-        with tqdm(total=len(specs), initial=len(specs) - todo, desc="cells", unit="cell", disable=args.no_progress) as bar:
+        with tqdm(
+            total=len(specs), initial=len(specs) - todo, desc="cells", unit="cell", disable=args.no_progress
+        ) as bar:
             summary = fanout.run_cells(specs, opts.store, on_done=lambda row: bar.update(1))
     finally:
         shutdown(started)
@@ -320,14 +376,18 @@ def cmd_evaluate(args) -> int:
         if not record_path(opts.results_dir, args.name, record["trial"]).exists():
             save_record(opts.results_dir, record)
     from pipeline import report  # heavy
+
     print(report.console_report(summary.rows, [m[3] for m in models], title=f"evaluate ({len(summary.rows)} cells)"))
     if summary.failures:
         where, why = summary.failures[0]
         raise UsageError(f"{len(summary.failures)} cell(s) failed; first: {where}: {why}")
     if untracked:
-        print(f"sors evaluate: tracking failed: metrics not logged to MLflow at {redact(opts.tracking_uri)} "
-              f"({untracked}); the cells are in {opts.store} -- rerun the same command once the server is back "
-              "(finished cells are not recomputed)", file=sys.stderr)
+        print(
+            f"sors evaluate: tracking failed: metrics not logged to MLflow at {redact(opts.tracking_uri)} "
+            f"({untracked}); the cells are in {opts.store} -- rerun the same command once the server is back "
+            "(finished cells are not recomputed)",
+            file=sys.stderr,
+        )
         return EXIT_CHECK_FAILED
     return EXIT_OK
 
@@ -342,8 +402,9 @@ def cmd_report(args) -> int:
     rows += results.rows_of_records(opts.store, records, skip={r["cell_id"] for r in rows})  # stored first elsewhere
     if not rows:
         raise UsageError(f"no results{' for sweep ' + args.sweep if args.sweep else ''} under {opts.store}")
-    files, table = _publish_report(args.sweep or "all", rows, records, opts, log_mlflow=not args.no_mlflow,
-                                   out_dir=args.out)
+    files, table = _publish_report(
+        args.sweep or "all", rows, records, opts, log_mlflow=not args.no_mlflow, out_dir=args.out
+    )
     print(table)
     print("\nwrote " + ", ".join(str(f) for f in files))
     return EXIT_OK
@@ -351,21 +412,25 @@ def cmd_report(args) -> int:
 
 def _nightly(argv: list[str]) -> int:
     from pipeline.nightly import run as nightly_run  # heavy
+
     return nightly_run.main(argv)
 
 
 def _bench(argv: list[str]) -> int:
     from bench import cli as bench_cli  # heavy
+
     return bench_cli.main(argv)
 
 
 def _sync(argv: list[str]) -> int:
     from pipeline import sync  # heavy
+
     return sync.main(argv)
 
 
 def _submit(argv: list[str]) -> int:
     from pipeline import submit  # heavy
+
     return submit.main(argv)
 
 
@@ -378,8 +443,16 @@ def _delegate(args) -> int:
     return int(DELEGATED[args.command](list(args.args)) or 0)
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report,
-            "nightly": _delegate, "bench": _delegate, "sync": _delegate, "submit": _delegate}
+COMMANDS = {
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "nightly": _delegate,
+    "bench": _delegate,
+    "sync": _delegate,
+    "submit": _delegate,
+}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -402,7 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error, already printed on one line (2)
         return EXIT_OK if not exit_.code else EXIT_BAD_INPUT
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     install_redaction()  # again: the filter on the handler basicConfig added
     if not verbose:  # MLflow announces the schema set-up of a new SQLite store at INFO
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -420,8 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, SweepInterrupted) as err:
         hint = f"sors sweep {args.preset} --resume" if args.command == "sweep" and args.preset else "the same command"
         detail = f" ({err})" if str(err) else ""
-        print(f"sors {args.command}: interrupted{detail}; finished work is kept -- continue with `{hint}`",
-              file=sys.stderr)
+        print(
+            f"sors {args.command}: interrupted{detail}; finished work is kept -- continue with `{hint}`",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 

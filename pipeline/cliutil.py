@@ -29,18 +29,32 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def add_common(parser: argparse.ArgumentParser) -> None:
     """The options every running command takes: Ray, MLflow, folders, ``--set``, progress, verbosity."""
     group = parser.add_argument_group("shared options")
-    group.add_argument("--ray-address", default=None,
-                       help="Ray to use: default starts a local Ray sized to this machine; 'auto' joins the cluster "
-                            "this machine belongs to; or ray://host:port")
-    group.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray to use: default starts a local Ray sized to this machine; 'auto' joins the cluster "
+        "this machine belongs to; or ray://host:port",
+    )
+    group.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)",
+    )
     group.add_argument("--results-dir", default="results", help="results folder (default ./results)")
     group.add_argument("--data-root", default=None, help="where data sets are (sets data.root for every run)")
-    group.add_argument("--storage-path", default=None,
-                       help="Ray Train checkpoints and Tune state: a local/shared folder or s3:// URI "
-                            "(default <results>/ray)")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config option, e.g. --set train.lambda=5 (repeatable)")
+    group.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train checkpoints and Tune state: a local/shared folder or s3:// URI (default <results>/ray)",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config option, e.g. --set train.lambda=5 (repeatable)",
+    )
     group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
@@ -54,8 +68,13 @@ def add_sweep_flags(parser: argparse.ArgumentParser, dry_run_help: str, allow_la
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
     parser.add_argument("--allow-large", action="store_true", help=allow_large_help)
-    parser.add_argument("--max-concurrent-trials", type=int, default=None, metavar="N",
-                        help="trainings at once (default: as many as the cluster holds, autoscaling included)")
+    parser.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trainings at once (default: as many as the cluster holds, autoscaling included)",
+    )
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -81,10 +100,12 @@ def shutdown(started: bool) -> None:
     """Stop the Ray that :func:`connect` started (nothing when it joined a running one)."""
     if started:
         from pipeline import cluster  # Ray: heavy import, see connect()
+
         cluster.shutdown()
 
 
 # ---------------------------------------------------------------- an error as one line
+
 
 def _lines(err: BaseException) -> list[str]:
     return [line.strip() for line in str(err).splitlines() if line.strip()]

@@ -17,8 +17,9 @@ QUIET_TRIAL_ERRORS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
 REDACT_HOOK = "pipeline.redact.install"  # worker_process_setup_hook: imported and called in every worker
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None,
-            quiet: bool = True) -> None:
+def connect(
+    address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None, quiet: bool = True
+) -> None:
     """Initialise Ray once per process.
 
     ``address`` None or ``"local"``: start a local Ray with ``num_cpus`` (default: every core);
@@ -35,25 +36,36 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         for name in QUIET_TRIAL_ERRORS:  # the CLI reports a failed trial itself, in one line (-v shows these)
             logging.getLogger(name).setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
-    options = {"log_to_driver": not quiet, "include_dashboard": False, "configure_logging": True,
-               "logging_level": logging.WARNING if quiet else logging.INFO,
-               # every worker process masks URI passwords in its logs and prints (Ray keeps them in files)
-               "runtime_env": {"worker_process_setup_hook": REDACT_HOOK}}
+    options = {
+        "log_to_driver": not quiet,
+        "include_dashboard": False,
+        "configure_logging": True,
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+        # every worker process masks URI passwords in its logs and prints (Ray keeps them in files)
+        "runtime_env": {"worker_process_setup_hook": REDACT_HOOK},
+    }
     if address in (None, "", "local"):
         # A local machine is not a spot instance: skip Train V2's per-run preemption-watcher actor
         # (one Python process less per training run).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         with _loopback_only():
             # address="local": always a new local instance, never a `ray start` cluster someone left on this machine
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=object_store_memory,
-                     _node_ip_address=LOOPBACK, **options)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                object_store_memory=object_store_memory,
+                _node_ip_address=LOOPBACK,
+                **options,
+            )
     else:
         ray.init(address=address, **options)
         reclaimed = reclaim_orphaned_placement_groups()
         if reclaimed:
             log.warning(
-                "removed %d placement group(s) left behind by killed drivers (they held %s)", len(reclaimed),
-                ", ".join(sorted({f"{k}={v:g}" for pg in reclaimed for k, v in pg.resources.items()})))
+                "removed %d placement group(s) left behind by killed drivers (they held %s)",
+                len(reclaimed),
+                ", ".join(sorted({f"{k}={v:g}" for pg in reclaimed for k, v in pg.resources.items()})),
+            )
 
 
 @contextlib.contextmanager
@@ -102,10 +114,11 @@ def orphans_of(groups: list[dict], jobs: list[dict]) -> list[Reservation]:
     records (``job_id``, ``status``). A creator missing from ``jobs`` counts as alive: never take a live
     job's reservation."""
     ended = {job["job_id"] for job in jobs if job.get("job_id") and _status(job) in ENDED_JOB_STATES}
-    return [Reservation(group["placement_group_id"], _bundle_resources(group.get("bundles") or []))
-            for group in groups
-            if group.get("state") != "REMOVED" and not group.get("is_detached")
-            and group.get("creator_job_id") in ended]
+    return [
+        Reservation(group["placement_group_id"], _bundle_resources(group.get("bundles") or []))
+        for group in groups
+        if group.get("state") != "REMOVED" and not group.get("is_detached") and group.get("creator_job_id") in ended
+    ]
 
 
 def _status(job: dict) -> str:
@@ -171,10 +184,15 @@ def _gcs_records() -> tuple[list[dict], list[dict]]:
         creator = group.creator_job_id.hex()
         if group.creator_job_dead:
             jobs.append({"job_id": creator, "status": "SUCCEEDED"})
-        groups.append({"placement_group_id": group.placement_group_id.hex(), "creator_job_id": creator,
-                       "state": "REMOVED" if group.state == removed else "CREATED",
-                       "is_detached": group.is_detached,
-                       "bundles": [{"unit_resources": dict(b.unit_resources)} for b in group.bundles]})
+        groups.append(
+            {
+                "placement_group_id": group.placement_group_id.hex(),
+                "creator_job_id": creator,
+                "state": "REMOVED" if group.state == removed else "CREATED",
+                "is_detached": group.is_detached,
+                "bundles": [{"unit_resources": dict(b.unit_resources)} for b in group.bundles],
+            }
+        )
     return groups, jobs
 
 
@@ -215,10 +233,14 @@ def shortage(workers: int, use_gpu: bool) -> str | None:
     if free >= workers:
         return None
     if total < workers:
-        return (f"the cluster has {total:g} {kind}s in all and a training run needs {workers}: "
-                f"it waits until the cluster grows (autoscaling) -- lower train.num_workers otherwise")
-    return (f"only {free:g} of the cluster's {total:g} {kind}s are free and a training run needs {workers}: "
-            f"it waits until other jobs release them")
+        return (
+            f"the cluster has {total:g} {kind}s in all and a training run needs {workers}: "
+            f"it waits until the cluster grows (autoscaling) -- lower train.num_workers otherwise"
+        )
+    return (
+        f"only {free:g} of the cluster's {total:g} {kind}s are free and a training run needs {workers}: "
+        f"it waits until other jobs release them"
+    )
 
 
 def growth_limit(kind: str) -> float | None:

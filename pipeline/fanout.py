@@ -29,6 +29,7 @@ log = logging.getLogger("pipeline.fanout")
 @dataclass
 class FanoutSummary:
     """What a fan-out did: rows of all requested cells, how many tasks ran, and failures."""
+
     rows: list[dict] = field(default_factory=list)
     submitted: int = 0
     skipped: int = 0
@@ -60,8 +61,9 @@ def describe(spec: CellSpec) -> str:
     return f"{spec.variant or spec.trial} {attack} seed={spec.seed}"
 
 
-def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
-              on_done: Callable[[dict], None] | None = None) -> FanoutSummary:
+def run_cells(
+    specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False, on_done: Callable[[dict], None] | None = None
+) -> FanoutSummary:
     """Evaluate the cells not yet stored, as parallel Ray tasks; returns the rows of *all* ``specs``.
 
     ``on_done(row)`` is called as each new cell finishes (progress bars, live metrics).
@@ -73,7 +75,9 @@ def run_cells(specs: Iterable[CellSpec], store_root: str, use_gpu: bool = False,
         if results.is_done(store_root, spec):
             summary.skipped += 1
             continue
-        ref = evaluate_cell_task.options(**task_resources(use_gpu), name=f"cell:{describe(spec)}").remote(spec, store_root)
+        ref = evaluate_cell_task.options(**task_resources(use_gpu), name=f"cell:{describe(spec)}").remote(
+            spec, store_root
+        )
         pending[ref] = spec
     summary.submitted = len(pending)
     while pending:
@@ -105,8 +109,9 @@ def apply_cross_cell_flags(store_root: str, rows: list[dict]) -> int:
         by_id = {group[i]["cell_id"]: list(f) for i, f in flags.items() if f}
         changed += results.update_flags(store_root, group, by_id)
         for row in group:  # keep the caller's rows in step with the store
-            row["sanity_flags"] = list(row["sanity_flags"]) + [f for f in by_id.get(row["cell_id"], [])
-                                                               if f not in row["sanity_flags"]]
+            row["sanity_flags"] = list(row["sanity_flags"]) + [
+                f for f in by_id.get(row["cell_id"], []) if f not in row["sanity_flags"]
+            ]
     return changed
 
 

@@ -46,12 +46,23 @@ def comparison(rows: list[dict], pooled, eps_text, attack_label) -> list[dict]:
         if value is None:
             continue
         adaptive = groups.get((model, "adaptive", eps, None)) or [
-            r for (m, a, e, _), g in groups.items() if m == model and a == "adaptive" and e == eps for r in g]
+            r for (m, a, e, _), g in groups.items() if m == model and a == "adaptive" and e == eps for r in g
+        ]
         label = attack_label(attack) + (f" k={samples}" if value.k is not None else "")
-        out.append({"model": model, "attack": label, "eps": "-" if eps == 0 else eps_text(eps),
-                    "paper": value.value, "table": value.table, "paper_dataset": paper.DATASET_NAMES[value.dataset],
-                    "dataset": first["dataset"], "ours": pooled(group), "adaptive": pooled(adaptive) if adaptive else None,
-                    "_order": (attacks_lib.info(attack)["order"], samples or 0, eps)})
+        out.append(
+            {
+                "model": model,
+                "attack": label,
+                "eps": "-" if eps == 0 else eps_text(eps),
+                "paper": value.value,
+                "table": value.table,
+                "paper_dataset": paper.DATASET_NAMES[value.dataset],
+                "dataset": first["dataset"],
+                "ours": pooled(group),
+                "adaptive": pooled(adaptive) if adaptive else None,
+                "_order": (attacks_lib.info(attack)["order"], samples or 0, eps),
+            }
+        )
     models = list(dict.fromkeys(r["model"] for r in main))
     out.sort(key=lambda e: (models.index(e["model"]), e["_order"]))
     return out
@@ -73,9 +84,13 @@ def comparison_console(entries: list[dict]) -> list[str]:
         ours = "/".join(f"{100 * e['ours'].accuracy:.1f}" for e in group)
         adaptive = "/".join(f"{100 * e['adaptive'].accuracy:.1f}" if e["adaptive"] else "-" for e in group)
         source = ", ".join(dict.fromkeys(f"T{e['table']}, {e['paper_dataset']}" for e in group))
-        lines.append(f"  {f'{model} {attack}':<{width}}  @{eps}: paper ({source}) {paper_values} | ours {ours} | adaptive {adaptive}")
+        lines.append(
+            f"  {f'{model} {attack}':<{width}}  @{eps}: paper ({source}) {paper_values} | ours {ours} | adaptive {adaptive}"
+        )
     datasets = sorted({e["paper_dataset"] for e in entries})
-    lines.append(f"  (the paper's values are for {', '.join(datasets)}; ours on {', '.join(sorted({e['dataset'] for e in entries}))})")
+    lines.append(
+        f"  (the paper's values are for {', '.join(datasets)}; ours on {', '.join(sorted({e['dataset'] for e in entries}))})"
+    )
     return lines
 
 
@@ -83,18 +98,26 @@ def comparison_markdown(entries: list[dict]) -> list[str]:
     """The paper-vs-ours section (empty when no cell matches a published one)."""
     if not entries:
         return []
-    lines = ["### The paper beside ours", "",
-             "| Model | Attack | eps | Paper (table, data set) | Ours [95% CI] | Adaptive suite [95% CI] |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "### The paper beside ours",
+        "",
+        "| Model | Attack | eps | Paper (table, data set) | Ours [95% CI] | Adaptive suite [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in entries:
         adaptive = _pct(e["adaptive"]) if e["adaptive"] else "-"
-        lines.append(f"| {e['model']} | {e['attack']} | {e['eps']} | {e['paper']:.1f} (T{e['table']}, {e['paper_dataset']}) "
-                     f"| {_pct(e['ours'])} | {adaptive} |")
+        lines.append(
+            f"| {e['model']} | {e['attack']} | {e['eps']} | {e['paper']:.1f} (T{e['table']}, {e['paper_dataset']}) "
+            f"| {_pct(e['ours'])} | {adaptive} |"
+        )
     ours = sorted({e["dataset"] for e in entries})
     theirs = sorted({e["paper_dataset"] for e in entries})
-    lines += ["", f"Ours on {', '.join(ours)}; the paper's numbers are for {', '.join(theirs)} "
-              "(the paper has no Fashion-MNIST experiment: its MNIST numbers are the reference there). "
-              "Adaptive suite = our adaptive attack on the same model at the same eps (the headline)."]
+    lines += [
+        "",
+        f"Ours on {', '.join(ours)}; the paper's numbers are for {', '.join(theirs)} "
+        "(the paper has no Fashion-MNIST experiment: its MNIST numbers are the reference there). "
+        "Adaptive suite = our adaptive attack on the same model at the same eps (the headline).",
+    ]
     return lines
 
 
@@ -105,16 +128,31 @@ def table1_markdown(rows: list[dict], eps_text) -> list[str]:
     for r in _main(rows):
         extra = json.loads(r.get("extra") or "{}") if isinstance(r.get("extra"), str) else (r.get("extra") or {})
         if "source_grad_orthogonality" in extra and extra.get("source") not in (None, "undefended target"):
-            entries.append((extra["source"], r["model"], r["attack"], r["eps"], extra["source_grad_orthogonality"],
-                            1.0 - r["accuracy"]))
+            entries.append(
+                (
+                    extra["source"],
+                    r["model"],
+                    r["attack"],
+                    r["eps"],
+                    extra["source_grad_orthogonality"],
+                    1.0 - r["accuracy"],
+                )
+            )
     if not entries:
         return []
-    lines = ["### Table 1: gradient orthogonality vs transfer success", "",
-             "| Source | Target | Attack | eps | Gradient orthogonality | Attack success rate (%) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "### Table 1: gradient orthogonality vs transfer success",
+        "",
+        "| Source | Target | Attack | eps | Gradient orthogonality | Attack success rate (%) |",
+        "|---|---|---|---|---|---|",
+    ]
     for source, model, attack, eps, ortho, success in sorted(entries, key=lambda e: (e[0], e[2], e[3], -e[4])):
         lines.append(f"| {source} | {model} | {attack} | {eps_text(eps)} | {ortho:.3f} | {100 * success:.1f} |")
-    lines += ["", "Orthogonality = 1 - mean |cos| between the source's and the target's input gradients on 64 test "
-              "images (0: the same gradients). The paper: higher orthogonality, lower success rate."]
+    lines += [
+        "",
+        "Orthogonality = 1 - mean |cos| between the source's and the target's input gradients on 64 test "
+        "images (0: the same gradients). The paper: higher orthogonality, lower success rate.",
+    ]
     return lines
 
 
@@ -147,23 +185,36 @@ def cost_markdown(rows: list[dict], models: list[str]) -> list[str]:
         first.setdefault(r["model"], r)
     if not any(r.get("checkpoint_uri") for r in first.values()):
         return []
-    lines = ["### Model size and inference cost (Table 8)", "",
-             "| Model | Parameters (M) | Paper (M) | Inference (ms / image, CPU) |", "|---|---|---|---|"]
+    lines = [
+        "### Model size and inference cost (Table 8)",
+        "",
+        "| Model | Parameters (M) | Paper (M) | Inference (ms / image, CPU) |",
+        "|---|---|---|---|",
+    ]
     for model in [m for m in models if m in first]:
         cost = model_cost(first[model])
         published = paper.parameters(first[model].get("dataset") or "", model)
         params, ms = (f"{cost[0] / 1e6:.3f}", f"{cost[1]:.3f}") if cost else ("-", "-")
-        lines.append(f"| {model} | {params} | {published.value:g} | {ms} |" if published else
-                     f"| {model} | {params} | - | {ms} |")
-    lines += ["", f"Timed here: {COST_REPEATS} forwards of {COST_BATCH} images after a warm-up, one thread pool, "
-              "no attack. A super-network runs one path per forward (the cost of one sub-network)."]
+        lines.append(
+            f"| {model} | {params} | {published.value:g} | {ms} |"
+            if published
+            else f"| {model} | {params} | - | {ms} |"
+        )
+    lines += [
+        "",
+        f"Timed here: {COST_REPEATS} forwards of {COST_BATCH} images after a warm-up, one thread pool, "
+        "no attack. A super-network runs one path per forward (the cost of one sub-network).",
+    ]
     return lines
 
 
 def sections(rows: list[dict], models: list[str], pooled, eps_text, attack_label) -> str:
     """Every section of this module as Markdown (each omitted when it has nothing to show)."""
-    parts = [comparison_markdown(comparison(rows, pooled, eps_text, attack_label)), table1_markdown(rows, eps_text),
-             cost_markdown(rows, models)]
+    parts = [
+        comparison_markdown(comparison(rows, pooled, eps_text, attack_label)),
+        table1_markdown(rows, eps_text),
+        cost_markdown(rows, models),
+    ]
     return "\n\n".join("\n".join(p) for p in parts if p)
 
 
@@ -179,8 +230,12 @@ def plot_loss_curves(records: list[dict], path: Path, pyplot) -> Path | None:
         epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
         axes[0][0].plot(epochs, [h.get("loss") for h in history], marker="o", label=label)
         if any("val_loss" in h for h in history):
-            axes[0][1].plot([e for e, h in zip(epochs, history) if "val_loss" in h],
-                            [h["val_loss"] for h in history if "val_loss" in h], marker="o", label=label)
+            axes[0][1].plot(
+                [e for e, h in zip(epochs, history) if "val_loss" in h],
+                [h["val_loss"] for h in history if "val_loss" in h],
+                marker="o",
+                label=label,
+            )
     for ax, title in zip(axes[0], ("training loss (CE + orthogonality + KD)", "validation loss (CE, test subset)")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sors import attacks, checks
-from sors.attacks.base import ATTACKS
 from sors import config as config_lib
+from sors.attacks.base import ATTACKS
 from sors.config import AttackConfig, RunConfig
 from sors.errors import ConfigError, quote
 
@@ -28,6 +28,7 @@ EVALUATION_KEYS = ("clean", "attacks", "eps", "seeds", "sanity")
 @dataclass(frozen=True)
 class EvalPlan:
     """Which cells every evaluated model gets: clean, then attacks x eps x seeds."""
+
     clean: bool = True
     attacks: tuple[dict, ...] = ()
     eps: tuple[float, ...] = ()
@@ -38,8 +39,7 @@ class EvalPlan:
         """``(attack, role)`` for every cell of one model: the plan's cells ("main"; EOT-style attacks
         only when ``randomized``), then, with
         ``sanity``, the comparison cells :func:`sors.checks.sanity_attacks` asks for ("sanity")."""
-        main = [(a, "main") for a in self.attack_configs()
-                if randomized or not _randomized_only(a.name)]
+        main = [(a, "main") for a in self.attack_configs() if randomized or not _randomized_only(a.name)]
         if not self.sanity:
             return main
         return main + [(a, "sanity") for a in checks.sanity_attacks([a for a, _ in main], randomized)]
@@ -49,17 +49,26 @@ class EvalPlan:
         cells = [AttackConfig(name="none", eps=0.0)] if self.clean else []
         for entry in self.attacks:
             for eps in entry.get("eps") or self.eps:
-                cells.append(AttackConfig(name=entry["name"], eps=float(eps), steps=entry.get("steps"),
-                                          eot_samples=entry.get("eot_samples"),
-                                          random_start=entry.get("random_start"), source=entry.get("source")))
+                cells.append(
+                    AttackConfig(
+                        name=entry["name"],
+                        eps=float(eps),
+                        steps=entry.get("steps"),
+                        eot_samples=entry.get("eot_samples"),
+                        random_start=entry.get("random_start"),
+                        source=entry.get("source"),
+                    )
+                )
         return cells
 
     def source_trials(self) -> tuple[str, ...]:
         """Trials the plan's transfer attacks craft on (``source: "trial:<name>"``): they train first."""
-        names = [str(a["source"])[len(TEACHER_PREFIX):] for a in self.attacks
-                 if str(a.get("source") or "").startswith(TEACHER_PREFIX)]
+        names = [
+            str(a["source"])[len(TEACHER_PREFIX) :]
+            for a in self.attacks
+            if str(a.get("source") or "").startswith(TEACHER_PREFIX)
+        ]
         return tuple(dict.fromkeys(names))
-
 
 
 def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str | None = None) -> Any:
@@ -89,8 +98,9 @@ def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
         raise ConfigError("evaluation", f"unknown field(s) {quote(unknown)}", ", ".join(EVALUATION_KEYS))
     attacks = [_attack_entry(entry) for entry in _list("evaluation.attacks", section.get("attacks"))]
     eps = tuple(_float("evaluation.eps", e) for e in _list("evaluation.eps", section.get("eps")))
-    seeds = tuple(config_lib._coerce("evaluation.seeds", s, int)
-                  for s in _list("evaluation.seeds", section.get("seeds")) or [0])
+    seeds = tuple(
+        config_lib._coerce("evaluation.seeds", s, int) for s in _list("evaluation.seeds", section.get("seeds")) or [0]
+    )
     clean = _expect("evaluation.clean", section.get("clean", True), bool)  # "false" (a string) is not false
     sanity = bool(_expect("evaluation.sanity", section.get("sanity", False), bool))
     for key, value in overrides:
@@ -105,16 +115,22 @@ def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
         elif option == "steps":
             attacks = [dict(a, steps=config_lib._coerce(key, value, int | None)) for a in attacks]
         elif option == "eot_samples":
-            attacks = [dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
-                       for a in attacks]
+            attacks = [
+                dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
+                for a in attacks
+            ]
     for key, value in overrides:  # after the loop: they apply to the attacks attack.name kept
         option = key.split(".", 1)[1]
         if option == "source":
             source = config_lib._coerce(key, value, str | None)
             attacks = [dict(a, source=source) if _is_transfer(a["name"]) else a for a in attacks]
         elif option == "random_start":  # the attacks that take the option (PGD, MIM, EOT/ensemble PGD...)
-            attacks = [dict(a, random_start=config_lib._coerce(key, value, bool | None))
-                       if _takes_random_start(a["name"]) else a for a in attacks]
+            attacks = [
+                dict(a, random_start=config_lib._coerce(key, value, bool | None))
+                if _takes_random_start(a["name"])
+                else a
+                for a in attacks
+            ]
     plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
     for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
         config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
@@ -126,20 +142,28 @@ def _attack_entry(entry: Any) -> dict:
     entry = {"name": entry} if isinstance(entry, str) else dict(_expect("evaluation.attacks", entry, (dict, str)) or {})
     unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
     if unknown or not isinstance(entry.get("name"), str):
-        raise ConfigError("evaluation.attacks", f"bad entry {quote(entry)}",
-                          "names, or mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS))
+        raise ConfigError(
+            "evaluation.attacks",
+            f"bad entry {quote(entry)}",
+            "names, or mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS),
+        )
     if entry.get("eps") is not None:
         entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in _list("evaluation.attacks.eps", entry["eps"]))
     for key in ("steps", "eot_samples"):
         if key in entry:
             entry[key] = config_lib._coerce(f"evaluation.attacks.{key}", entry[key], int | None)
     if "random_start" in entry:
-        entry["random_start"] = config_lib._coerce("evaluation.attacks.random_start", entry["random_start"], bool | None)
+        entry["random_start"] = config_lib._coerce(
+            "evaluation.attacks.random_start", entry["random_start"], bool | None
+        )
     if entry.get("source") is not None:
         entry["source"] = config_lib._coerce("evaluation.attacks.source", entry["source"], str)
         if not _is_transfer(entry["name"]):
-            raise ConfigError("evaluation.attacks.source", f"attack {entry['name']!r} is not a transfer attack",
-                              "transfer, transfer_fgsm, transfer_pgd or transfer_mim")
+            raise ConfigError(
+                "evaluation.attacks.source",
+                f"attack {entry['name']!r} is not a transfer attack",
+                "transfer, transfer_fgsm, transfer_pgd or transfer_mim",
+            )
     return entry
 
 
@@ -173,8 +197,12 @@ def _randomized_only(attack_name: str) -> bool:
 def default_plan(dataset: str) -> EvalPlan:
     """The plan ``sors evaluate`` uses without ``--preset``: clean, the adaptive suite (the headline),
     and the paper's FGSM, PGD and MIM over the paper's eps grid of ``dataset`` (pixel scale), seed 0."""
-    return EvalPlan(clean=True, attacks=({"name": "adaptive"}, {"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
-                    eps=tuple(attacks.EPS_GRIDS[dataset]), seeds=(0,))
+    return EvalPlan(
+        clean=True,
+        attacks=({"name": "adaptive"}, {"name": "fgsm"}, {"name": "pgd"}, {"name": "mim"}),
+        eps=tuple(attacks.EPS_GRIDS[dataset]),
+        seeds=(0,),
+    )
 
 
 def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
@@ -182,4 +210,3 @@ def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
     ``evaluation`` section gets them."""
     pairs = [(k, v) for k, v in map(config_lib.parse_assignment, overrides) if k.startswith("attack.")]
     return _eval_plan({"evaluation": dataclasses.asdict(plan)}, pairs)
-

@@ -38,6 +38,7 @@ class PreflightError(ValueError):
 
 # ---------------------------------------------------------------- folders
 
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -52,9 +53,29 @@ def _read_only_mount(path: Path) -> bool:
 
 
 # Kernel and device file systems: writable-looking to root, but no folder can be made there.
-PSEUDO_FILESYSTEMS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
-                                "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "binfmt_misc",
-                                "efivarfs", "hugetlbfs", "autofs", "nsfs"})
+PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "binfmt_misc",
+        "efivarfs",
+        "hugetlbfs",
+        "autofs",
+        "nsfs",
+    }
+)
 
 
 def filesystem_type(path: Path) -> str | None:
@@ -86,8 +107,10 @@ def check_folder(path: str | os.PathLike, option: str) -> None:
     if not existing.is_dir():
         raise PreflightError(f"{option} {path}: {existing} is a file, not a folder")
     if filesystem_type(existing) in PSEUDO_FILESYSTEMS:
-        raise PreflightError(f"{option} {path}: {existing} is on the kernel's {filesystem_type(existing)} file "
-                             "system, not a place for files")
+        raise PreflightError(
+            f"{option} {path}: {existing} is on the kernel's {filesystem_type(existing)} file "
+            "system, not a place for files"
+        )
     if not os.access(existing, os.W_OK | os.X_OK) or _read_only_mount(existing):
         where = "" if existing == path else f" ({existing} cannot be written to create it)"
         raise PreflightError(f"{option} {path}: folder is not writable{where}")
@@ -107,13 +130,16 @@ def check_storage(storage_path: str | None) -> None:
         return
     scheme = storage_path.split("://", 1)[0].lower()
     if scheme not in STORAGE_SCHEMES:
-        raise PreflightError(f"--storage-path {redact(storage_path)}: unsupported scheme {quote(scheme)} "
-                             f"(expected a folder or {', '.join(s + '://' for s in STORAGE_SCHEMES)})")
+        raise PreflightError(
+            f"--storage-path {redact(storage_path)}: unsupported scheme {quote(scheme)} "
+            f"(expected a folder or {', '.join(s + '://' for s in STORAGE_SCHEMES)})"
+        )
     if scheme == "file":
-        check_folder(storage_path[len("file://"):], "--storage-path")
+        check_folder(storage_path[len("file://") :], "--storage-path")
 
 
 # ---------------------------------------------------------------- model sizes
+
 
 def _size_text(size) -> str:
     unit, scale = ("GiB", 2**30) if size.weight_bytes >= 2**30 else ("MiB", 2**20)
@@ -127,14 +153,17 @@ def check_model_size(cfg, where: str, allow_large: bool = False) -> str:
     size = model_size(cfg)  # ConfigError: unknown model or member, an option the model does not take
     too_big = size.weight_bytes > MAX_WEIGHT_BYTES or size.members > MAX_MEMBERS
     if too_big and not allow_large:
-        raise PreflightError(f"{where}: {cfg.model.name} would have {_size_text(size)}, {size.members} "
-                             f"member(s): over the limit of {MAX_WEIGHT_BYTES >> 30} GiB of weights and "
-                             f"{MAX_MEMBERS} members (pass --allow-large to run it anyway)")
+        raise PreflightError(
+            f"{where}: {cfg.model.name} would have {_size_text(size)}, {size.members} "
+            f"member(s): over the limit of {MAX_WEIGHT_BYTES >> 30} GiB of weights and "
+            f"{MAX_MEMBERS} members (pass --allow-large to run it anyway)"
+        )
     members = f", {size.members} members" if size.members > 1 else ""
     return _size_text(size) + members
 
 
 # ---------------------------------------------------------------- data
+
 
 def check_data(datasets: Iterable[tuple[str, str | None]]) -> None:
     """Every ``(data set name, root)`` pair can be read (``DataNotFoundError`` names the files)."""
@@ -144,6 +173,7 @@ def check_data(datasets: Iterable[tuple[str, str | None]]) -> None:
 
 
 # ---------------------------------------------------------------- tracking
+
 
 @contextlib.contextmanager
 def _quick_mlflow_requests():
@@ -164,10 +194,15 @@ def _quick_mlflow_requests():
 def _why(err: BaseException) -> str:
     """A short reason from an MLflow/requests error (its messages run to several lines)."""
     text = str(err)
-    for needle, reason in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                           ("Name or service not known", "unknown host"), ("nodename nor servname", "unknown host"),
-                           ("401", "HTTP 401: credentials refused"), ("403", "HTTP 403: access denied"),
-                           ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted")):
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("Name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("401", "HTTP 401: credentials refused"),
+        ("403", "HTTP 403: access denied"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted"),
+    ):
         if needle in text:
             return reason
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -202,7 +237,7 @@ def check_tracking(uri: str | None, results_dir: str | os.PathLike) -> None:
         if reason:
             raise PreflightError(f"--tracking-uri {shown}: MLflow tracking server unreachable ({reason})")
     elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path)
+        path = Path(uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else parsed.path)
         inside = str(path.absolute()).startswith(str(Path(results_dir).absolute()) + os.sep)
         if not inside:
             check_folder(path.parent, f"--tracking-uri {shown}:")
@@ -210,8 +245,10 @@ def check_tracking(uri: str | None, results_dir: str | os.PathLike) -> None:
     elif parsed.scheme in ("file", ""):
         check_folder(parsed.path or uri, "--tracking-uri")
     elif parsed.scheme not in ("databricks", "postgresql", "mysql", "mssql", "uc"):
-        raise PreflightError(f"--tracking-uri {shown}: unsupported scheme {parsed.scheme!r} "
-                             "(expected http(s)://host:port, sqlite:///file.db or a database URI)")
+        raise PreflightError(
+            f"--tracking-uri {shown}: unsupported scheme {parsed.scheme!r} "
+            "(expected http(s)://host:port, sqlite:///file.db or a database URI)"
+        )
 
 
 def check_sqlite_file(path: Path, option: str) -> None:
@@ -224,6 +261,7 @@ def check_sqlite_file(path: Path, option: str) -> None:
 
 
 # ---------------------------------------------------------------- Ray
+
 
 def _tcp_reachable(host: str, port: int) -> str | None:
     try:
@@ -273,6 +311,7 @@ def check_ray_address(address: str | None, num_cpus: int | None = None) -> None:
 
 # ---------------------------------------------------------------- stored results and checkpoints
 
+
 def check_store(store_root: str | os.PathLike) -> None:
     """Every cell file in the Parquet store is whole (a truncated one would be taken as done)."""
     for path in results.files(store_root):
@@ -311,8 +350,10 @@ def check_checkpoints(sweep, opts) -> None:
             if not path.is_file():
                 raise PreflightError(f"{path}: checkpoint of trial {trial.name} is missing; delete {where} to retrain")
             if storage.file_sha256(path) != record.get("checkpoint_sha256"):
-                raise PreflightError(f"{path}: checkpoint of trial {trial.name} is truncated or changed since "
-                                     f"training (SHA-256 differs from {where}); delete that record to retrain")
+                raise PreflightError(
+                    f"{path}: checkpoint of trial {trial.name} is truncated or changed since "
+                    f"training (SHA-256 differs from {where}); delete that record to retrain"
+                )
         elif not record and not storage.is_remote(opts.storage_path):
             run_dir = Path(opts.storage_path) / trainer.run_name(sweep.name, trial.name, trial.config)
             latest = latest_epoch_checkpoint(run_dir)
@@ -322,13 +363,18 @@ def check_checkpoints(sweep, opts) -> None:
 
 # ---------------------------------------------------------------- everything a command needs
 
-def check_inputs(results_dir: str, storage_path: str | None = None, tracking_uri: str | None = None,
-                 ray_address: str | None = None, num_cpus: int | None = None,
-                 datasets: Iterable[tuple[str, str | None]] = ()) -> None:
+
+def check_inputs(
+    results_dir: str,
+    storage_path: str | None = None,
+    tracking_uri: str | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    datasets: Iterable[tuple[str, str | None]] = (),
+) -> None:
     """Results folder, checkpoint storage, data, tracking, Ray -- in that order, cheapest first."""
     check_folder(results_dir, "--results-dir")
     check_storage(storage_path)
     check_ray_address(ray_address, num_cpus)
     check_data(datasets)
     check_tracking(tracking_uri, results_dir)
-

@@ -33,12 +33,23 @@ from typing import Any, Sequence
 
 import yaml
 
+from pipeline.plans import (  # noqa: F401 (re-exported)
+    ATTACK_ENTRY_KEYS,
+    EVALUATION_KEYS,
+    TEACHER_PREFIX,
+    EvalPlan,
+    _eval_plan,
+    _expect,
+    _float,
+    _list,
+    check_attacks,
+    default_plan,
+    evaluation_plan,
+)
 from sors import config as config_lib
 from sors.config import RunConfig
 from sors.errors import ConfigError, quote
 from sors.models import factory, registry
-from pipeline.plans import (ATTACK_ENTRY_KEYS, EVALUATION_KEYS, TEACHER_PREFIX, EvalPlan,  # noqa: F401 (re-exported)
-                            _eval_plan, _expect, _float, _list, check_attacks, default_plan, evaluation_plan)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -57,8 +68,11 @@ class _PresetLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):  # noqa: D102 -- PyYAML API
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise ConfigError("preset", f"YAML alias at line {mark.line + 1} (aliases and anchors "
-                              "are not allowed in presets)", "plain YAML: repeat the values")
+            raise ConfigError(
+                "preset",
+                f"YAML alias at line {mark.line + 1} (aliases and anchors are not allowed in presets)",
+                "plain YAML: repeat the values",
+            )
         return super().compose_node(parent, index)
 
 
@@ -67,12 +81,21 @@ def check_component(option: str, value: Any) -> str:
     a label, a preset's ``name``): no path separators, no leading dot (``.``, ``..``, hidden files), no
     control characters, at most :data:`MAX_NAME_CHARS` characters. ConfigError naming ``option`` otherwise."""
     text = value if isinstance(value, str) else str(value)
-    bad = (not text or text.startswith(".") or len(text) > MAX_NAME_CHARS or any(c in text for c in "/\\:")
-           or any(ord(c) < 32 or ord(c) == 127 for c in text) or text != text.strip())
+    bad = (
+        not text
+        or text.startswith(".")
+        or len(text) > MAX_NAME_CHARS
+        or any(c in text for c in "/\\:")
+        or any(ord(c) < 32 or ord(c) == 127 for c in text)
+        or text != text.strip()
+    )
     if bad or not isinstance(value, str):
-        raise ConfigError(option, f"{quote(value)} is not a safe name (it becomes a file name)",
-                          f"one path component of at most {MAX_NAME_CHARS} characters: no / \\ : or control "
-                          "characters, not starting with a dot")
+        raise ConfigError(
+            option,
+            f"{quote(value)} is not a safe name (it becomes a file name)",
+            f"one path component of at most {MAX_NAME_CHARS} characters: no / \\ : or control "
+            "characters, not starting with a dot",
+        )
     return text
 
 
@@ -80,6 +103,7 @@ def check_component(option: str, value: Any) -> str:
 class Variant:
     """An evaluation-time variant of a trial's checkpoint (``average_paths`` > 1: RS*/SORS*; a
     ``defense``: the checkpoint behind an input transform, Table 7)."""
+
     name: str
     label: str
     average_paths: int = 1
@@ -90,6 +114,7 @@ class Variant:
 @dataclass(frozen=True)
 class TrialSpec:
     """One Tune trial: a resolved config plus how its rows are named in reports."""
+
     name: str
     label: str
     config: RunConfig
@@ -100,7 +125,7 @@ class TrialSpec:
     def teacher_trial(self) -> str | None:
         """Name of the trial this one distils from (``train.teacher: "trial:<name>"``), or None."""
         teacher = self.config.train.teacher or ""
-        return teacher[len(TEACHER_PREFIX):] if teacher.startswith(TEACHER_PREFIX) else None
+        return teacher[len(TEACHER_PREFIX) :] if teacher.startswith(TEACHER_PREFIX) else None
 
     def evaluated(self) -> tuple[Variant, ...]:
         """The checkpoint as trained, then its variants: every row this trial contributes (none for a
@@ -110,10 +135,10 @@ class TrialSpec:
         return (Variant(self.name, self.label, 1),) + self.variants
 
 
-
 @dataclass(frozen=True)
 class Sweep:
     """A resolved preset: named trials (in order) and the evaluation plan."""
+
     name: str
     preset: str
     description: str
@@ -139,7 +164,9 @@ def preset_path(name_or_path: str) -> Path:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     if not _NAME.fullmatch(name_or_path):  # a name, not a path: it must not leave the presets folder
-        raise ConfigError("preset", f"unknown preset {quote(name_or_path)}", ", ".join(available()) + ", or a .yaml file")
+        raise ConfigError(
+            "preset", f"unknown preset {quote(name_or_path)}", ", ".join(available()) + ", or a .yaml file"
+        )
     shipped = PRESET_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise ConfigError("preset", f"unknown preset {name_or_path!r}", ", ".join(available()) + ", or a .yaml file")
@@ -173,18 +200,6 @@ def load_raw(name_or_path: str) -> dict:
     return raw
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _grid_points(grid: dict) -> list[dict]:
     """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}`` (one empty dict if no grid)."""
     if not _expect("grid", grid, dict):
@@ -213,18 +228,24 @@ def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]
         settings = dict(_expect(f"variants.{trial_name}.set", entry.get("set"), dict) or {})
         unknown = set(settings) - set(VARIANT_KEYS)
         if unknown:
-            raise ConfigError(f"variants.{sorted(unknown)[0]}", "an evaluation variant cannot change training",
-                              ", ".join(VARIANT_KEYS))
+            raise ConfigError(
+                f"variants.{sorted(unknown)[0]}",
+                "an evaluation variant cannot change training",
+                ", ".join(VARIANT_KEYS),
+            )
         k = config_lib._coerce("model.average_paths", settings.get("model.average_paths", 1), int)
         defense = config_lib._coerce("eval.defense", settings.get("eval.defense", "none"), str)
         defense_options = config_lib._coerce("eval.defense_options", settings.get("eval.defense_options"), str | None)
         config_lib.defense_options(config_lib.EvalConfig(defense=defense, defense_options=defense_options))
         name = entry.get("name") or f"{trial_name}_v{i + 1}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ConfigError(f"trials.{trial_name}.variants", f"bad variant name {quote(name)}", "letters, digits, _ . -")
+            raise ConfigError(
+                f"trials.{trial_name}.variants", f"bad variant name {quote(name)}", "letters, digits, _ . -"
+            )
         label = _expect(f"variants.{name}.label", entry.get("label"), str) or name
-        variants.append(Variant(name=name, label=label, average_paths=k, defense=defense,
-                                defense_options=defense_options))
+        variants.append(
+            Variant(name=name, label=label, average_paths=k, defense=defense, defense_options=defense_options)
+        )
     return tuple(variants)
 
 
@@ -250,11 +271,16 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
     trials = []
     for entry in raw["trials"]:
         if not isinstance(entry, dict) or not _NAME.fullmatch(str(entry.get("name", ""))):
-            raise ConfigError("trials", f"bad trial entry {quote(entry)}", "mappings with a 'name' of letters, digits, _ . -")
+            raise ConfigError(
+                "trials", f"bad trial entry {quote(entry)}", "mappings with a 'name' of letters, digits, _ . -"
+            )
         unknown = set(entry) - {"name", "label", "set", "grid", "variants", "evaluate"}
         if unknown:
-            raise ConfigError(f"trials.{entry['name']}", f"unknown field(s) {sorted(unknown)}",
-                              "name, label, set, grid, variants, evaluate")
+            raise ConfigError(
+                f"trials.{entry['name']}",
+                f"unknown field(s) {sorted(unknown)}",
+                "name, label, set, grid, variants, evaluate",
+            )
         evaluate = _expect(f"trials.{entry['name']}.evaluate", entry.get("evaluate", True), bool)
         _expect(f"trials.{entry['name']}.set", entry.get("set"), dict)
         _expect(f"trials.{entry['name']}.label", entry.get("label"), str)
@@ -264,19 +290,36 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
             cfg = config_lib.resolve(config_lib.apply_overrides(cfg, dict(config_overrides)))
             name_suffix, label_suffix = _grid_suffix(point)
             name = f"{entry['name']}{name_suffix}"
-            trials.append(TrialSpec(name=name, label=f"{entry.get('label') or entry['name']}{label_suffix}", config=cfg,
-                                    variants=_variants(name, entry.get("variants")), evaluate=evaluate))
+            trials.append(
+                TrialSpec(
+                    name=name,
+                    label=f"{entry.get('label') or entry['name']}{label_suffix}",
+                    config=cfg,
+                    variants=_variants(name, entry.get("variants")),
+                    evaluate=evaluate,
+                )
+            )
     _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
     plan = _eval_plan(raw, attack_overrides)
     trials = _without_unused(trials, plan.source_trials())
-    name = check_component("--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem)
-    sweep = Sweep(name=name, preset=str(raw.get("name") or name_or_path),
-                  description=str(raw.get("description", "")), trials=tuple(trials), evaluation=plan)
+    name = check_component(
+        "--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem
+    )
+    sweep = Sweep(
+        name=name,
+        preset=str(raw.get("name") or name_or_path),
+        description=str(raw.get("description", "")),
+        trials=tuple(trials),
+        evaluation=plan,
+    )
     _check_names(sweep)
     for source in sweep.evaluation.source_trials():
         if not any(t.name == source for t in sweep.trials):
-            raise ConfigError("attack.source", f"transfer source trial {source!r} is not a trial of this preset",
-                              ", ".join(t.name for t in sweep.trials))
+            raise ConfigError(
+                "attack.source",
+                f"transfer source trial {source!r} is not a trial of this preset",
+                ", ".join(t.name for t in sweep.trials),
+            )
     stages(sweep.trials, sweep.evaluation.source_trials())  # rejects unknown or circular teachers now
     return sweep
 
@@ -304,8 +347,6 @@ def _check_names(sweep: Sweep) -> None:
     check_attacks(sweep.evaluation)
 
 
-
-
 def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec], sources: Sequence[str] = ()) -> list[list[TrialSpec]]:
     """Trials grouped so every teacher is in an earlier group than its students (topological levels),
     and every transfer source (with its teachers) before every other trial, whose cells craft on it."""
@@ -320,8 +361,9 @@ def stages(trials: tuple[TrialSpec, ...] | list[TrialSpec], sources: Sequence[st
             level[trial.name] = 0
             return 0
         if teacher not in by_name:
-            raise ConfigError("train.teacher", f"trial {trial.name!r} distils from unknown trial {teacher!r}",
-                              ", ".join(by_name))
+            raise ConfigError(
+                "train.teacher", f"trial {trial.name!r} distils from unknown trial {teacher!r}", ", ".join(by_name)
+            )
         if teacher in seen + (trial.name,):
             raise ConfigError("train.teacher", f"circular teachers: {' -> '.join(seen + (trial.name, teacher))}")
         level[trial.name] = depth(by_name[teacher], seen + (trial.name,)) + 1
@@ -349,8 +391,6 @@ def is_randomized_arch(model_name: str) -> bool:
     return registry.info(model_name)["randomized"]
 
 
-
-
 def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
     """``trial`` with its ``trial:<name>`` teacher reference replaced by the teacher's checkpoint."""
     cfg = config_lib.set_option(trial.config, "train.teacher", checkpoint_uri)
@@ -359,19 +399,29 @@ def with_teacher(trial: TrialSpec, checkpoint_uri: str) -> TrialSpec:
 
 def trial_to_dict(trial: TrialSpec) -> dict:
     """Plain-data form (what travels in a Tune ``param_space``)."""
-    return {"name": trial.name, "label": trial.label, "config": config_lib.to_dict(trial.config),
-            "variants": [dataclasses.asdict(v) for v in trial.variants], "evaluate": trial.evaluate}
+    return {
+        "name": trial.name,
+        "label": trial.label,
+        "config": config_lib.to_dict(trial.config),
+        "variants": [dataclasses.asdict(v) for v in trial.variants],
+        "evaluate": trial.evaluate,
+    }
 
 
 def trial_from_dict(data: dict) -> TrialSpec:
     """Inverse of :func:`trial_to_dict`."""
-    return TrialSpec(name=data["name"], label=data["label"], config=config_lib.from_dict(data["config"]),
-                     variants=tuple(Variant(**v) for v in data.get("variants", ())),
-                     evaluate=bool(data.get("evaluate", True)))
+    return TrialSpec(
+        name=data["name"],
+        label=data["label"],
+        config=config_lib.from_dict(data["config"]),
+        variants=tuple(Variant(**v) for v in data.get("variants", ())),
+        evaluate=bool(data.get("evaluate", True)),
+    )
 
 
-def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: str | None = None,
-                       evaluation: EvalPlan | None = None) -> Sweep:
+def single_trial_sweep(
+    overrides=None, sweep_name: str = "train", trial_name: str | None = None, evaluation: EvalPlan | None = None
+) -> Sweep:
     """A one-trial sweep from the config defaults + ``--set`` overrides (what ``sors train`` runs)."""
     config_overrides, attack_overrides = _split_overrides(overrides)
     cfg = config_lib.resolve(config_lib.apply_overrides(RunConfig(), dict(config_overrides)))
@@ -379,12 +429,14 @@ def single_trial_sweep(overrides=None, sweep_name: str = "train", trial_name: st
     if not _NAME.fullmatch(name):
         raise ConfigError("--name", f"{quote(name)} is not a valid name", "letters, digits, _ . -")
     trial = TrialSpec(name=name, label=name, config=cfg)
-    sweep = Sweep(name=sweep_name, preset="train", description="single training run", trials=(trial,),
-                  evaluation=evaluation or EvalPlan(clean=False))
+    sweep = Sweep(
+        name=sweep_name,
+        preset="train",
+        description="single training run",
+        trials=(trial,),
+        evaluation=evaluation or EvalPlan(clean=False),
+    )
     _check_names(sweep)
     if trial.teacher_trial:
         raise ConfigError("train.teacher", "a single run cannot refer to another trial", "a checkpoint file or URI")
     return sweep
-
-
-

@@ -50,7 +50,11 @@ def find_trained(results_dir: str | Path, config_hash: str, code_version: str, c
     code (``config_hash``, ``code_version``) whose checkpoint ``checkpoint_exists(uri)`` still, else None.
     A record lent from another sweep (``reused_from``) is skipped: its origin is found directly."""
     for record in all_records(results_dir):
-        if (record.get("config_hash") == config_hash and record.get("code_version") == code_version
-                and not record.get("reused_from") and checkpoint_exists(record.get("checkpoint_uri") or "")):
+        if (
+            record.get("config_hash") == config_hash
+            and record.get("code_version") == code_version
+            and not record.get("reused_from")
+            and checkpoint_exists(record.get("checkpoint_uri") or "")
+        ):
             return record
     return None

@@ -16,12 +16,16 @@ from typing import Any
 
 MASK = "***"
 # Query parameters (and key=value pairs in free text) whose values are credentials.
-_SECRET_NAME = (r"(?:[\w.-]*(?:password|passwd|secret|token|signature|credential|api[_-]?key|access[_-]?key)[\w.-]*"
-                r"|sig|pwd)")
+_SECRET_NAME = (
+    r"(?:[\w.-]*(?:password|passwd|secret|token|signature|credential|api[_-]?key|access[_-]?key)[\w.-]*"
+    r"|sig|pwd)"
+)
 # The user info runs to the LAST "@" of the authority (which ends at "/", "?", "#", a quote or white space):
 # a password holding a raw "@" ("p@ss") is masked whole, not cut at its first "@".
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:/?#@'\"<>]*(?:@[^\s:/?#@'\"<>]*)*)"
-                       r":(?P<password>[^\s/?#'\"<>]*)@")
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:/?#@'\"<>]*(?:@[^\s:/?#@'\"<>]*)*)"
+    r":(?P<password>[^\s/?#'\"<>]*)@"
+)
 _QUERY = re.compile(rf"(?P<name>[?&;]{_SECRET_NAME}=)(?P<value>[^&;#\s'\"]*)", re.IGNORECASE)
 _ENV_STYLE = re.compile(rf"(?P<name>\b{_SECRET_NAME}\s*[=:]\s*)(?P<value>[^\s,;'\"&]+)", re.IGNORECASE)
 
@@ -42,11 +46,14 @@ def redact_mapping(values: dict) -> dict:
     """A copy of ``values`` (MLflow params or tags) with every value redacted; a value whose *key*
     names a secret (``*password*``, ``*token*``...) is masked whole."""
     secret_key = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
-    return {k: (MASK if secret_key.match(str(k).rsplit(".", 1)[-1]) and v not in (None, "") else redact(v))
-            for k, v in values.items()}
+    return {
+        k: (MASK if secret_key.match(str(k).rsplit(".", 1)[-1]) and v not in (None, "") else redact(v))
+        for k, v in values.items()
+    }
 
 
 # ---------------------------------------------------------------- every log line and print of a process
+
 
 class RedactingFilter(logging.Filter):
     """A logging filter that applies :func:`redact` to a record's message (arguments merged in) and to

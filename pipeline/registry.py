@@ -12,7 +12,6 @@ version of the registered model :func:`registered_name` (``<sweep>.<trial>``). L
 from __future__ import annotations
 
 import os
-
 import re
 from pathlib import Path
 
@@ -54,8 +53,9 @@ def input_example(cfg) -> np.ndarray:
     return np.full((2, spec.in_channels, spec.image_size, spec.image_size), 0.5, dtype=np.float32)
 
 
-def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, cfg, name: str,
-              checkpoint_sha256: str) -> tuple[str, str]:
+def log_model(
+    tracking_uri: str, run_id: str, checkpoint: str | Path, cfg, name: str, checkpoint_sha256: str
+) -> tuple[str, str]:
     """Log the checkpoint as the run's pyfunc model and register it as a version of ``name``.
     Returns ``(name, version)``."""
     import mlflow
@@ -70,10 +70,18 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, cfg, name:
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(MODEL_CODE),
-                artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}, signature=signature(cfg),
-                input_example=input_example(cfg), registered_model_name=name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", f"mlflow=={mlflow.__version__}"])
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+                signature=signature(cfg),
+                input_example=input_example(cfg),
+                registered_model_name=name,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    "numpy",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+            )
     finally:
         mlflow.set_tracking_uri(saved[0])
         mlflow.set_registry_uri(saved[1])  # None: the registry follows the tracking URI again
@@ -101,7 +109,9 @@ def alias_versions(tracking_uri: str, names: list[str], alias: str = BASELINE_AL
         try:
             found[name] = str(mlflow_client.get_model_version_by_alias(name, alias).version)
         except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")) + str(err) \
-                    and "not found" not in str(err).lower():
+            if (
+                "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")) + str(err)
+                and "not found" not in str(err).lower()
+            ):
                 raise
     return found

@@ -119,8 +119,7 @@ def table_data(rows: list[dict], model_order: list[str] | None = None):
         if r["model"] not in seen:
             seen.append(r["model"])
     order = [m for m in (model_order or []) if m in seen] + [m for m in seen if m not in (model_order or [])]
-    columns = sorted({column_of(r, main) for r in main},
-                     key=lambda c: (_attack_rank(c.attack), c.samples or 0, c.eps))
+    columns = sorted({column_of(r, main) for r in main}, key=lambda c: (_attack_rank(c.attack), c.samples or 0, c.eps))
     groups: dict[tuple, list[dict]] = {}
     for r in main:
         groups.setdefault((r["model"], column_of(r, main)), []).append(r)
@@ -157,12 +156,14 @@ def markdown_table(rows: list[dict], model_order: list[str] | None = None, title
         values = [_fmt(cells.get((model, c))) for c in columns]
         lines.append("| " + " | ".join([model] + values + [str(n), str(len(flags.get(model, [])))]) + " |")
     lines.append("")
-    lines.append("Accuracy (%) with 95% Wilson intervals; eps on the pixel scale (x/255); n = test images per cell. "
-                 "'-' = not evaluated (EOT-style attacks run on randomized models only: on a deterministic "
-                 "model they equal PGD). Adaptive = the adaptive suite (per example the worst case over EOT-APGD "
-                 "on the expected softmax, AA-rand, ARC and Square-EOT): the headline; the other attack "
-                 "columns are what the paper's attacks report. Worst case = per example, the worst over every "
-                 "attack of the row. flags = sanity warnings (listed below).")
+    lines.append(
+        "Accuracy (%) with 95% Wilson intervals; eps on the pixel scale (x/255); n = test images per cell. "
+        "'-' = not evaluated (EOT-style attacks run on randomized models only: on a deterministic "
+        "model they equal PGD). Adaptive = the adaptive suite (per example the worst case over EOT-APGD "
+        "on the expected softmax, AA-rand, ARC and Square-EOT): the headline; the other attack "
+        "columns are what the paper's attacks report. Worst case = per example, the worst over every "
+        "attack of the row. flags = sanity warnings (listed below)."
+    )
     for model in models:
         for flag in flags.get(model, []):
             lines.append(f"- {model}: {flag}")
@@ -180,17 +181,31 @@ def csv_table(rows: list[dict], model_order: list[str] | None = None) -> str:
         for c in columns:
             cell = cells.get((model, c))
             if cell:
-                writer.writerow([model, c.attack, f"{c.eps:.6f}", f"{c.eps * 255:.2f}", f"{cell.accuracy:.4f}",
-                                 f"{cell.ci_low:.4f}", f"{cell.ci_high:.4f}", cell.n,
-                                 "" if cell.all_path_accuracy is None else f"{cell.all_path_accuracy:.4f}"])
+                writer.writerow(
+                    [
+                        model,
+                        c.attack,
+                        f"{c.eps:.6f}",
+                        f"{c.eps * 255:.2f}",
+                        f"{cell.accuracy:.4f}",
+                        f"{cell.ci_low:.4f}",
+                        f"{cell.ci_high:.4f}",
+                        cell.n,
+                        "" if cell.all_path_accuracy is None else f"{cell.all_path_accuracy:.4f}",
+                    ]
+                )
     return out.getvalue()
 
 
 def console_table(rows: list[dict], model_order: list[str] | None = None, title: str | None = None) -> str:
     """The table as ``sors.evaluation.format_table`` renders it (with its sanity section), else Markdown."""
     models, _, _, _ = table_data(rows, model_order)
-    by_model = {m: [row_to_result(r, CellResult) for r in sorted(rows, key=lambda r: (r["attack"], r["eps"]))
-                    if r["model"] == m] for m in models}
+    by_model = {
+        m: [
+            row_to_result(r, CellResult) for r in sorted(rows, key=lambda r: (r["attack"], r["eps"])) if r["model"] == m
+        ]
+        for m in models
+    }
     by_model = {m: rs for m, rs in by_model.items() if rs}
     if not by_model:
         return "(no evaluation results)"
@@ -209,10 +224,13 @@ def console_report(rows: list[dict], model_order: list[str] | None = None, title
 
 # ---------------------------------------------------------------- plots
 
+
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -235,8 +253,10 @@ def plot_accuracy_vs_eps(rows: list[dict], path: Path, model_order: list[str] | 
                 continue
             xs = [p[0] for p in points]
             ys = [100 * p[1].accuracy for p in points]
-            err = [[max(0.0, 100 * (p[1].accuracy - p[1].ci_low)) for p in points],  # clamp float round-off
-                   [max(0.0, 100 * (p[1].ci_high - p[1].accuracy)) for p in points]]
+            err = [
+                [max(0.0, 100 * (p[1].accuracy - p[1].ci_low)) for p in points],  # clamp float round-off
+                [max(0.0, 100 * (p[1].ci_high - p[1].accuracy)) for p in points],
+            ]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=model)
         ax.set_title(attack_label(attack))
         ax.set_xlabel("eps (x/255)")
@@ -262,8 +282,9 @@ def plot_lambda(rows: list[dict], path: Path) -> Path | None:
     """Fig. 7: accuracy vs lambda for single-path super-networks, one panel per attack, one line per
     eps and the clean accuracy in every panel; None when fewer than :data:`LAMBDA_PLOT_MIN` lambdas
     were evaluated."""
-    rows = [r for r in rows if (r.get("role") or "main") == "main" and _super_network(r["arch"])
-            and r["average_paths"] == 1]
+    rows = [
+        r for r in rows if (r.get("role") or "main") == "main" and _super_network(r["arch"]) and r["average_paths"] == 1
+    ]
     lambdas = sorted({r["lambda"] for r in rows})
     if len(lambdas) < LAMBDA_PLOT_MIN:
         return None
@@ -280,7 +301,9 @@ def plot_lambda(rows: list[dict], path: Path) -> Path | None:
     for ax, name in zip(axes[0], names):
         if clean:
             xs = sorted(clean)
-            ax.plot(xs, [100 * pooled(clean[x]).accuracy for x in xs], marker="s", color="k", linewidth=2.5, label="clean")
+            ax.plot(
+                xs, [100 * pooled(clean[x]).accuracy for x in xs], marker="s", color="k", linewidth=2.5, label="clean"
+            )
         for eps, by_lambda in sorted(panels.get(name, {}).items()):
             xs = sorted(by_lambda)
             ax.plot(xs, [100 * pooled(by_lambda[x]).accuracy for x in xs], marker="o", label=f"eps {eps_text(eps)}")
@@ -299,8 +322,11 @@ def plot_lambda(rows: list[dict], path: Path) -> Path | None:
 def plot_gradient_angles(records: list[dict], path: Path) -> Path | None:
     """Fig. 6: histogram of angles (degrees) between input gradients of random sub-network pairs
     (ensemble members for ensembles), one per model; 90 degrees = orthogonal."""
-    series = {r["label"]: [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in r.get("grad_cosines") or []]
-              for r in records if r}
+    series = {
+        r["label"]: [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in r.get("grad_cosines") or []]
+        for r in records
+        if r
+    }
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
@@ -319,19 +345,29 @@ def plot_gradient_angles(records: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_report(rows: list[dict], records: list[dict], out_dir: str | Path, title: str | None = None,
-                 model_order: list[str] | None = None) -> list[Path]:
+def write_report(
+    rows: list[dict],
+    records: list[dict],
+    out_dir: str | Path,
+    title: str | None = None,
+    model_order: list[str] | None = None,
+) -> list[Path]:
     """Write ``table.md``, ``table.csv`` and the plots into ``out_dir``; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("table.md", markdown_table(rows, model_order, title)), ("table.csv", csv_table(rows, model_order))):
+    for name, text in (
+        ("table.md", markdown_table(rows, model_order, title)),
+        ("table.csv", csv_table(rows, model_order)),
+    ):
         (out / name).write_text(text + ("\n" if not text.endswith("\n") else ""))
         written.append(out / name)
-    for plot in (plot_accuracy_vs_eps(rows, out / "accuracy_vs_eps.png", model_order),
-                 plot_lambda(rows, out / "lambda_sweep.png"),
-                 plot_gradient_angles(records, out / "gradient_angles.png"),
-                 paper_report.plot_loss_curves(records, out / "loss_curves.png", _pyplot)):
+    for plot in (
+        plot_accuracy_vs_eps(rows, out / "accuracy_vs_eps.png", model_order),
+        plot_lambda(rows, out / "lambda_sweep.png"),
+        plot_gradient_angles(records, out / "gradient_angles.png"),
+        paper_report.plot_loss_curves(records, out / "loss_curves.png", _pyplot),
+    ):
         if plot:
             written.append(plot)
     return written

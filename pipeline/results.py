@@ -27,51 +27,55 @@ PARTITION_KEYS = ("dataset", "attack")
 PARTITIONING = pads.partitioning(pa.schema([("dataset", pa.string()), ("attack", pa.string())]), flavor="hive")
 
 # Columns stored in every file, in order (the partition columns are added back on read).
-FILE_SCHEMA = pa.schema([
-    ("cell_id", pa.string()),
-    ("schema_version", pa.int32()),
-    ("sweep", pa.string()),
-    ("trial", pa.string()),
-    ("variant", pa.string()),
-    ("model", pa.string()),
-    ("arch", pa.string()),
-    ("lambda", pa.float64()),
-    ("n_ops", pa.int32()),
-    ("paths_per_step", pa.int32()),
-    ("average_paths", pa.int32()),
-    ("norm", pa.string()),
-    ("eps", pa.float64()),
-    ("steps", pa.int32()),
-    ("eot_samples", pa.int32()),
-    ("repeats", pa.int32()),
-    ("seed", pa.int64()),
-    ("role", pa.string()),
-    ("n", pa.int64()),
-    ("correct", pa.float64()),
-    ("accuracy", pa.float64()),
-    ("ci_low", pa.float64()),
-    ("ci_high", pa.float64()),
-    ("all_path_accuracy", pa.float64()),
-    ("all_path_exact", pa.bool_()),
-    ("all_path_count", pa.int64()),
-    ("example_index", pa.list_(pa.int64())),
-    ("example_correct", pa.list_(pa.float64())),
-    ("example_correct_min", pa.list_(pa.float64())),
-    ("sanity_flags", pa.list_(pa.string())),
-    ("seconds", pa.float64()),
-    ("attack_spec", pa.string()),
-    ("extra", pa.string()),
-    ("checkpoint_uri", pa.string()),
-    ("checkpoint_sha256", pa.string()),
-    ("config_hash", pa.string()),
-    ("mlflow_run_id", pa.string()),
-    ("code_version", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    ("node_id", pa.string()),  # added in schema 2: Ray node that evaluated the cell (null in older rows)
-], metadata={"sors.schema_version": str(SCHEMA_VERSION)})
+FILE_SCHEMA = pa.schema(
+    [
+        ("cell_id", pa.string()),
+        ("schema_version", pa.int32()),
+        ("sweep", pa.string()),
+        ("trial", pa.string()),
+        ("variant", pa.string()),
+        ("model", pa.string()),
+        ("arch", pa.string()),
+        ("lambda", pa.float64()),
+        ("n_ops", pa.int32()),
+        ("paths_per_step", pa.int32()),
+        ("average_paths", pa.int32()),
+        ("norm", pa.string()),
+        ("eps", pa.float64()),
+        ("steps", pa.int32()),
+        ("eot_samples", pa.int32()),
+        ("repeats", pa.int32()),
+        ("seed", pa.int64()),
+        ("role", pa.string()),
+        ("n", pa.int64()),
+        ("correct", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("all_path_accuracy", pa.float64()),
+        ("all_path_exact", pa.bool_()),
+        ("all_path_count", pa.int64()),
+        ("example_index", pa.list_(pa.int64())),
+        ("example_correct", pa.list_(pa.float64())),
+        ("example_correct_min", pa.list_(pa.float64())),
+        ("sanity_flags", pa.list_(pa.string())),
+        ("seconds", pa.float64()),
+        ("attack_spec", pa.string()),
+        ("extra", pa.string()),
+        ("checkpoint_uri", pa.string()),
+        ("checkpoint_sha256", pa.string()),
+        ("config_hash", pa.string()),
+        ("mlflow_run_id", pa.string()),
+        ("code_version", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("node_id", pa.string()),  # added in schema 2: Ray node that evaluated the cell (null in older rows)
+    ],
+    metadata={"sors.schema_version": str(SCHEMA_VERSION)},
+)
 
-SCHEMA = pa.schema(list(FILE_SCHEMA) + [pa.field(k, pa.string()) for k in PARTITION_KEYS],
-                   metadata=FILE_SCHEMA.metadata)
+SCHEMA = pa.schema(
+    list(FILE_SCHEMA) + [pa.field(k, pa.string()) for k in PARTITION_KEYS], metadata=FILE_SCHEMA.metadata
+)
 
 
 class ResultsError(ValueError):
@@ -81,8 +85,9 @@ class ResultsError(ValueError):
 def unreadable(path: str | os.PathLike, err: BaseException | None = None) -> ResultsError:
     """The error for an unreadable cell file, saying how to recover (the cell is recomputed once gone)."""
     why = f" ({type(err).__name__})" if err is not None else ""
-    return ResultsError(f"{path}: unreadable Parquet cell file, truncated or corrupt{why}; "
-                        "delete it and rerun to recompute that cell")
+    return ResultsError(
+        f"{path}: unreadable Parquet cell file, truncated or corrupt{why}; delete it and rerun to recompute that cell"
+    )
 
 
 def _safe(value: str) -> str:
@@ -157,9 +162,13 @@ def read_table(root: str | os.PathLike, filter_expr=None) -> pa.Table:
     paths = files(root)
     if not paths:
         return SCHEMA.empty_table()
-    dataset = pads.dataset([str(p) for p in paths], schema=FILE_SCHEMA.append(pa.field("dataset", pa.string()))
-                           .append(pa.field("attack", pa.string())), format="parquet",
-                           partitioning=PARTITIONING, partition_base_dir=str(Path(root)))
+    dataset = pads.dataset(
+        [str(p) for p in paths],
+        schema=FILE_SCHEMA.append(pa.field("dataset", pa.string())).append(pa.field("attack", pa.string())),
+        format="parquet",
+        partitioning=PARTITIONING,
+        partition_base_dir=str(Path(root)),
+    )
     try:
         table = dataset.to_table(filter=filter_expr)
     except (pa.ArrowException, OSError) as err:

@@ -43,18 +43,29 @@ class SubmitError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     """``sors submit``'s parser: its own options plus every ``sors sweep`` flag (forwarded to the job)."""
     parser = OneLineArgumentParser(prog="sors submit", description="run `sors sweep PRESET ...` as a Ray job")
-    cliutil.add_sweep_flags(parser, "check the sweep's inputs on the cluster, run nothing",
-                            "run models over 2 GiB of weights or 64 ensemble members")
+    cliutil.add_sweep_flags(
+        parser,
+        "check the sweep's inputs on the cluster, run nothing",
+        "run models over 2 GiB of weights or 64 ensemble members",
+    )
     cliutil.add_common(parser)
     job = parser.add_argument_group("job options")
-    job.add_argument("--address", default=os.environ.get(ADDRESS_ENV) or None,
-                     help=f"Jobs API of the cluster, http://HOST:8265 (default ${ADDRESS_ENV})")
+    job.add_argument(
+        "--address",
+        default=os.environ.get(ADDRESS_ENV) or None,
+        help=f"Jobs API of the cluster, http://HOST:8265 (default ${ADDRESS_ENV})",
+    )
     job.add_argument("--no-wait", action="store_true", help="submit, print the id and return")
-    job.add_argument("--status", metavar="ID", default=None, help="print a job's status; exit with its code if it ended")
+    job.add_argument(
+        "--status", metavar="ID", default=None, help="print a job's status; exit with its code if it ended"
+    )
     job.add_argument("--stop", metavar="ID", default=None, help="stop a job")
     job.add_argument("--submission-id", default=None, help="the job's id (default: derived from the sweep)")
-    job.add_argument("--working-dir", default=None,
-                     help="upload this folder as the job's working directory (default: the project installed on the cluster)")
+    job.add_argument(
+        "--working-dir",
+        default=None,
+        help="upload this folder as the job's working directory (default: the project installed on the cluster)",
+    )
     return parser
 
 
@@ -121,8 +132,10 @@ def free_submission_id(jobs, base: str) -> str:
         if info is None:
             return candidate
         if str(info.status) not in ENDED:
-            raise SubmitError(f"this sweep is already submitted as {candidate} ({info.status}): follow it with "
-                              f"`sors submit --status {candidate}` or stop it with `sors submit --stop {candidate}`")
+            raise SubmitError(
+                f"this sweep is already submitted as {candidate} ({info.status}): follow it with "
+                f"`sors submit --status {candidate}` or stop it with `sors submit --stop {candidate}`"
+            )
         n += 1
         candidate = f"{base}-{n}"
 
@@ -140,6 +153,7 @@ def exit_code(info) -> int:
 
 def follow(jobs, submission_id: str) -> int:
     """Print the job's logs as they come; return its exit code once it has ended."""
+
     async def tail() -> None:
         async for lines in jobs.tail_job_logs(submission_id):
             print(redact(lines), end="", flush=True)
@@ -185,8 +199,12 @@ def submit(args, argv: list[str], command: list[str] | None = None) -> int:
     submission_id = args.submission_id or free_submission_id(jobs, base_submission_id(name, command))
     runtime_env = {"working_dir": args.working_dir} if args.working_dir else None
     try:
-        jobs.submit_job(entrypoint=shlex.join(command), submission_id=submission_id, runtime_env=runtime_env,
-                        metadata={"sors.job": name})
+        jobs.submit_job(
+            entrypoint=shlex.join(command),
+            submission_id=submission_id,
+            runtime_env=runtime_env,
+            metadata={"sors.job": name},
+        )
     except Exception as err:  # noqa: BLE001 -- the API's refusal, in one line
         raise SubmitError(f"submitting {submission_id}: {_first_line(err)}") from None
     print(f"sors submit: submitted {submission_id}: {shlex.join(command)}", file=sys.stderr)
@@ -196,16 +214,19 @@ def submit(args, argv: list[str], command: list[str] | None = None) -> int:
     try:
         return follow(jobs, submission_id)
     except KeyboardInterrupt:
-        print(f"sors submit: stopped following; the job runs on -- `sors submit --status {submission_id}`, "
-              f"`sors submit --stop {submission_id}`", file=sys.stderr)
+        print(
+            f"sors submit: stopped following; the job runs on -- `sors submit --status {submission_id}`, "
+            f"`sors submit --stop {submission_id}`",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     """``sors submit ...``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[argv.index("--") + 1:] if "--" in argv else None
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    command = argv[argv.index("--") + 1 :] if "--" in argv else None
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:

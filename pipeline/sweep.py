@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import ray
 from ray import tune
 
 from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
 from pipeline.cliutil import original_error, root_cause
-from pipeline.records import find_trained, load_record, save_record
 from pipeline.presets import Sweep, TrialSpec
+from pipeline.records import find_trained, load_record, save_record
 from sors import config as config_lib
 from sors import data as data_lib
 from sors import train as train_lib
@@ -61,6 +60,7 @@ class SweepInterrupted(RuntimeError):
 @dataclass(frozen=True)
 class SweepOptions:
     """Where things go: results folder, checkpoint storage, MLflow; plus behaviour switches."""
+
     results_dir: str = "results"
     storage_path: str | None = None  # default <results>/ray
     tracking_uri: str | None = None  # default sqlite:///<results>/mlflow.db (or MLFLOW_TRACKING_URI)
@@ -77,8 +77,12 @@ class SweepOptions:
         storage_path = self.storage_path or trainer.default_storage(results_dir)
         if not storage.is_remote(storage_path):
             storage_path = str(Path(storage_path).resolve())
-        return dataclasses.replace(self, results_dir=results_dir, storage_path=storage_path,
-                                   tracking_uri=self.tracking_uri or tracking.default_tracking_uri(results_dir))
+        return dataclasses.replace(
+            self,
+            results_dir=results_dir,
+            storage_path=storage_path,
+            tracking_uri=self.tracking_uri or tracking.default_tracking_uri(results_dir),
+        )
 
     @property
     def store(self) -> str:
@@ -92,6 +96,7 @@ class SweepOptions:
 @dataclass
 class SweepSummary:
     """What a sweep did (counts are of this invocation) and the rows it covers."""
+
     sweep: str
     trials_run: int = 0
     trials_skipped: int = 0
@@ -104,8 +109,16 @@ class SweepSummary:
 
 # ---------------------------------------------------------------- cells
 
-def cell_specs(trial: TrialSpec, record: dict, plan: presets.EvalPlan, sweep: str, code_version: str = "",
-               data_root: str | None = None, sources: dict[str, dict] | None = None) -> list[cells_lib.CellSpec]:
+
+def cell_specs(
+    trial: TrialSpec,
+    record: dict,
+    plan: presets.EvalPlan,
+    sweep: str,
+    code_version: str = "",
+    data_root: str | None = None,
+    sources: dict[str, dict] | None = None,
+) -> list[cells_lib.CellSpec]:
     """Every evaluation cell of a trained trial: (checkpoint, each variant) x attacks x eps x seeds.
     ``sources``: the model records of the trials the plan's transfer attacks craft on (``trial:<name>``)."""
     specs = []
@@ -117,13 +130,28 @@ def cell_specs(trial: TrialSpec, record: dict, plan: presets.EvalPlan, sweep: st
         for attack, role in plan.cells(randomized):
             source_uri, source_sha, source_label = transfer_source(attack.source, sources or {})
             for seed in plan.seeds:
-                specs.append(cells_lib.CellSpec(
-                    checkpoint_uri=record["checkpoint_uri"], checkpoint_sha256=record["checkpoint_sha256"],
-                    dataset=trial.config.data.name, attack=attack, eval=eval_cfg, seed=seed,
-                    average_paths=variant.average_paths, source_uri=source_uri, source_sha256=source_sha,
-                    sweep=sweep, trial=trial.name, variant=variant.name,
-                    model_label=variant.label, role=role, source_label=source_label,
-                    mlflow_run_id=record.get("mlflow_run_id"), code_version=code_version, data_root=data_root))
+                specs.append(
+                    cells_lib.CellSpec(
+                        checkpoint_uri=record["checkpoint_uri"],
+                        checkpoint_sha256=record["checkpoint_sha256"],
+                        dataset=trial.config.data.name,
+                        attack=attack,
+                        eval=eval_cfg,
+                        seed=seed,
+                        average_paths=variant.average_paths,
+                        source_uri=source_uri,
+                        source_sha256=source_sha,
+                        sweep=sweep,
+                        trial=trial.name,
+                        variant=variant.name,
+                        model_label=variant.label,
+                        role=role,
+                        source_label=source_label,
+                        mlflow_run_id=record.get("mlflow_run_id"),
+                        code_version=code_version,
+                        data_root=data_root,
+                    )
+                )
     return specs
 
 
@@ -133,7 +161,7 @@ def transfer_source(source: str | None, sources: dict[str, dict]) -> tuple[str |
     if not source:
         return None, None, ""
     if source.startswith(presets.TEACHER_PREFIX):
-        name = source[len(presets.TEACHER_PREFIX):]
+        name = source[len(presets.TEACHER_PREFIX) :]
         record = sources.get(name)
         if not record:
             raise SweepError(f"transfer source {name} has no trained model yet")
@@ -157,11 +185,13 @@ def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
     sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)
     if len(sources) < len(sweep.evaluation.source_trials()):
         return False
-    return all(results.is_done(opts.store, s) for s in cell_specs(trial, record, sweep.evaluation, sweep.name,
-                                                                  sources=sources))
+    return all(
+        results.is_done(opts.store, s) for s in cell_specs(trial, record, sweep.evaluation, sweep.name, sources=sources)
+    )
 
 
 # ---------------------------------------------------------------- the trial (runs in a Tune trial actor)
+
 
 def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     """Train with Ray Train (resuming from the latest epoch checkpoint if any) and write the model record."""
@@ -170,21 +200,37 @@ def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     opts = SweepOptions(**ctx["options"])
     name = trainer.run_name(ctx["sweep"], trial.name, trial.config)
     hook = tracking.EpochLogger(opts.tracking_uri, run_id)
-    outcome = trainer.train_on_ray(trial.config, name, opts.storage_path, epoch_hook=hook, max_failures=opts.max_failures,
-                          callbacks=[TuneReportCallback()])
+    outcome = trainer.train_on_ray(
+        trial.config,
+        name,
+        opts.storage_path,
+        epoch_hook=hook,
+        max_failures=opts.max_failures,
+        callbacks=[TuneReportCallback()],
+    )
     local = storage.local_copy(outcome.checkpoint_uri)
     model, cfg, payload = train_lib.load_checkpoint(local)
     grads = gradients.measure(model, cfg.data.name, opts.data_root or cfg.data.root)
-    record = {"sweep": ctx["sweep"], "trial": trial.name, "label": trial.label,
-              "variants": [dataclasses.asdict(v) for v in trial.variants],
-              "config": config_lib.to_dict(trial.config), "config_hash": config_lib.config_hash(trial.config),
-              "run_name": name, "checkpoint_uri": outcome.checkpoint_uri,
-              "train_node_id": outcome.metrics.get("node_id"),  # Ray node of training rank 0
-              "checkpoint_sha256": storage.file_sha256(local), "mlflow_run_id": run_id,
-              "epochs": payload.get("epoch"), "history": payload.get("history", []),
-              "grad_cosines": grads["cosines"], "grad_mean_abs_cos": grads["mean_abs_cos"],
-              "code_version": ctx["code_version"], "created_at": datetime.now(timezone.utc).isoformat(),
-              "evaluated": False}
+    record = {
+        "sweep": ctx["sweep"],
+        "trial": trial.name,
+        "label": trial.label,
+        "variants": [dataclasses.asdict(v) for v in trial.variants],
+        "config": config_lib.to_dict(trial.config),
+        "config_hash": config_lib.config_hash(trial.config),
+        "run_name": name,
+        "checkpoint_uri": outcome.checkpoint_uri,
+        "train_node_id": outcome.metrics.get("node_id"),  # Ray node of training rank 0
+        "checkpoint_sha256": storage.file_sha256(local),
+        "mlflow_run_id": run_id,
+        "epochs": payload.get("epoch"),
+        "history": payload.get("history", []),
+        "grad_cosines": grads["cosines"],
+        "grad_mean_abs_cos": grads["mean_abs_cos"],
+        "code_version": ctx["code_version"],
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "evaluated": False,
+    }
     save_record(opts.results_dir, record)  # MLflow (probe, model, checkpoint) follows in sync.track: it may be down
     return record
 
@@ -206,8 +252,15 @@ def run_trial(params: dict, ctx: dict) -> dict:
         if not record or record.get("config_hash") != config_lib.config_hash(trial.config):
             record = _train(trial, ctx, run_id)
         record = sync.adopt_run(opts.results_dir, record, run_id, opts.parent_run_id)
-        specs = cell_specs(trial, record, plan, ctx["sweep"], ctx["code_version"], opts.data_root,
-                           source_records(opts.results_dir, ctx["sweep"], plan))
+        specs = cell_specs(
+            trial,
+            record,
+            plan,
+            ctx["sweep"],
+            ctx["code_version"],
+            opts.data_root,
+            source_records(opts.results_dir, ctx["sweep"], plan),
+        )
         skipped = sum(results.is_done(opts.store, s) for s in specs)
         new = 0
         tune.report({"cells_new": 0, "cells_skipped": skipped, "cells_total": len(specs)})
@@ -231,11 +284,17 @@ def run_trial(params: dict, ctx: dict) -> dict:
     except Exception:
         sync.mark_failed(opts.tracking_uri, run_id)
         raise
-    return {"trial_done": 1, "cells_new": new, "cells_skipped": skipped, "cells_total": len(specs),
-            "checkpoint_uri": record["checkpoint_uri"]}
+    return {
+        "trial_done": 1,
+        "cells_new": new,
+        "cells_skipped": skipped,
+        "cells_total": len(specs),
+        "checkpoint_uri": record["checkpoint_uri"],
+    }
 
 
 # ---------------------------------------------------------------- the driver
+
 
 class _Bars:
     """tqdm bars on the driver: epochs trained and evaluation cells finished, over all trials."""
@@ -243,8 +302,9 @@ class _Bars:
     def __init__(self, epochs_total: int, cells_total: int, enabled: bool):
         from tqdm.auto import tqdm
 
-        self.epochs = tqdm(total=epochs_total, desc="epochs", unit="epoch", disable=not enabled or not epochs_total,
-                           dynamic_ncols=True)
+        self.epochs = tqdm(
+            total=epochs_total, desc="epochs", unit="epoch", disable=not enabled or not epochs_total, dynamic_ncols=True
+        )
         self.cells = tqdm(total=cells_total, desc="cells ", unit="cell", disable=not enabled, dynamic_ncols=True)
         self.seen_epochs: dict[str, int] = {}
         self.seen_cells: dict[str, int] = {}
@@ -289,11 +349,19 @@ def _cost(trial: TrialSpec) -> float:
 
 
 def _context(sweep: Sweep, opts: SweepOptions, code_version: str) -> dict:
-    return {"sweep": sweep.name, "preset": sweep.preset, "code_version": code_version,
-            "options": dataclasses.asdict(opts),
-            "evaluation": {"clean": sweep.evaluation.clean, "attacks": [dict(a) for a in sweep.evaluation.attacks],
-                           "eps": list(sweep.evaluation.eps), "seeds": list(sweep.evaluation.seeds),
-                           "sanity": sweep.evaluation.sanity}}
+    return {
+        "sweep": sweep.name,
+        "preset": sweep.preset,
+        "code_version": code_version,
+        "options": dataclasses.asdict(opts),
+        "evaluation": {
+            "clean": sweep.evaluation.clean,
+            "attacks": [dict(a) for a in sweep.evaluation.attacks],
+            "eps": list(sweep.evaluation.eps),
+            "seeds": list(sweep.evaluation.seeds),
+            "sanity": sweep.evaluation.sanity,
+        },
+    }
 
 
 def _resolve_teachers(stage: list[TrialSpec], opts: SweepOptions, sweep: Sweep) -> list[TrialSpec]:
@@ -329,16 +397,35 @@ def lend_trained_models(stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions
         if origin is None:
             continue
         # the loan gets this sweep's MLflow run and cells; it keeps the checkpoint and its history
-        save_record(opts.results_dir, dict(origin, sweep=sweep.name, trial=trial.name, label=trial.label,
-                                           variants=[dataclasses.asdict(v) for v in trial.variants],
-                                           evaluated=False, cells=None, mlflow_run_id=None, mlflow_parent_run_id=None,
-                                           tracking=None, reused_from=f"{origin['sweep']}/{origin['trial']}"))
+        save_record(
+            opts.results_dir,
+            dict(
+                origin,
+                sweep=sweep.name,
+                trial=trial.name,
+                label=trial.label,
+                variants=[dataclasses.asdict(v) for v in trial.variants],
+                evaluated=False,
+                cells=None,
+                mlflow_run_id=None,
+                mlflow_parent_run_id=None,
+                tracking=None,
+                reused_from=f"{origin['sweep']}/{origin['trial']}",
+            ),
+        )
         loans.append(f"{trial.name} <- {origin['sweep']}/{origin['trial']}")
     return loans
 
 
-def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions, ctx: dict,
-               experiment_id: str, summary: SweepSummary) -> None:
+def _run_stage(
+    k: int,
+    stage: list[TrialSpec],
+    sweep: Sweep,
+    opts: SweepOptions,
+    ctx: dict,
+    experiment_id: str,
+    summary: SweepSummary,
+) -> None:
     for loan in lend_trained_models(stage, sweep, opts, ctx["code_version"]):
         log.warning("sweep %s: %s (same config and code: its model is evaluated, not retrained)", sweep.name, loan)
     todo = [t for t in stage if not trial_complete(opts, sweep, t)]
@@ -349,22 +436,42 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     grid = []
     for trial in todo:
         params = config_lib.flat_dict(trial.config)
-        tags = {tracking.TAG_SWEEP: sweep.name, tracking.TAG_PRESET: sweep.preset,
-                tracking.TAG_CODE: ctx["code_version"], "sors.label": trial.label}
+        tags = {
+            tracking.TAG_SWEEP: sweep.name,
+            tracking.TAG_PRESET: sweep.preset,
+            tracking.TAG_CODE: ctx["code_version"],
+            "sors.label": trial.label,
+        }
         record = load_record(opts.results_dir, sweep.name, trial.name) or {}
-        trained = record.get("checkpoint_sha256") if record.get("config_hash") == config_lib.config_hash(trial.config) else None
-        run_id = sync.run_or_none(opts.tracking_uri, experiment_id, trial.name,  # None: MLflow down, sync later
-                                  config_lib.config_hash(trial.config), params, tags, opts.parent_run_id, trained)
+        trained = (
+            record.get("checkpoint_sha256")
+            if record.get("config_hash") == config_lib.config_hash(trial.config)
+            else None
+        )
+        run_id = sync.run_or_none(
+            opts.tracking_uri,
+            experiment_id,
+            trial.name,  # None: MLflow down, sync later
+            config_lib.config_hash(trial.config),
+            params,
+            tags,
+            opts.parent_run_id,
+            trained,
+        )
         grid.append({"trial": presets.trial_to_dict(trial), "run_id": run_id})
     needs_training = [t for t in todo if not load_record(opts.results_dir, sweep.name, t.name)]
+
     def n_cells(t: TrialSpec) -> int:
         cells = sweep.evaluation.cells(presets.is_randomized_arch(t.config.model.name))
         return len(cells) * len(sweep.evaluation.seeds) * len(t.evaluated())
 
-    bars = _ACTIVE_BARS["sweep"] = _Bars(sum(t.config.train.epochs or 0 for t in needs_training),
-                                         sum(n_cells(t) for t in todo), opts.progress)
+    bars = _ACTIVE_BARS["sweep"] = _Bars(
+        sum(t.config.train.epochs or 0 for t in needs_training), sum(n_cells(t) for t in todo), opts.progress
+    )
     gpu = any(trainer.use_gpu(t.config) for t in todo)
-    shortage = cluster.shortage(max(t.config.train.num_workers for t in needs_training), gpu) if needs_training else None
+    shortage = (
+        cluster.shortage(max(t.config.train.num_workers for t in needs_training), gpu) if needs_training else None
+    )
     if shortage:
         log.warning("sweep %s: %s", sweep.name, shortage)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), cluster.trial_resources())
@@ -378,10 +485,19 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
                 param_space={"spec": tune.grid_search(grid)},
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=cluster.max_concurrent_trials(
-                        max(t.config.train.num_workers for t in todo), gpu, len(todo), opts.max_concurrent_trials),
-                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=experiment, storage_path=opts.storage_path, verbose=0,
-                                          callbacks=[_Progress()], failure_config=tune.FailureConfig(max_failures=0)))
+                        max(t.config.train.num_workers for t in todo), gpu, len(todo), opts.max_concurrent_trials
+                    ),
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=experiment,
+                    storage_path=opts.storage_path,
+                    verbose=0,
+                    callbacks=[_Progress()],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
         grid_result = tuner.fit()
     finally:
         _ACTIVE_BARS.pop("sweep", None)
@@ -391,8 +507,11 @@ def _run_stage(k: int, stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions,
     if errors:
         name, error = errors[0]
         cause = original_error(error)
-        why = " ".join(str(cause).split())[:400] if isinstance(cause, USER_ERRORS) and str(cause).strip() \
+        why = (
+            " ".join(str(cause).split())[:400]
+            if isinstance(cause, USER_ERRORS) and str(cause).strip()
             else root_cause(error)
+        )
         raise SweepError(f"trial {name} failed: {why}", cause=cause)
     unfinished = [t.name for t in todo if not trial_complete(opts, sweep, t)]
     if unfinished:
@@ -407,8 +526,7 @@ def _restore(path: str, trainable) -> tune.Tuner | None:
             return None
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     except Exception as err:  # noqa: BLE001 -- unreadable state must not block the resume
-        log.warning("could not restore the Tune state at %s (%s); continuing with a fresh Tuner",
-                    path, root_cause(err))
+        log.warning("could not restore the Tune state at %s (%s); continuing with a fresh Tuner", path, root_cause(err))
         return None
 
 
@@ -426,8 +544,9 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
     experiment_id = sync.experiment_or_none(opts.tracking_uri, sweep.name, opts.artifact_root)
     owns_parent = not opts.parent_run_id  # a nightly passes its night's run and ends it itself
     if owns_parent:
-        opts = dataclasses.replace(opts, parent_run_id=sync.parent_or_none(opts.tracking_uri, experiment_id,
-                                                                           sweep.name, sweep.preset))
+        opts = dataclasses.replace(
+            opts, parent_run_id=sync.parent_or_none(opts.tracking_uri, experiment_id, sweep.name, sweep.preset)
+        )
     ctx = _context(sweep, opts, code_version)
     summary = SweepSummary(sweep=sweep.name, parent_run_id=opts.parent_run_id)
     results.remove_stale_temporaries(opts.store)  # what writers killed in an earlier run left behind
@@ -437,16 +556,23 @@ def run_sweep(sweep: Sweep, opts: SweepOptions) -> SweepSummary:
             _run_stage(k, _resolve_teachers(stage, opts, sweep), sweep, opts, ctx, experiment_id, summary)
     except BaseException as err:
         if owns_parent:
-            sync.end_run(opts.tracking_uri, opts.parent_run_id, "KILLED" if isinstance(
-                err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED")
+            sync.end_run(
+                opts.tracking_uri,
+                opts.parent_run_id,
+                "KILLED" if isinstance(err, (KeyboardInterrupt, SweepInterrupted)) else "FAILED",
+            )
         raise
     if owns_parent:
         sync.end_run(opts.tracking_uri, opts.parent_run_id, "FINISHED")
     summary.cells_submitted = len({p.name for p in results.files(opts.store)} - before)
     summary.records = [load_record(opts.results_dir, sweep.name, t.name) for t in sweep.trials]
     sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)
-    wanted = [s for t, r in zip(_resolve_all(sweep, opts), summary.records) if r
-              for s in cell_specs(t, r, sweep.evaluation, sweep.name, sources=sources)]
+    wanted = [
+        s
+        for t, r in zip(_resolve_all(sweep, opts), summary.records)
+        if r
+        for s in cell_specs(t, r, sweep.evaluation, sweep.name, sources=sources)
+    ]
     summary.rows = results.rows_for(opts.store, wanted)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -45,17 +45,19 @@ EPOCH_KEYS = {k: ("epoch_seconds" if k == "seconds" else k) for k in tracking.Ep
 
 # ---------------------------------------------------------------- record state
 
+
 def pending(results_dir: str | Path, sweep: str | None = None, unknown: bool = False) -> list[dict]:
     """Model records whose MLflow run is known to be incomplete (``unknown``: also records that
     predate tracking status, which ``sors sync`` checks too)."""
+
     def needs(record: dict) -> bool:
         status = (record.get("tracking") or {}).get("status")
         return status == INCOMPLETE or (unknown and status != COMPLETE)
+
     return [r for r in records.all_records(results_dir, sweep) if needs(r)]
 
 
-def mark(results_dir: str | Path, record: dict, status: str, error: str | None = None,
-         uri: str | None = None) -> None:
+def mark(results_dir: str | Path, record: dict, status: str, error: str | None = None, uri: str | None = None) -> None:
     """Write the tracking outcome into the record file (``error``/``uri`` stored redacted)."""
     if status == COMPLETE and (record.get("tracking") or {}).get("status") == COMPLETE:
         return  # nothing new: leave the file as it is
@@ -67,10 +69,14 @@ def mark(results_dir: str | Path, record: dict, status: str, error: str | None =
 
 # ---------------------------------------------------------------- what a run is missing
 
+
 def _record_rows(results_dir: str | Path, record: dict) -> list[dict]:
     store = Path(results_dir) / "cells"
-    own = [r for r in results.read_rows(store, sweep=record["sweep"])
-           if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")]
+    own = [
+        r
+        for r in results.read_rows(store, sweep=record["sweep"])
+        if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")
+    ]
     # + the record's cells that another sweep stored first (a model lent by another sweep)
     return own + results.rows_of_records(store, [record], skip={r["cell_id"] for r in own})
 
@@ -108,12 +114,22 @@ def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
     if _existing_run(client, parent) is None:
         parent = sweep_parent(uri, experiment, record["sweep"])
     cfg = config_lib.from_dict(record["config"])
-    tags = {tracking.TAG_SWEEP: record["sweep"], tracking.TAG_CODE: record.get("code_version", ""),
-            "sors.label": record.get("label", record["trial"])}
+    tags = {
+        tracking.TAG_SWEEP: record["sweep"],
+        tracking.TAG_CODE: record.get("code_version", ""),
+        "sors.label": record.get("label", record["trial"]),
+    }
     record["mlflow_parent_run_id"] = parent
-    return tracking.find_or_create_run(uri, experiment, record["trial"], record.get("config_hash")
-                                       or config_lib.config_hash(cfg), config_lib.flat_dict(cfg), tags,
-                                       parent_run_id=parent, checkpoint_sha256=record.get("checkpoint_sha256"))
+    return tracking.find_or_create_run(
+        uri,
+        experiment,
+        record["trial"],
+        record.get("config_hash") or config_lib.config_hash(cfg),
+        config_lib.flat_dict(cfg),
+        tags,
+        parent_run_id=parent,
+        checkpoint_sha256=record.get("checkpoint_sha256"),
+    )
 
 
 def adopt_run(results_dir: str | Path, record: dict, run_id: str | None, parent_run_id: str | None) -> dict:
@@ -196,11 +212,16 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
     cfg = config_lib.from_dict(record["config"])
     reused = version is not None and version.run_id != run.info.run_id
     if not (run.inputs and run.inputs.dataset_inputs):
-        tracking.log_datasets(uri, run.info.run_id, cfg, {"test": "evaluation"} if reused
-                              else {"train": "training", "test": "evaluation"})
+        tracking.log_datasets(
+            uri, run.info.run_id, cfg, {"test": "evaluation"} if reused else {"train": "training", "test": "evaluation"}
+        )
     if reused:
-        tags = {"sors.registered_model": version.name, "sors.model_version": str(version.version),
-                "sors.model_run_id": version.run_id, tracking.TAG_CHECKPOINT: record["checkpoint_sha256"]}
+        tags = {
+            "sors.registered_model": version.name,
+            "sors.model_version": str(version.version),
+            "sors.model_run_id": version.run_id,
+            tracking.TAG_CHECKPOINT: record["checkpoint_sha256"],
+        }
         for key, value in tags.items():
             if run.data.tags.get(key) != value:
                 client.set_tag(run.info.run_id, key, value)
@@ -209,9 +230,14 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
     done["artifacts"] += tracking.upload_changed(uri, run.info.run_id, [local], "checkpoint")
     if version is None:
         train_lib.read_checkpoint(local)  # weights-only: a bad file fails here, with one line
-        name, number = registry.log_model(uri, run.info.run_id, local, cfg,
-                                          registry.registered_name(record["sweep"], record["trial"]),
-                                          record["checkpoint_sha256"])
+        name, number = registry.log_model(
+            uri,
+            run.info.run_id,
+            local,
+            cfg,
+            registry.registered_name(record["sweep"], record["trial"]),
+            record["checkpoint_sha256"],
+        )
         client.set_tag(run.info.run_id, tracking.TAG_CHECKPOINT, record["checkpoint_sha256"])
         record["registered_model"] = {"name": name, "version": number}
         records.save_record(str(results_dir), record)
@@ -221,8 +247,15 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
 
 # ---------------------------------------------------------------- the one function both paths use
 
-def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | None = None,
-          status: str | None = "FINISHED", report: bool = False) -> dict:
+
+def track(
+    uri: str,
+    results_dir: str | Path,
+    record: dict,
+    rows: list[dict] | None = None,
+    status: str | None = "FINISHED",
+    report: bool = False,
+) -> dict:
     """Bring the record's MLflow run up to date with what is on disk; returns counts of what was logged.
 
     ``rows``: the record's cell rows (default: read from the store). ``status``: the run's final
@@ -257,8 +290,9 @@ def track(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | No
     return done
 
 
-def upload_report(uri: str, results_dir: str | Path, sweep: str, parent_run_id: str | None,
-                  files: list[Path] | None = None) -> int:
+def upload_report(
+    uri: str, results_dir: str | Path, sweep: str, parent_run_id: str | None, files: list[Path] | None = None
+) -> int:
     """The sweep's report files (default: ``<results>/reports/<sweep>/``) on its parent run, those
     whose content changed. Returns how many were uploaded."""
     if files is None:
@@ -269,8 +303,14 @@ def upload_report(uri: str, results_dir: str | Path, sweep: str, parent_run_id: 
     return tracking.upload_changed(uri, parent_run_id, files, "report")
 
 
-def track_or_mark(uri: str, results_dir: str | Path, record: dict, rows: list[dict] | None = None,
-                  status: str | None = "FINISHED", report: bool = False) -> dict | None:
+def track_or_mark(
+    uri: str,
+    results_dir: str | Path,
+    record: dict,
+    rows: list[dict] | None = None,
+    status: str | None = "FINISHED",
+    report: bool = False,
+) -> dict | None:
     """:func:`track`, recording the outcome in the record; never raises for MLflow trouble.
 
     Returns what was logged, or None when tracking failed (the record then says ``incomplete``
@@ -305,14 +345,30 @@ def parent_or_none(uri: str, experiment_id: str | None, sweep: str, preset: str 
         return None
 
 
-def run_or_none(uri: str, experiment_id: str | None, trial: str, config_hash: str, params: dict,
-                tags: dict, parent_run_id: str | None = None, checkpoint_sha256: str | None = None) -> str | None:
+def run_or_none(
+    uri: str,
+    experiment_id: str | None,
+    trial: str,
+    config_hash: str,
+    params: dict,
+    tags: dict,
+    parent_run_id: str | None = None,
+    checkpoint_sha256: str | None = None,
+) -> str | None:
     """:func:`tracking.find_or_create_run`, or None when there is no experiment or MLflow fails."""
     if experiment_id is None:
         return None
     try:
-        return tracking.find_or_create_run(uri, experiment_id, trial, config_hash, params, tags,
-                                           parent_run_id=parent_run_id, checkpoint_sha256=checkpoint_sha256)
+        return tracking.find_or_create_run(
+            uri,
+            experiment_id,
+            trial,
+            config_hash,
+            params,
+            tags,
+            parent_run_id=parent_run_id,
+            checkpoint_sha256=checkpoint_sha256,
+        )
     except Exception as err:  # noqa: BLE001
         log.warning("could not create the MLflow run of %s: %s", trial, tracking_line(err))
         return None
@@ -336,21 +392,30 @@ def failure_message(command: str, records: list[dict], results_dir: str, uri: st
     """The CLI's one line when runs could not be fully logged: what failed, that nothing is lost, the fix."""
     first = (records[0].get("tracking") or {}).get("error", "unknown error")
     target = f" {sweep}" if sweep else ""
-    return (f"sors {command}: tracking failed: {len(records)} run(s) not fully logged to MLflow at {redact(uri)} "
-            f"({first}); checkpoints and Parquet results are complete in {results_dir} -- once the server is back "
-            f"run `sors sync{target} --results-dir {results_dir} --tracking-uri {redact(uri)}`")
+    return (
+        f"sors {command}: tracking failed: {len(records)} run(s) not fully logged to MLflow at {redact(uri)} "
+        f"({first}); checkpoints and Parquet results are complete in {results_dir} -- once the server is back "
+        f"run `sors sync{target} --results-dir {results_dir} --tracking-uri {redact(uri)}`"
+    )
 
 
 # ---------------------------------------------------------------- `sors sync`
 
+
 def build_parser():
     """``sors sync [SWEEP] --results-dir DIR --tracking-uri URI [--all]``."""
-    parser = OneLineArgumentParser(prog="sors sync", description="backfill MLflow runs from the results folder "
-                                     "(after the tracking server was unreachable during a sweep)")
+    parser = OneLineArgumentParser(
+        prog="sors sync",
+        description="backfill MLflow runs from the results folder "
+        "(after the tracking server was unreachable during a sweep)",
+    )
     parser.add_argument("sweep", nargs="?", help="only this sweep (default: every sweep in the results folder)")
     parser.add_argument("--results-dir", default="results", help="results folder (default ./results)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<results>/mlflow.db)",
+    )
     parser.add_argument("--all", action="store_true", help="check every run, not only those marked incomplete")
     return parser
 
@@ -374,9 +439,11 @@ def run(args) -> int:
             failed += 1
             print(f"{name}: still failing: {record['tracking']['error']}", file=sys.stderr)
         else:
-            print(f"{name}: run {record['mlflow_run_id']}: logged {done['metrics']} metric(s), "
-                  f"{done['artifacts']} artifact(s){', the model' if done['model'] else ''} "
-                  f"({time.perf_counter() - start:.1f} s)")
+            print(
+                f"{name}: run {record['mlflow_run_id']}: logged {done['metrics']} metric(s), "
+                f"{done['artifacts']} artifact(s){', the model' if done['model'] else ''} "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
     print(f"sors sync: {len(todo) - failed} of {len(todo)} run(s) up to date in MLflow at {redact(uri)}")
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 

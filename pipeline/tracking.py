@@ -34,10 +34,18 @@ from tasks import storage
 log = logging.getLogger("pipeline.tracking")
 # MLflow's HTTP client retries a failing call for about 4 minutes by default; a sweep must not stall that
 # long per call while the server is down (what it cannot log, `sors sync` backfills). Users may override.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-TAG_SWEEP, TAG_TRIAL, TAG_HASH, TAG_PRESET, TAG_CODE = ("sors.sweep", "sors.trial", "sors.config_hash",
-                                                        "sors.preset", "sors.code_version")
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+TAG_SWEEP, TAG_TRIAL, TAG_HASH, TAG_PRESET, TAG_CODE = (
+    "sors.sweep",
+    "sors.trial",
+    "sors.config_hash",
+    "sors.preset",
+    "sors.code_version",
+)
 TAG_PARENT, TAG_COMMIT = "mlflow.parentRunId", "mlflow.source.git.commit"
 TAG_ROLE, TAG_PARENT_KEY = "sors.run_role", "sors.parent_key"  # role: sweep | nightly | trial
 TAG_CHECKPOINT = "sors.checkpoint_sha256"  # set once the run holds its model: that model's checkpoint
@@ -57,12 +65,18 @@ def code_version() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return sha.stdout.strip()[:12] + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return "v" + version("sors-pipeline")
     except PackageNotFoundError:
@@ -102,7 +116,8 @@ def unreachable(err: BaseException) -> bool:
     """True when ``err`` says the tracking server could not be reached (not worth retrying here)."""
     text = str(err)
     return isinstance(err, ConnectionError) or any(
-        s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out"))
+        s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out")
+    )
 
 
 def client(tracking_uri: str):
@@ -139,16 +154,25 @@ def parent_run(tracking_uri: str, experiment_id: str, key: str, run_name: str, t
     """The parent run keyed ``key`` in the experiment (a sweep's name, a nightly night's id), created
     with ``tags`` when missing. Returns its id."""
     mlflow_client = client(tracking_uri)
-    found = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT_KEY}` = '{key}'",
-                                      max_results=1)
+    found = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT_KEY}` = '{key}'", max_results=1
+    )
     if found:
         return found[0].info.run_id
     all_tags = {**redact_mapping(tags), TAG_PARENT_KEY: key, **source_tags()}
     return mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
 
 
-def find_or_create_run(tracking_uri: str, experiment_id: str, trial: str, config_hash: str, params: dict,
-                       tags: dict, parent_run_id: str | None = None, checkpoint_sha256: str | None = None) -> str:
+def find_or_create_run(
+    tracking_uri: str,
+    experiment_id: str,
+    trial: str,
+    config_hash: str,
+    params: dict,
+    tags: dict,
+    parent_run_id: str | None = None,
+    checkpoint_sha256: str | None = None,
+) -> str:
     """The run of a trial under ``parent_run_id`` (same trial name and config hash: a resumed sweep
     reuses it), else a new one with ``params`` and ``tags`` logged. Returns the run id.
 
@@ -170,7 +194,7 @@ def find_or_create_run(tracking_uri: str, experiment_id: str, trial: str, config
     run = mlflow_client.create_run(experiment_id, run_name=trial, tags=all_tags)
     params = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
     for start in range(0, len(params), 100):  # MLflow caps a batch at 100 params
-        mlflow_client.log_batch(run.info.run_id, params=params[start:start + 100])
+        mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100])
     mlflow_client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
     return run.info.run_id
 
@@ -180,16 +204,31 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    ]
     for start in range(0, len(batch), 1000):
-        _retry(client(tracking_uri).log_batch, run_id, metrics=batch[start:start + 1000])
+        _retry(client(tracking_uri).log_batch, run_id, metrics=batch[start : start + 1000])
 
 
 class EpochLogger:
     """Picklable per-epoch metric logger that Ray Train's rank 0 calls as ``logger(epoch, row)``."""
 
-    KEYS = ("loss", "ce", "ortho", "kd", "train_acc", "clean_acc", "val_loss", "grad_abs_cos", "grad_cos2", "lr", "seconds")
+    KEYS = (
+        "loss",
+        "ce",
+        "ortho",
+        "kd",
+        "train_acc",
+        "clean_acc",
+        "val_loss",
+        "grad_abs_cos",
+        "grad_cos2",
+        "lr",
+        "seconds",
+    )
 
     def __init__(self, tracking_uri: str, run_id: str | None):
         self.tracking_uri = tracking_uri
@@ -203,9 +242,10 @@ class EpochLogger:
         try:
             log_metrics(self.tracking_uri, self.run_id, metrics, step=epoch)
         except Exception as err:  # noqa: BLE001 -- tracking trouble must not kill a training run
-
             self.down_until = time.time() + 60  # one slow failure a minute, not one per epoch
-            log.warning("could not log epoch %d metrics to MLflow: %s", epoch, redact((str(err).splitlines() or [""])[0]))
+            log.warning(
+                "could not log epoch %d metrics to MLflow: %s", epoch, redact((str(err).splitlines() or [""])[0])
+            )
 
 
 def metric_key(row: dict) -> str:
@@ -238,8 +278,9 @@ def eval_metrics(rows: Iterable[dict]) -> dict[str, float]:
             present = [values[name] for values in seeds.values() if name in values]
             metrics[f"{key}_{name}"] = sum(present) / len(present)
             if len(seeds) > 1:
-                metrics.update({f"{key}_seed{seed}_{name}": values[name] for seed, values in seeds.items()
-                                if name in values})
+                metrics.update(
+                    {f"{key}_seed{seed}_{name}": values[name] for seed, values in seeds.items() if name in values}
+                )
     return metrics
 
 
@@ -271,8 +312,9 @@ def read_manifest(tracking_uri: str, run_id: str) -> dict[str, str]:
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory() as folder:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MANIFEST, dst_path=folder,
-                                                    tracking_uri=tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=MANIFEST, dst_path=folder, tracking_uri=tracking_uri
+        )
         return json.loads(Path(local).read_text())
 
 
@@ -308,15 +350,21 @@ def split_dataset(cfg, split: str):
     for tensor in (images.contiguous(), labels, index):
         digest.update(tensor.numpy().tobytes())
     profile = {"num_rows": int(len(labels)), "shape": list(images.shape), "subset_seed": cfg.data.seed}
-    return Dataset(name=f"{cfg.data.name}-{split}", digest=digest.hexdigest()[:16], source_type="local",
-                   source=json.dumps({"data_set": cfg.data.name, "split": split, "n": n}),
-                   profile=json.dumps(profile))
+    return Dataset(
+        name=f"{cfg.data.name}-{split}",
+        digest=digest.hexdigest()[:16],
+        source_type="local",
+        source=json.dumps({"data_set": cfg.data.name, "split": split, "n": n}),
+        profile=json.dumps(profile),
+    )
 
 
 def log_datasets(tracking_uri: str, run_id: str, cfg, splits: dict[str, str]) -> None:
     """Record data splits as run inputs, ``splits``: ``{split: context}`` (``{"train": "training"}``)."""
     from mlflow.entities import DatasetInput, InputTag
 
-    inputs = [DatasetInput(split_dataset(cfg, split), [InputTag("mlflow.data.context", context)])
-              for split, context in splits.items()]
+    inputs = [
+        DatasetInput(split_dataset(cfg, split), [InputTag("mlflow.data.context", context)])
+        for split, context in splits.items()
+    ]
     _retry(client(tracking_uri).log_inputs, run_id, datasets=inputs)

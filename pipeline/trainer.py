@@ -25,6 +25,7 @@ from tasks import training
 @dataclass(frozen=True)
 class TrainOutcome:
     """Where a finished training run left its final checkpoint."""
+
     run_name: str
     checkpoint_dir: str  # filesystem path (local) or path inside the storage filesystem
     checkpoint_uri: str  # the weights file, as a local path or URI readable by tasks.storage.local_copy
@@ -46,8 +47,9 @@ def default_storage(results_dir: str | os.PathLike) -> str:
     return str(Path(results_dir).resolve() / "ray")
 
 
-def build_trainer(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1,
-                 callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(
+    cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1, callbacks: list | None = None
+) -> TorchTrainer:
     """The ``TorchTrainer`` for one resolved config (``epoch_hook(epoch, row)`` runs on rank 0)."""
     gpu = use_gpu(cfg)
     return TorchTrainer(
@@ -55,10 +57,12 @@ def build_trainer(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None,
         train_loop_config={"config": config_lib.to_dict(cfg), "epoch_hook": epoch_hook},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
+            name=name,
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or []),
+            callbacks=callbacks or [],
+        ),
     )
 
 
@@ -67,12 +71,17 @@ def checkpoint_uri(storage_path: str, name: str, checkpoint_dir: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}/{Path(checkpoint_dir).name}/{training.CHECKPOINT_FILE}"
 
 
-def train_on_ray(cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1,
-        callbacks: list | None = None) -> TrainOutcome:
+def train_on_ray(
+    cfg: RunConfig, name: str, storage_path: str, epoch_hook=None, max_failures: int = 1, callbacks: list | None = None
+) -> TrainOutcome:
     """Train (or finish training) one model with Ray Train; returns its final checkpoint."""
     result = build_trainer(cfg, name, storage_path, epoch_hook, max_failures, callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     folder = result.checkpoint.path
-    return TrainOutcome(run_name=name, checkpoint_dir=folder, checkpoint_uri=checkpoint_uri(storage_path, name, folder),
-                        metrics=dict(result.metrics or {}))
+    return TrainOutcome(
+        run_name=name,
+        checkpoint_dir=folder,
+        checkpoint_uri=checkpoint_uri(storage_path, name, folder),
+        metrics=dict(result.metrics or {}),
+    )

@@ -23,6 +23,7 @@ from torch import nn
 
 from sors.attacks.base import ce_gradient, eval_mode, info
 from sors.config import AttackConfig
+
 CHANCE_MARGIN = 0.05  # eps = 1 must bring accuracy to chance + 5 points
 DEFAULT_TOL = 0.01
 
@@ -35,7 +36,7 @@ def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b
     zero = 0
     with eval_mode(model), torch.enable_grad():
         for start in range(0, len(y), batch_size):
-            grad = ce_gradient(model, x[start:start + batch_size], y[start:start + batch_size])
+            grad = ce_gradient(model, x[start : start + batch_size], y[start : start + batch_size])
             zero += int((grad.flatten(1).abs().amax(1) == 0).sum())
     return zero / len(y)
 
@@ -44,8 +45,10 @@ def zero_gradient_flags(fraction: float, n: int) -> list[str]:
     """Warn when any example has an all-zero input gradient (AutoAttack warns on any, too)."""
     if fraction <= 0:
         return []
-    return [f"zero input gradient on {round(fraction * n)}/{n} examples: gradient-based attacks cannot move "
-            "them (gradient masking or a saturated softmax); the accuracy may be overestimated"]
+    return [
+        f"zero input gradient on {round(fraction * n)}/{n} examples: gradient-based attacks cannot move "
+        "them (gradient masking or a saturated softmax); the accuracy may be overestimated"
+    ]
 
 
 def near_chance_flags(attack: str, norm: str, eps: float, accuracy: float, num_classes: int) -> list[str]:
@@ -53,8 +56,10 @@ def near_chance_flags(attack: str, norm: str, eps: float, accuracy: float, num_c
     chance = 1.0 / num_classes
     if norm != "linf" or eps < 1.0 - 1e-9 or accuracy <= chance + CHANCE_MARGIN:
         return []
-    return [f"{attack} with eps=1 leaves {accuracy:.1%} accuracy, above chance {chance:.0%} + 5 points: "
-            "the attack is not finding inputs that must exist (gradient masking?)"]
+    return [
+        f"{attack} with eps=1 leaves {accuracy:.1%} accuracy, above chance {chance:.0%} + 5 points: "
+        "the attack is not finding inputs that must exist (gradient masking?)"
+    ]
 
 
 def bounds_flags(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, atol: float = 1e-5) -> list[str]:
@@ -67,9 +72,17 @@ def bounds_flags(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, atol
     return flags
 
 
-def cell_flags(attack: str, norm: str, eps: float, accuracy: float, num_classes: int,
-               zero_grad_fraction: float | None, n: int, adv: torch.Tensor | None = None,
-               x: torch.Tensor | None = None) -> list[str]:
+def cell_flags(
+    attack: str,
+    norm: str,
+    eps: float,
+    accuracy: float,
+    num_classes: int,
+    zero_grad_fraction: float | None,
+    n: int,
+    adv: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+) -> list[str]:
     """Every per-cell check, concatenated."""
     flags = zero_gradient_flags(zero_grad_fraction or 0.0, n)
     flags += near_chance_flags(attack, norm, eps, accuracy, num_classes)
@@ -112,12 +125,16 @@ def _describe(r) -> str:
         parts.append(f"{r.steps} steps")
     if r.eot_samples and r.eot_samples > 1:
         parts.append(f"{r.eot_samples} samples")
-    return f"{' '.join(parts[:1])}" + (f" ({', '.join(parts[1:])})" if parts[1:] else "") + f" at eps={_eps_text(r.eps)}"
+    return (
+        f"{' '.join(parts[:1])}" + (f" ({', '.join(parts[1:])})" if parts[1:] else "") + f" at eps={_eps_text(r.eps)}"
+    )
 
 
 def _weaker(stronger, weaker, why: str) -> str:
-    return (f"{_describe(stronger)} leaves {stronger.accuracy:.1%} accuracy, more than {_describe(weaker)} "
-            f"({weaker.accuracy:.1%}): {why}")
+    return (
+        f"{_describe(stronger)} leaves {stronger.accuracy:.1%} accuracy, more than {_describe(weaker)} "
+        f"({weaker.accuracy:.1%}): {why}"
+    )
 
 
 def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFAULT_TOL) -> dict[int, list[str]]:
@@ -142,12 +159,21 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
         if info(r.attack)["iterative"] and _reaches_eps(r):
             for j in at("fgsm", eps):
                 if significantly_higher(r, results[j], tol):
-                    flags[i].append(_weaker(r, results[j], "an iterative attack should not be weaker than one step "
-                                                           "(gradient masking or too small a step size)"))
+                    flags[i].append(
+                        _weaker(
+                            r,
+                            results[j],
+                            "an iterative attack should not be weaker than one step "
+                            "(gradient masking or too small a step size)",
+                        )
+                    )
         for j in at(r.attack, eps):
             other = results[j]
-            if (other.steps or 0) < (r.steps or 0) and other.eot_samples == r.eot_samples \
-                    and significantly_higher(r, other, tol):
+            if (
+                (other.steps or 0) < (r.steps or 0)
+                and other.eot_samples == r.eot_samples
+                and significantly_higher(r, other, tol)
+            ):
                 flags[i].append(_weaker(r, other, "more steps should not weaken an attack (gradient masking?)"))
         if r.attack == "eot_pgd":
             pgds = [j for j in at("pgd", eps) if results[j].steps == r.steps] or at("pgd", eps)
@@ -156,17 +182,31 @@ def cross_cell_flags(results: Sequence, num_classes: int = 10, tol: float = DEFA
                     flags[i].append(_weaker(r, results[j], "averaging gradients over draws should not weaken PGD"))
         if info(r.attack)["suite"]:
             for j, other in enumerate(results):
-                if j != i and other.attack != r.attack and round(other.eps, 9) == round(eps, 9) \
-                        and significantly_higher(r, other, tol):
-                    flags[i].append(_weaker(r, other, "the adaptive suite should be the strongest attack; "
-                                                      "add the stronger one to its members"))
+                if (
+                    j != i
+                    and other.attack != r.attack
+                    and round(other.eps, 9) == round(eps, 9)
+                    and significantly_higher(r, other, tol)
+                ):
+                    flags[i].append(
+                        _weaker(
+                            r,
+                            other,
+                            "the adaptive suite should be the strongest attack; add the stronger one to its members",
+                        )
+                    )
         if info(r.attack)["transfer"]:
             base = (r.attack_spec or {}).get("base") or r.attack.partition("_")[2] or "pgd"
             same_steps = [j for j in at(base, eps) if results[j].steps == r.steps]
             for j in same_steps or at(base, eps):
                 if significantly_higher(results[j], r, tol):
-                    flags[j].append(_weaker(results[j], r, "a white-box attack should beat a transferred one "
-                                                           "(the white-box gradient is masked?)"))
+                    flags[j].append(
+                        _weaker(
+                            results[j],
+                            r,
+                            "a white-box attack should beat a transferred one (the white-box gradient is masked?)",
+                        )
+                    )
     return dict(flags)
 
 

@@ -130,8 +130,11 @@ def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key[:200], all_keys(), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     shown = key if len(key) <= QUOTE_LIMIT else quote(key)
-    return ConfigError(shown, f"unknown option{hint}", "section.option with section in "
-                       + ", ".join(SECTIONS) + "; see `sors train --help-keys`")
+    return ConfigError(
+        shown,
+        f"unknown option{hint}",
+        "section.option with section in " + ", ".join(SECTIONS) + "; see `sors train --help-keys`",
+    )
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -240,8 +243,13 @@ def _flatten_overrides(overrides) -> list[tuple[str, Any]]:
 
 def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Nested plain dict with user-facing key names (``lambda``, not ``lambda_``)."""
-    return {s: {_key_name(k): (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
-            for s in SECTIONS}
+    return {
+        s: {
+            _key_name(k): (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(getattr(cfg, s)).items()
+        }
+        for s in SECTIONS
+    }
 
 
 def flat_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -257,8 +265,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 def config_hash(cfg: RunConfig, sections: tuple[str, ...] = ("data", "model", "train")) -> str:
     """Stable 16-hex-digit hash of the given sections (default: what determines trained weights)."""
     full = to_dict(cfg)
-    payload = {s: {k: v for k, v in full[s].items() if HASH_NEUTRAL_DEFAULTS.get((s, k), object()) != v}
-               for s in sections}
+    payload = {
+        s: {k: v for k, v in full[s].items() if HASH_NEUTRAL_DEFAULTS.get((s, k), object()) != v} for s in sections
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -320,14 +329,21 @@ def validate(cfg: RunConfig) -> None:
     _check(t.warmup_epochs >= 0, "train.warmup_epochs", f"{t.warmup_epochs}", "a number >= 0")
     _check(t.lambda_ >= 0, "train.lambda", f"λ = {t.lambda_} is negative", "a number >= 0")
     _check(t.paths_per_step >= 1, "train.paths_per_step", f"K = {t.paths_per_step}", "an integer >= 1")
-    _check(t.lambda_ == 0 or t.paths_per_step >= 2, "train.paths_per_step",
-           f"K = {t.paths_per_step} with λ = {t.lambda_} > 0: the orthogonality loss needs two paths",
-           "K >= 2 when train.lambda > 0 (or set train.lambda=0)")
+    _check(
+        t.lambda_ == 0 or t.paths_per_step >= 2,
+        "train.paths_per_step",
+        f"K = {t.paths_per_step} with λ = {t.lambda_} > 0: the orthogonality loss needs two paths",
+        "K >= 2 when train.lambda > 0 (or set train.lambda=0)",
+    )
     _check(t.kd_weight >= 0, "train.kd_weight", f"{t.kd_weight}", "a number >= 0")
     _check(t.num_workers >= 1, "train.num_workers", f"{t.num_workers} workers", "an integer >= 1")
     _check(t.lr_scaling in LR_SCALINGS, "train.lr_scaling", f"unknown rule {t.lr_scaling!r}", ", ".join(LR_SCALINGS))
-    _check(d.n_train is None or d.n_train >= t.num_workers, "train.num_workers",
-           f"{t.num_workers} workers for data.n_train={d.n_train} examples", "at most one worker per training example")
+    _check(
+        d.n_train is None or d.n_train >= t.num_workers,
+        "train.num_workers",
+        f"{t.num_workers} workers for data.n_train={d.n_train} examples",
+        "at most one worker per training example",
+    )
     _check(0 <= a.eps <= 1, "attack.eps", f"ε = {a.eps} is outside the pixel scale", "0 <= eps <= 1 (e.g. 25/255)")
     _check(a.steps is None or a.steps >= 1, "attack.steps", f"{a.steps}", "an integer >= 1")
     _check(a.eot_samples is None or a.eot_samples >= 1, "attack.eot_samples", f"{a.eot_samples}", "an integer >= 1")
@@ -337,8 +353,12 @@ def validate(cfg: RunConfig) -> None:
     _check(e.exact_paths_max >= 0, "eval.exact_paths_max", f"{e.exact_paths_max}", "an integer >= 0 (0: always sample)")
     _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size}", "an integer >= 1")
     defense_options(e)  # raises for an unknown defense, option or value
-    _check(a.source is None or a.source.strip() != "", "attack.source", "an empty source",
-           "a checkpoint file or URI, trial:<name> in a preset, or none")
+    _check(
+        a.source is None or a.source.strip() != "",
+        "attack.source",
+        "an empty source",
+        "a checkpoint file or URI, trial:<name> in a preset, or none",
+    )
 
 
 def defense_options(e: EvalConfig) -> dict[str, Any]:
@@ -358,11 +378,19 @@ def defense_options(e: EvalConfig) -> dict[str, Any]:
             continue
         key, sep, value = item.partition("=")
         key = key.strip()
-        _check(bool(sep) and key in defaults, "eval.defense_options", f"{quote(item)} is not an option of {e.defense}",
-               ", ".join(f"{k}=<{type(v).__name__}>" for k, v in defaults.items()))
+        _check(
+            bool(sep) and key in defaults,
+            "eval.defense_options",
+            f"{quote(item)} is not an option of {e.defense}",
+            ", ".join(f"{k}=<{type(v).__name__}>" for k, v in defaults.items()),
+        )
         options[key] = _coerce(f"eval.defense_options.{key}", value.strip(), type(defaults[key]))
-        _check(not isinstance(options[key], (int, float)) or isinstance(options[key], bool) or options[key] > 0,
-               f"eval.defense_options.{key}", f"{options[key]}", "a number > 0")
+        _check(
+            not isinstance(options[key], (int, float)) or isinstance(options[key], bool) or options[key] > 0,
+            f"eval.defense_options.{key}",
+            f"{options[key]}",
+            "a number > 0",
+        )
     return options
 
 

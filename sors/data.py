@@ -26,6 +26,7 @@ DEFAULT_ROOT_ENV = "SORS_DATA_ROOT"
 @dataclass(frozen=True)
 class DatasetSpec:
     """What a model needs to know about a data set."""
+
     name: str
     num_classes: int
     in_channels: int
@@ -40,8 +41,7 @@ SPECS = {
     "mnist": DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,)),
     "fashion_mnist": DatasetSpec("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
     "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar", True),
-    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar",
-                            True),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar", True),
 }
 
 _IDX_FILES = {
@@ -72,12 +72,13 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as handle:
             raw = handle.read()
     except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        raise DataNotFoundError(f"{path}: unreadable ({type(err).__name__}: truncated or corrupt? "
-                                "copy the file again)") from None
+        raise DataNotFoundError(
+            f"{path}: unreadable ({type(err).__name__}: truncated or corrupt? copy the file again)"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise DataNotFoundError(f"{path}: not an unsigned-byte IDX file (corrupt or truncated?)")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise DataNotFoundError(f"{path}: expected {int(np.prod(dims))} values, found {body.size} (truncated?)")
@@ -103,7 +104,9 @@ def _idx_size_problem(path: Path) -> str | None:
             if len(header) < 4 or header[:3] != b"\x00\x00\x08":
                 return "not an unsigned-byte IDX file"
             dims = handle.read(4 * header[3])
-        expected = 4 + len(dims) + int(np.prod([int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)]))
+        expected = (
+            4 + len(dims) + int(np.prod([int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]))
+        )
         if path.suffix != ".gz":
             actual = path.stat().st_size
         else:  # gzip's last 4 bytes: the uncompressed size mod 2**32 (a cut file ends in compressed data)
@@ -122,7 +125,7 @@ def check_intact(name: str, root: str | None = None) -> None:
     folder = Path(root if root else default_root(name)).expanduser()
     if spec(name).files == "cifar":
         return  # torchvision checks its pickles' MD5 sums itself (``_check_integrity``)
-    for split, stems in _IDX_FILES.items():
+    for stems in _IDX_FILES.values():
         for stem in stems:
             path = _find_idx(folder, name, stem)
             if path is None:
@@ -135,13 +138,13 @@ def check_intact(name: str, root: str | None = None) -> None:
 def _missing_message(name: str, root: Path, files: list[str]) -> str:
     how = {
         "fashion_mnist": "install the Debian package (apt-get install dataset-fashion-mnist, files land in "
-                         f"{DEBIAN_FASHION_MNIST}) or pass --data-root to a folder holding them",
+        f"{DEBIAN_FASHION_MNIST}) or pass --data-root to a folder holding them",
         "mnist": "on a machine with internet run `python -c \"import torchvision; torchvision.datasets.MNIST('ROOT', "
-                 "download=True)\"` and copy ROOT here, then pass --data-root ROOT",
+        'download=True)"` and copy ROOT here, then pass --data-root ROOT',
         "cifar10": "on a machine with internet run `python -c \"import torchvision; torchvision.datasets.CIFAR10('ROOT', "
-                   "download=True)\"` and copy ROOT here, then pass --data-root ROOT",
+        'download=True)"` and copy ROOT here, then pass --data-root ROOT',
         "cifar100": "on a machine with internet run `python -c \"import torchvision; torchvision.datasets.CIFAR100('ROOT', "
-                    "download=True)\"` and copy ROOT here, then pass --data-root ROOT",
+        'download=True)"` and copy ROOT here, then pass --data-root ROOT',
     }[name]
     return f"data set {name} not found in {root} (expected {', '.join(files)}); {how}"
 
@@ -229,10 +232,15 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None
     return torch.where(flip.view(-1, 1, 1, 1), cropped.flip(3), cropped).contiguous()
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-            generator: torch.Generator | None = None):
+def batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+):
     """Yield ``(images, labels)`` mini-batches of at most ``batch_size`` examples."""
     order = torch.randperm(len(labels), generator=generator) if shuffle else torch.arange(len(labels))
     for start in range(0, len(labels), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         yield images[index], labels[index]

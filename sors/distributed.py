@@ -99,7 +99,7 @@ def allreduce_gradients(model: nn.Module) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
 
 

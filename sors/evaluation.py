@@ -34,12 +34,12 @@ from torch import nn
 
 from sors import attacks as attacks_lib
 from sors import checks
-from sors.tables import format_table  # noqa: F401  (re-exported: the table of evaluate_model's results)
 from sors.attacks.base import eval_mode, model_device
 from sors.config import AttackConfig, EvalConfig
 from sors.metrics import wilson_interval
 from sors.models import is_randomized, per_example_sampling
 from sors.models.supernet import SuperNet, enumerable, every_path_logits, seeded_draws
+from sors.tables import format_table  # noqa: F401  (re-exported: the table of evaluate_model's results)
 
 
 @dataclass
@@ -95,8 +95,14 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-def craft(attack: attacks_lib.Attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-          models: Sequence[nn.Module | None] = ()) -> tuple[torch.Tensor, dict[str, list[float]]]:
+def craft(
+    attack: attacks_lib.Attack,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    models: Sequence[nn.Module | None] = (),
+) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Adversarial images for all ``images``, in batches, under the path draws of ``seed``; and, for
     a suite, each member's per-example fresh-draw accuracy (``attack.member_correct``; NaN where the
     member did not run), concatenated over the batches: ``(adv (N, C, H, W), {member: [N floats]})``."""
@@ -114,14 +120,28 @@ def _predict(model: nn.Module, images: torch.Tensor, batch_size: int, device) ->
     return torch.cat([model(images[s].to(device)).argmax(-1).cpu() for s in _batches(len(images), batch_size)])
 
 
-def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, repeats: int, seed: int,
-          batch_size: int = 250, device=None) -> torch.Tensor:
+def score(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    repeats: int,
+    seed: int,
+    batch_size: int = 250,
+    device=None,
+) -> torch.Tensor:
     """Per-example correctness averaged over ``repeats`` fresh draws, one path per example: (n,) in [0, 1]."""
     return score_draws(model, images, labels, repeats, seed, batch_size, device).mean(0)
 
 
-def score_draws(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, repeats: int, seed: int,
-                batch_size: int = 250, device=None) -> torch.Tensor:
+def score_draws(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    repeats: int,
+    seed: int,
+    batch_size: int = 250,
+    device=None,
+) -> torch.Tensor:
     """Correctness of every example under each of ``repeats`` fresh draws (one path per example):
     (repeats, n) float in {0, 1}. Draw r is seeded by ``derive_seed(seed, "score", r)``."""
     device = device or model_device(model)
@@ -133,8 +153,15 @@ def score_draws(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, re
     return torch.stack(rows) if rows else torch.zeros(0, len(labels))
 
 
-def all_path_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, draws: int, seed: int,
-                     batch_size: int = 250, device=None) -> torch.Tensor:
+def all_path_correct(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    draws: int,
+    seed: int,
+    batch_size: int = 250,
+    device=None,
+) -> torch.Tensor:
     """Whether each example is classified correctly under every one of ``draws`` draws: (n,) bool.
     Draw p uses the same path for every example (its generator is re-seeded for each batch)."""
     device = device or model_device(model)
@@ -147,8 +174,9 @@ def all_path_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return ok
 
 
-def every_path_correct(net: SuperNet, images: torch.Tensor, labels: torch.Tensor, rows_per_call: int = 65536,
-                       device=None) -> torch.Tensor:
+def every_path_correct(
+    net: SuperNet, images: torch.Tensor, labels: torch.Tensor, rows_per_call: int = 65536, device=None
+) -> torch.Tensor:
     """Whether each example is classified correctly under EVERY path of ``net``, enumerated: (n,) bool.
     Exact (no sampling); runs :func:`every_path_logits` on chunks of at most ``rows_per_call``
     image-paths."""
@@ -162,8 +190,9 @@ def every_path_correct(net: SuperNet, images: torch.Tensor, labels: torch.Tensor
     return ok
 
 
-def worst_case_paths(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eval_cfg: EvalConfig, seed: int,
-                     device=None) -> tuple[float | None, bool, int | None]:
+def worst_case_paths(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eval_cfg: EvalConfig, seed: int, device=None
+) -> tuple[float | None, bool, int | None]:
     """``(all_path_accuracy, exact, paths)`` for a randomized model (``(None, False, None)`` for a
     deterministic one, or when ``eval.all_paths`` is 0 and the model cannot be enumerated)."""
     if not is_randomized(model):
@@ -181,9 +210,11 @@ def _distortion(adv: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     delta = (adv - x).flatten(1)
     changed = delta.abs().amax(1) > 0
     l2 = delta.norm(dim=1)
-    return {"mean_l2": float(l2[changed].mean()) if changed.any() else 0.0,
-            "max_linf": float(delta.abs().max()) if delta.numel() else 0.0,
-            "changed_fraction": float(changed.float().mean()) if len(changed) else 0.0}
+    return {
+        "mean_l2": float(l2[changed].mean()) if changed.any() else 0.0,
+        "max_linf": float(delta.abs().max()) if delta.numel() else 0.0,
+        "changed_fraction": float(changed.float().mean()) if len(changed) else 0.0,
+    }
 
 
 def _mean_defined(values: list[float]) -> float | None:
@@ -192,8 +223,13 @@ def _mean_defined(values: list[float]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def build_attack(model: nn.Module, attack: AttackConfig, source_model: nn.Module | None = None,
-                 dataset: str | None = None, options: dict | None = None) -> attacks_lib.Attack:
+def build_attack(
+    model: nn.Module,
+    attack: AttackConfig,
+    source_model: nn.Module | None = None,
+    dataset: str | None = None,
+    options: dict | None = None,
+) -> attacks_lib.Attack:
     """The attack a config describes: ``steps``/``eot_samples`` None -> the attack's defaults; transfer
     attacks (``transfer``, ``transfer_<base>``) craft on ``source_model``."""
     options = dict(options or {})
@@ -203,10 +239,20 @@ def build_attack(model: nn.Module, attack: AttackConfig, source_model: nn.Module
     return attacks_lib.build(attack.name, model, attack.eps, dataset=dataset, **options)
 
 
-def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
-                  eval_cfg: EvalConfig, seed: int = 0, source_model: nn.Module | None = None, device="cpu",
-                  num_classes: int = 10, attack_options: dict | None = None, dataset: str | None = None,
-                  example_index: torch.Tensor | None = None) -> CellResult:
+def evaluate_cell(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attack: AttackConfig,
+    eval_cfg: EvalConfig,
+    seed: int = 0,
+    source_model: nn.Module | None = None,
+    device="cpu",
+    num_classes: int = 10,
+    attack_options: dict | None = None,
+    dataset: str | None = None,
+    example_index: torch.Tensor | None = None,
+) -> CellResult:
     """Evaluate one cell; see the module docstring for the protocol.
 
     Args:
@@ -231,7 +277,9 @@ def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     randomized = is_randomized(model)
     repeats = eval_cfg.repeats if randomized else 1
 
-    adv, member_outcomes = craft(adversary, x, y, eval_cfg.batch_size, derive_seed(seed, "attack"), [model, source_model])
+    adv, member_outcomes = craft(
+        adversary, x, y, eval_cfg.batch_size, derive_seed(seed, "attack"), [model, source_model]
+    )
     adv = adv.cpu()
     draws = score_draws(model, adv, y, repeats, seed, eval_cfg.batch_size, device)
     per_example = draws.mean(0)
@@ -250,21 +298,39 @@ def evaluate_cell(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     if attack.name != "none":
         gradient_model = source_model if attacks_lib.info(attack.name)["transfer"] else model
         with path_draws([gradient_model], derive_seed(seed, "gradcheck")):
-            zero_fraction = checks.zero_gradient_fraction(gradient_model, x.to(device), y.to(device),
-                                                          eval_cfg.batch_size)
+            zero_fraction = checks.zero_gradient_fraction(
+                gradient_model, x.to(device), y.to(device), eval_cfg.batch_size
+            )
         extra["zero_grad_fraction"] = zero_fraction
     flags = checks.cell_flags(attack.name, spec["norm"], spec["eps"], accuracy, num_classes, zero_fraction, n, adv, x)
-    return CellResult(attack=attack.name, norm=spec["norm"], eps=float(spec["eps"]), steps=spec.get("steps"),
-                      eot_samples=spec.get("eot_samples"), repeats=repeats, n=n, correct=correct, accuracy=accuracy,
-                      ci_low=low, ci_high=high, all_path_accuracy=all_path, sanity_flags=flags,
-                      seconds=time.perf_counter() - start, attack_spec=spec, extra=extra, all_path_exact=exact,
-                      all_path_count=path_count, example_index=[int(i) for i in index],
-                      example_correct=per_example.tolist(),
-                      example_correct_min=(draws.amin(0) if len(draws) else per_example).tolist())
+    return CellResult(
+        attack=attack.name,
+        norm=spec["norm"],
+        eps=float(spec["eps"]),
+        steps=spec.get("steps"),
+        eot_samples=spec.get("eot_samples"),
+        repeats=repeats,
+        n=n,
+        correct=correct,
+        accuracy=accuracy,
+        ci_low=low,
+        ci_high=high,
+        all_path_accuracy=all_path,
+        sanity_flags=flags,
+        seconds=time.perf_counter() - start,
+        attack_spec=spec,
+        extra=extra,
+        all_path_exact=exact,
+        all_path_count=path_count,
+        example_index=[int(i) for i in index],
+        example_correct=per_example.tolist(),
+        example_correct_min=(draws.amin(0) if len(draws) else per_example).tolist(),
+    )
 
 
-def paper_attacks(dataset: str, names: Sequence[str] = ("none", "fgsm", "pgd", "mim", "cw"),
-                  eps_grid: Sequence[float] | None = None) -> list[AttackConfig]:
+def paper_attacks(
+    dataset: str, names: Sequence[str] = ("none", "fgsm", "pgd", "mim", "cw"), eps_grid: Sequence[float] | None = None
+) -> list[AttackConfig]:
     """Cells of the paper's tables: ``none`` and ``cw`` once (eps 0: clean / unbounded), every other
     attack over the data set's eps grid (``EPS_GRIDS[dataset]`` unless ``eps_grid`` is given)."""
     grid = tuple(eps_grid) if eps_grid is not None else attacks_lib.EPS_GRIDS[dataset]
@@ -275,11 +341,21 @@ def paper_attacks(dataset: str, names: Sequence[str] = ("none", "fgsm", "pgd", "
     return cells
 
 
-def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attacks: Sequence[AttackConfig],
-                   eval_cfg: EvalConfig, seed: int = 0, source_model: nn.Module | None = None, device="cpu",
-                   num_classes: int = 10, sanity: bool = True, attack_options: dict[str, dict] | None = None,
-                   dataset: str | None = None,
-                   on_cell: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+def evaluate_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attacks: Sequence[AttackConfig],
+    eval_cfg: EvalConfig,
+    seed: int = 0,
+    source_model: nn.Module | None = None,
+    device="cpu",
+    num_classes: int = 10,
+    sanity: bool = True,
+    attack_options: dict[str, dict] | None = None,
+    dataset: str | None = None,
+    on_cell: Callable[[CellResult], None] | None = None,
+) -> list[CellResult]:
     """Every cell of ``attacks`` and, with ``sanity``, the extra cells the cross-cell checks need
     (:func:`sors.checks.sanity_attacks`; marked ``extra["role"] = "sanity"``). Cell i uses seed
     ``derive_seed(seed, name, eps, steps, eot_samples)``. ``attack_options`` maps attack names to
@@ -292,8 +368,19 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         if attacks_lib.info(cfg.name)["transfer"] and source_model is None:
             continue
         cell_seed = derive_seed(seed, cfg.name, round(cfg.eps, 9), cfg.steps, cfg.eot_samples)
-        result = evaluate_cell(model, images, labels, cfg, eval_cfg, cell_seed, source_model, device, num_classes,
-                               (attack_options or {}).get(cfg.name), dataset)
+        result = evaluate_cell(
+            model,
+            images,
+            labels,
+            cfg,
+            eval_cfg,
+            cell_seed,
+            source_model,
+            device,
+            num_classes,
+            (attack_options or {}).get(cfg.name),
+            dataset,
+        )
         result.extra["role"] = role
         results.append(result)
         if on_cell:

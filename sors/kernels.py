@@ -58,26 +58,43 @@ def conv_transpose_narrow(grad_out: torch.Tensor, weight: torch.Tensor, padding:
     batch, c_out, h_out, w_out = grad_out.shape
     _, c_in, kh, kw = weight.shape
     if c_in == 1:
-        per_channel = F.conv2d(grad_out, weight.flip(2, 3), padding=(kh - 1 - padding[0], kw - 1 - padding[1]),
-                               groups=c_out)
+        per_channel = F.conv2d(
+            grad_out, weight.flip(2, 3), padding=(kh - 1 - padding[0], kw - 1 - padding[1]), groups=c_out
+        )
         return per_channel.sum(1, keepdim=True)
     taps = torch.matmul(weight.reshape(c_out, c_in * kh * kw).t(), grad_out.reshape(batch, c_out, h_out * w_out))
     taps = taps.view(batch, c_in, kh, kw, h_out, w_out)
     full = grad_out.new_zeros(batch, c_in, h_out + kh - 1, w_out + kw - 1)
     for p in range(kh):
         for q in range(kw):
-            full[:, :, p:p + h_out, q:q + w_out] += taps[:, :, p, q]
+            full[:, :, p : p + h_out, q : q + w_out] += taps[:, :, p, q]
     ph, pw = padding
-    return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
+    return full[:, :, ph : full.shape[2] - ph, pw : full.shape[3] - pw]
 
 
-def _weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, padding, want_weight: bool = True,
-                 want_bias: bool = False):
+def _weight_grad(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    weight: torch.Tensor,
+    padding,
+    want_weight: bool = True,
+    want_bias: bool = False,
+):
     """(dL/dweight, dL/dbias), each None unless wanted, of a stride-1 convolution, by the built-in
     (differentiable) op."""
     _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_out, inp, weight, [weight.shape[0]] if want_bias else None, [1, 1], list(padding), [1, 1], False,
-        [0, 0], 1, [False, want_weight, want_bias])
+        grad_out,
+        inp,
+        weight,
+        [weight.shape[0]] if want_bias else None,
+        [1, 1],
+        list(padding),
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [False, want_weight, want_bias],
+    )
     return grad_weight, grad_bias
 
 
@@ -141,14 +158,30 @@ class _NarrowConv2d(torch.autograd.Function):
 def _fast_path_applies(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
     """The fast path: CPU, an input that needs its gradient, few input channels, stride 1,
     dilation 1, one group, integer zero padding of at most k - 1."""
-    return (_ENABLED[0] and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dim() == 4 and weight.shape[1] <= NARROW_CHANNELS and groups == 1
-            and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and not isinstance(padding, str)
-            and all(0 <= p <= k - 1 for p, k in zip(_pair(padding), weight.shape[2:])))
+    return (
+        _ENABLED[0]
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and weight.shape[1] <= NARROW_CHANNELS
+        and groups == 1
+        and _pair(stride) == (1, 1)
+        and _pair(dilation) == (1, 1)
+        and not isinstance(padding, str)
+        and all(0 <= p <= k - 1 for p, k in zip(_pair(padding), weight.shape[2:]))
+    )
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=(1, 1),
-           padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
     """``F.conv2d`` with the same arguments and values; on the CPU, when ``x`` needs its gradient
     and has at most :data:`NARROW_CHANNELS` channels (stride 1), that gradient and its derivatives
     take the fast path above. x: (B, C_in, H, W); weight: (C_out, C_in, kh, kw)."""

@@ -26,6 +26,7 @@ from sors.models.supernet import SuperNet
 @dataclass
 class LossParts:
     """Scalars of one step. ``total`` carries the graph; the rest are detached for logging."""
+
     total: torch.Tensor
     ce: torch.Tensor  # sum over paths of the batch-mean CE
     ortho: torch.Tensor  # sum over path pairs of the batch-mean cos^2 (before lambda)
@@ -68,10 +69,18 @@ def _distillation(logits: torch.Tensor, teacher_probs: torch.Tensor | None) -> t
     return sum(soft_cross_entropy(path_logits, teacher_probs) for path_logits in logits)
 
 
-def sors_loss(model: SuperNet, x: torch.Tensor, y: torch.Tensor, k: int = 2, lam: float = 10.0,
-              teacher_probs: torch.Tensor | None = None, kd_weight: float = 1.0,
-              paths: torch.Tensor | None = None, generator: torch.Generator | None = None,
-              weight_grads: bool = False) -> LossParts:
+def sors_loss(
+    model: SuperNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int = 2,
+    lam: float = 10.0,
+    teacher_probs: torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+    paths: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    weight_grads: bool = False,
+) -> LossParts:
     """The SORS loss for a batch, K paths in one batched forward.
 
     Args:
@@ -104,8 +113,7 @@ def sors_loss(model: SuperNet, x: torch.Tensor, y: torch.Tensor, k: int = 2, lam
     ortho = orthogonality_loss(grads[0].view(k, batch, *x.shape[1:]))
     if weight_grads:
         extra = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads[1:]))
-        return LossParts(lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits.detach(),
-                         extra)
+        return LossParts(lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits.detach(), extra)
     return LossParts(ce + lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits.detach())
 
 
@@ -125,8 +133,15 @@ def backward_into(parts: LossParts, params: list[torch.Tensor], scale: float = 1
         p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
 
-def sors_loss_reference(model: SuperNet, x: torch.Tensor, y: torch.Tensor, paths: torch.Tensor, lam: float = 10.0,
-                        teacher_probs: torch.Tensor | None = None, kd_weight: float = 1.0) -> LossParts:
+def sors_loss_reference(
+    model: SuperNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    paths: torch.Tensor,
+    lam: float = 10.0,
+    teacher_probs: torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+) -> LossParts:
     """Straightforward SORS loss: one forward and one ``autograd.grad(create_graph=True)`` per path,
     sequentially (the TRS/GAL-style implementation). Same value as :func:`sors_loss`."""
     logits, grads, ces = [], [], []
@@ -145,8 +160,13 @@ def sors_loss_reference(model: SuperNet, x: torch.Tensor, y: torch.Tensor, paths
     return LossParts(ce + lam * ortho + kd_weight * kd, ce.detach(), ortho.detach(), kd.detach(), logits_t.detach())
 
 
-def plain_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_probs: torch.Tensor | None = None,
-               kd_weight: float = 1.0) -> LossParts:
+def plain_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    teacher_probs: torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+) -> LossParts:
     """CE (+ distillation) for models that do not sample paths. Ensembles train each member on its
     own CE, as independently initialised and trained models (paper Sec. 4.1)."""
     members = list(getattr(model, "members", [])) or [model]

@@ -23,15 +23,29 @@ def einsum_orthogonality(grads: torch.Tensor) -> torch.Tensor:
     return cos[i, j].pow(2).mean(dim=1).sum()
 
 
-def sors_step_variant(model, x, y, paths, params, opt, lam=10.0, routing="blocks", fast_conv=True,
-                      params_only=True, ortho=losses.orthogonality_loss) -> None:
+def sors_step_variant(
+    model,
+    x,
+    y,
+    paths,
+    params,
+    opt,
+    lam=10.0,
+    routing="blocks",
+    fast_conv=True,
+    params_only=True,
+    ortho=losses.orthogonality_loss,
+) -> None:
     """The SORS step with each fast path switchable (same values, different cost)."""
     opt.zero_grad(set_to_none=True)
     k, b = paths.shape[0], x.shape[0]
     with kernels.fast_input_gradients(fast_conv):  # decided at forward time, kept by the graph
         stacked = x.detach().repeat(k, 1, 1, 1).requires_grad_()
-        logits = model.forward_blocks(stacked, paths) if routing == "blocks" else \
-            model(stacked, paths.repeat_interleave(b, dim=0))
+        logits = (
+            model.forward_blocks(stacked, paths)
+            if routing == "blocks"
+            else model(stacked, paths.repeat_interleave(b, dim=0))
+        )
     ce = F.cross_entropy(logits, y.repeat(k), reduction="none").view(k, b).mean(1).sum()
     grads = torch.autograd.grad(ce, stacked, create_graph=True)[0]
     total = ce + lam * ortho(grads.view(k, b, *x.shape[1:]))

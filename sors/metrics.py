@@ -38,8 +38,9 @@ def cosine_per_example(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-12)
 
 
-def path_pair_cosines(model: SuperNet, x: torch.Tensor, y: torch.Tensor, n_pairs: int = 8,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def path_pair_cosines(
+    model: SuperNet, x: torch.Tensor, y: torch.Tensor, n_pairs: int = 8, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Cosines between input gradients of random *distinct* path pairs: (n_pairs * B,)."""
     cosines = []
     for _ in range(n_pairs):
@@ -59,8 +60,9 @@ def model_pair_cosines(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor
     return torch.cat([cosine_per_example(grads[i], grads[j]) for i, j in pairs])
 
 
-def gradient_orthogonality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_pairs: int = 8,
-                           generator: torch.Generator | None = None) -> dict[str, float] | None:
+def gradient_orthogonality(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_pairs: int = 8, generator: torch.Generator | None = None
+) -> dict[str, float] | None:
     """Mean |cos| and cos^2 between input gradients of random path pairs (super-networks) or of
     ensemble members; None for a single deterministic model."""
     was_training = model.training

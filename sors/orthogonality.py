@@ -45,8 +45,15 @@ class CosineHistogram:
 
     def to_dict(self) -> dict:
         """JSON-able: counts and edges as lists."""
-        return {"kind": self.kind, "counts": self.counts.tolist(), "edges": self.edges.tolist(), "mean": self.mean,
-                "mean_abs": self.mean_abs, "orthogonality": self.orthogonality, "n": self.n}
+        return {
+            "kind": self.kind,
+            "counts": self.counts.tolist(),
+            "edges": self.edges.tolist(),
+            "mean": self.mean,
+            "mean_abs": self.mean_abs,
+            "orthogonality": self.orthogonality,
+            "n": self.n,
+        }
 
 
 def histogram(cosines: torch.Tensor, kind: str = "", bins: int = 40) -> CosineHistogram:
@@ -58,8 +65,14 @@ def histogram(cosines: torch.Tensor, kind: str = "", bins: int = 40) -> CosineHi
     return CosineHistogram(kind, counts, edges, mean, mean_abs, int(values.size))
 
 
-def path_pairs(model: SuperNet, x: torch.Tensor, y: torch.Tensor, n_pairs: int = 8, bins: int = 40,
-               generator: torch.Generator | None = None) -> CosineHistogram:
+def path_pairs(
+    model: SuperNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_pairs: int = 8,
+    bins: int = 40,
+    generator: torch.Generator | None = None,
+) -> CosineHistogram:
     """Cosines between the input gradients of ``n_pairs`` random distinct path pairs, per example
     of (x, y): n_pairs * B values."""
     with eval_mode(model):
@@ -67,8 +80,9 @@ def path_pairs(model: SuperNet, x: torch.Tensor, y: torch.Tensor, n_pairs: int =
     return histogram(cosines, "paths", bins)
 
 
-def ensemble_members(model: Ensemble | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                     bins: int = 40) -> CosineHistogram:
+def ensemble_members(
+    model: Ensemble | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, bins: int = 40
+) -> CosineHistogram:
     """Cosines between the input gradients of every pair of ensemble members: pairs * B values."""
     members = list(model.members) if isinstance(model, Ensemble) else list(model)
     if len(members) < 2:
@@ -78,20 +92,34 @@ def ensemble_members(model: Ensemble | Sequence[nn.Module], x: torch.Tensor, y: 
     return histogram(cosines, "members", bins)
 
 
-def source_targets(source: nn.Module, targets: dict[str, nn.Module] | Sequence[nn.Module], x: torch.Tensor,
-                   y: torch.Tensor, bins: int = 40) -> dict[str, CosineHistogram]:
+def source_targets(
+    source: nn.Module,
+    targets: dict[str, nn.Module] | Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bins: int = 40,
+) -> dict[str, CosineHistogram]:
     """For each target, the cosines between the source's input gradient and the target's (Table 1:
     transfer from a source model). Randomized targets use one path draw per call."""
     named = targets if isinstance(targets, dict) else {f"target{i}": t for i, t in enumerate(targets)}
     with eval_mode(source, *named.values()):
         source_grad = metrics.input_gradient(source, x, y)
-        return {name: histogram(metrics.cosine_per_example(source_grad, metrics.input_gradient(target, x, y)),
-                                f"transfer:{name}", bins)
-                for name, target in named.items()}
+        return {
+            name: histogram(
+                metrics.cosine_per_example(source_grad, metrics.input_gradient(target, x, y)), f"transfer:{name}", bins
+            )
+            for name, target in named.items()
+        }
 
 
-def analyze(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_pairs: int = 8, bins: int = 40,
-            generator: torch.Generator | None = None) -> CosineHistogram | None:
+def analyze(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_pairs: int = 8,
+    bins: int = 40,
+    generator: torch.Generator | None = None,
+) -> CosineHistogram | None:
     """Path pairs for a super-network (or a wrapper holding one as ``.supernet``), member pairs for
     an ensemble, None for a single deterministic model."""
     net = model if isinstance(model, SuperNet) else getattr(model, "supernet", None)

@@ -26,6 +26,7 @@ DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100
 @dataclass(frozen=True)
 class PaperValue:
     """One published number: accuracy in % (metric ``accuracy``) or millions of parameters."""
+
     table: int
     dataset: str
     model: str
@@ -46,10 +47,20 @@ def load() -> tuple[PaperValue, ...]:
     """Every published value of the data file, in file order (lowest table first)."""
     with open(DATA_FILE, newline="") as handle:
         lines = [line for line in handle if not line.startswith("#")]
-    return tuple(PaperValue(table=int(r["table"]), dataset=r["dataset"], model=r["model"], attack=r["attack"],
-                            eps_255=_int(r["eps_255"]), value=float(r["value"]), metric=r["metric"],
-                            n_ops=_int(r["n_ops"]), k=_int(r["k"]))
-                 for r in csv.DictReader(lines))
+    return tuple(
+        PaperValue(
+            table=int(r["table"]),
+            dataset=r["dataset"],
+            model=r["model"],
+            attack=r["attack"],
+            eps_255=_int(r["eps_255"]),
+            value=float(r["value"]),
+            metric=r["metric"],
+            n_ops=_int(r["n_ops"]),
+            k=_int(r["k"]),
+        )
+        for r in csv.DictReader(lines)
+    )
 
 
 _GRID_SUFFIX = re.compile(r"\s*\([^)]*\)\s*$")
@@ -72,15 +83,21 @@ def eps_255(eps: float) -> int | None:
     return round(scaled) if abs(scaled - round(scaled)) < 1e-6 else None
 
 
-def lookup(dataset: str, model_label: str, attack: str, eps: float, n_ops: int | None = None,
-           k: int | None = None) -> PaperValue | None:
+def lookup(
+    dataset: str, model_label: str, attack: str, eps: float, n_ops: int | None = None, k: int | None = None
+) -> PaperValue | None:
     """The published accuracy of the cell (our data set, row label, attack, eps on the pixel scale),
     or None. ``n_ops``: the row's operators per layer; ``k``: its ``eot_samples`` (Table 9)."""
     family, model, eps_whole = paper_dataset(dataset), normalize_label(model_label), eps_255(eps)
     wants_n_ops = "n_ops=" in model_label
     for value in load():
-        if (value.metric != "accuracy" or value.dataset != family or normalize_label(value.model) != model
-                or value.attack != attack or value.eps_255 != eps_whole):
+        if (
+            value.metric != "accuracy"
+            or value.dataset != family
+            or normalize_label(value.model) != model
+            or value.attack != attack
+            or value.eps_255 != eps_whole
+        ):
             continue
         if (value.n_ops is not None) != wants_n_ops or (wants_n_ops and value.n_ops != n_ops):
             continue
@@ -93,5 +110,11 @@ def lookup(dataset: str, model_label: str, attack: str, eps: float, n_ops: int |
 def parameters(dataset: str, model_label: str) -> PaperValue | None:
     """Table 8's published parameter count (millions) for a row label, or None."""
     family, model = paper_dataset(dataset), normalize_label(model_label)
-    return next((v for v in load() if v.metric == "params_millions" and v.dataset == family
-                 and normalize_label(v.model) == model), None)
+    return next(
+        (
+            v
+            for v in load()
+            if v.metric == "params_millions" and v.dataset == family and normalize_label(v.model) == model
+        ),
+        None,
+    )

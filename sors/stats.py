@@ -124,6 +124,7 @@ class Paired:
     now (correct = :data:`CORRECT_AT` or more of the draws). ``base_accuracy`` / ``current_accuracy``: the
     fraction classified correctly on the paired set (so ``base - current = (b - c) / n``).
     """
+
     n: int
     b: int
     c: int
@@ -137,8 +138,13 @@ class Paired:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict: n, b, c and both accuracies."""
-        return {"n": self.n, "b": self.b, "c": self.c, "base_accuracy": self.base_accuracy,
-                "current_accuracy": self.current_accuracy}
+        return {
+            "n": self.n,
+            "b": self.b,
+            "c": self.c,
+            "base_accuracy": self.base_accuracy,
+            "current_accuracy": self.current_accuracy,
+        }
 
 
 def paired_outcomes(base_row: dict, cur_row: dict) -> Paired:
@@ -153,5 +159,10 @@ def paired_outcomes(base_row: dict, cur_row: dict) -> Paired:
     now = np.array([cur[i] >= CORRECT_AT for i in shared], dtype=bool)
     n = len(shared)
     b, c = int(np.sum(before & ~now)), int(np.sum(~before & now))
-    return Paired(n=n, b=b, c=c, base_accuracy=float(before.mean()) if n else 0.0,
-                  current_accuracy=float(now.mean()) if n else 0.0)
+    return Paired(
+        n=n,
+        b=b,
+        c=c,
+        base_accuracy=float(before.mean()) if n else 0.0,
+        current_accuracy=float(now.mean()) if n else 0.0,
+    )

@@ -12,8 +12,6 @@ from sors.attacks.base import info
 from sors.worst_case import worst_case_by_eps
 
 
-
-
 def _column_key(r: Any) -> tuple:
     return (r.attack, r.steps, r.eot_samples)
 
@@ -42,18 +40,23 @@ def _pct(value: float) -> str:
 
 
 def _cell_lines(results: list[Any], randomized: bool) -> list[str]:
-    lines = ["/".join(_pct(r.accuracy) for r in results),
-             "±" + "/".join(f"{100 * (r.ci_high - r.ci_low) / 2:.1f}" for r in results)]
+    lines = [
+        "/".join(_pct(r.accuracy) for r in results),
+        "±" + "/".join(f"{100 * (r.ci_high - r.ci_low) / 2:.1f}" for r in results),
+    ]
     if randomized:
-        lines.append("∀" + "/".join(_pct(r.all_path_accuracy) if r.all_path_accuracy is not None else "-"
-                                    for r in results))
+        lines.append(
+            "∀" + "/".join(_pct(r.all_path_accuracy) if r.all_path_accuracy is not None else "-" for r in results)
+        )
     return lines
 
 
 def _worst_lines(by_eps: dict, eps_values: list[float]) -> list[str]:
     cells = [by_eps.get(e) for e in eps_values]
-    return ["/".join(_pct(c.accuracy) if c else "-" for c in cells),
-            "±" + "/".join(f"{100 * (c.ci_high - c.ci_low) / 2:.1f}" if c else "-" for c in cells)]
+    return [
+        "/".join(_pct(c.accuracy) if c else "-" for c in cells),
+        "±" + "/".join(f"{100 * (c.ci_high - c.ci_low) / 2:.1f}" if c else "-" for c in cells),
+    ]
 
 
 def _render(rows: list[list[list[str]]]) -> list[str]:
@@ -69,8 +72,7 @@ def _render(rows: list[list[list[str]]]) -> list[str]:
     return out
 
 
-def format_table(results_by_model: dict[str, list[Any]], num_classes: int = 10,
-                 title: str | None = None) -> str:
+def format_table(results_by_model: dict[str, list[Any]], num_classes: int = 10, title: str | None = None) -> str:
     """A paper-style text table: one row per model; columns clean, then each attack over its eps
     grid (in /255): accuracy % per eps, '±' the 95% interval half-widths, '∀' (randomized models)
     the every-path accuracy. Sanity cells and every sanity warning (per cell and across cells) are
@@ -94,9 +96,11 @@ def format_table(results_by_model: dict[str, list[Any]], num_classes: int = 10,
             row.append(_worst_lines(worst[model_name], worst_eps))
         rows.append(row)
     lines = [title] if title else []
-    lines.append("Accuracy (%) under attack; eps on the 0-255 scale; ± = 95% interval half-width; "
-                 "∀ = correct under every path (exact where the paths were enumerated); "
-                 "worst = per example, the worst case over every attack of the row")
+    lines.append(
+        "Accuracy (%) under attack; eps on the 0-255 scale; ± = 95% interval half-width; "
+        "∀ = correct under every path (exact where the paths were enumerated); "
+        "worst = per example, the worst case over every attack of the row"
+    )
     lines += _render(rows)
     lines += _sanity_section(results_by_model, num_classes)
     return "\n".join(lines)
@@ -107,12 +111,18 @@ def _sanity_section(results_by_model: dict[str, list[Any]], num_classes: int) ->
     for model_name, rs in results_by_model.items():
         extra_cells = [r for r in rs if r.extra.get("role") == "sanity"]
         if extra_cells:
-            lines.append(f"  {model_name}: sanity cells " + ", ".join(
-                f"{checks._describe(r)}: {_pct(r.accuracy)}%" for r in extra_cells))
+            lines.append(
+                f"  {model_name}: sanity cells "
+                + ", ".join(f"{checks._describe(r)}: {_pct(r.accuracy)}%" for r in extra_cells)
+            )
         cross = checks.cross_cell_flags(rs, num_classes)
         # stored results may already carry their cross-cell flags: list each warning once
-        warnings = [f"{checks._describe(r)}: {flag}" for i, r in enumerate(rs) for flag in r.sanity_flags
-                    if flag not in cross.get(i, [])]
+        warnings = [
+            f"{checks._describe(r)}: {flag}"
+            for i, r in enumerate(rs)
+            for flag in r.sanity_flags
+            if flag not in cross.get(i, [])
+        ]
         warnings += [flag for i in sorted(cross) for flag in cross[i]]
         if warnings:
             lines += [f"  WARNING {model_name}: {w}" for w in warnings]

@@ -21,13 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sors import config as config_lib
 from sors import data as data_lib
-from sors import distributed
-from sors import losses, metrics
+from sors import distributed, losses, metrics
 from sors.config import RunConfig
 from sors.errors import ConfigError, TrainingDiverged
 from sors.kernels import retain_freed_memory
@@ -45,6 +43,7 @@ class CheckpointError(ValueError):
 @dataclass
 class TrainState:
     """What a resumed run needs: model and optimiser state, the next epoch and the history so far."""
+
     model: nn.Module
     optimizer: torch.optim.Optimizer
     epoch: int = 0  # epochs completed
@@ -83,8 +82,15 @@ def lambda_at(train: config_lib.TrainConfig, epoch_progress: float) -> float:
     return train.lambda_
 
 
-def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: config_lib.TrainConfig,
-               generator: torch.Generator, teacher: nn.Module | None, lam: float | None = None) -> losses.LossParts:
+def batch_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: config_lib.TrainConfig,
+    generator: torch.Generator,
+    teacher: nn.Module | None,
+    lam: float | None = None,
+) -> losses.LossParts:
     """The configured loss for one batch: SORS for super-networks, plain CE otherwise."""
     teacher_probs = None
     if teacher is not None:
@@ -92,8 +98,15 @@ def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: config
             teacher_probs = torch.softmax(teacher(x), dim=-1)
     if isinstance(model, SuperNet):
         paths = losses.sample_paths(model, train.paths_per_step, generator)
-        return losses.sors_loss(model, x, y, lam=train.lambda_ if lam is None else lam, teacher_probs=teacher_probs,
-                                kd_weight=train.kd_weight, paths=paths)
+        return losses.sors_loss(
+            model,
+            x,
+            y,
+            lam=train.lambda_ if lam is None else lam,
+            teacher_probs=teacher_probs,
+            kd_weight=train.kd_weight,
+            paths=paths,
+        )
     return losses.plain_loss(model, x, y, teacher_probs, train.kd_weight)
 
 
@@ -102,9 +115,19 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                    cfg: RunConfig, epoch: int, teacher: nn.Module | None = None, rank: int = 0, world: int = 1,
-                    device: torch.device | str = "cpu", on_step: Callable[[int, int], None] | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: RunConfig,
+    epoch: int,
+    teacher: nn.Module | None = None,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
     """One pass over the training set: each step one global batch of ``batch_size * world`` examples
     (every example exactly once per epoch), this rank training on its slice. Returns loss, ce, ortho,
     kd and train_acc, batch-averaged and averaged over the ranks."""
@@ -123,8 +146,15 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
         x, y = x[mine].to(device), y[mine].to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(train, epoch + step / steps, world)
-        parts = batch_loss(model, x, y, train, step_generator(train.seed, epoch, step), teacher,
-                           lam=lambda_at(train, epoch + step / steps))
+        parts = batch_loss(
+            model,
+            x,
+            y,
+            train,
+            step_generator(train.seed, epoch, step),
+            teacher,
+            lam=lambda_at(train, epoch + step / steps),
+        )
         optimizer.zero_grad(set_to_none=True)
         # parameters only: no gradient w.r.t. the input images; scaled by this rank's share of the batch
         losses.backward_into(parts, params, scale=distributed.loss_scale(len(y), len(batch), world))
@@ -132,8 +162,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
         optimizer.step()
         loss = parts.total.item()
         if not math.isfinite(loss):  # .item() syncs anyway: the check is free
-            raise TrainingDiverged(f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1}/{steps} "
-                                   f"(train.lr={train.lr:g}; try a lower learning rate)")
+            raise TrainingDiverged(
+                f"training diverged: loss {loss} at epoch {epoch + 1}, step {step + 1}/{steps} "
+                f"(train.lr={train.lr:g}; try a lower learning rate)"
+            )
         sums["loss"] += loss
         sums["ce"] += parts.ce.item()
         sums["ortho"] += parts.ortho.item()
@@ -145,15 +177,25 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     return distributed.mean_over_ranks({k: v / steps for k, v in sums.items()})
 
 
-def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
-                   device: torch.device | str = "cpu") -> float:
+def clean_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+) -> float:
     """Accuracy on (images, labels) with the model in eval mode, paths sampled as in deployment."""
     return clean_metrics(model, images, labels, batch_size, device)[0]
 
 
 @torch.no_grad()
-def clean_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
-                  device: torch.device | str = "cpu") -> tuple[float, float]:
+def clean_metrics(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy)`` on (images, labels) in eval mode, paths sampled as in
     deployment: the validation accuracy and loss of an epoch (Fig. 8)."""
     was_training = model.training
@@ -195,9 +237,16 @@ def new_state(cfg: RunConfig, device="cpu") -> TrainState:
     return TrainState(model, make_optimizer(model, cfg.train))
 
 
-def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: int = 1, device="cpu",
-        on_epoch_end: Callable[[TrainState, dict], None] | None = None,
-        on_step: Callable[[int, int], None] | None = None, data=None) -> TrainState:
+def fit(
+    cfg: RunConfig,
+    state: TrainState | None = None,
+    rank: int = 0,
+    world: int = 1,
+    device="cpu",
+    on_epoch_end: Callable[[TrainState, dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    data=None,
+) -> TrainState:
     """Train ``cfg`` (resolved) to ``cfg.train.epochs``, continuing from ``state`` when given.
 
     Each epoch's metrics (loss, ce, ortho, kd, train_acc, clean_acc, val_loss -- cross-entropy on the
@@ -214,18 +263,26 @@ def fit(cfg: RunConfig, state: TrainState | None = None, rank: int = 0, world: i
     probe_x, probe_y = test_x[:64].to(device), test_y[:64].to(device)
     while state.epoch < cfg.train.epochs:
         start = time.perf_counter()
-        row = train_one_epoch(state.model, state.optimizer, train_x, train_y, cfg, state.epoch, teacher,
-                              rank, world, device, on_step)
+        row = train_one_epoch(
+            state.model, state.optimizer, train_x, train_y, cfg, state.epoch, teacher, rank, world, device, on_step
+        )
         check_finite_weights(state.model, state.epoch + 1, cfg.train.lr)  # before any checkpoint of them
         row["clean_acc"], row["val_loss"] = clean_metrics(state.model, test_x, test_y, device=device)
-        row.update(metrics.gradient_orthogonality(state.model, probe_x, probe_y, n_pairs=4,
-                                                  generator=torch.Generator().manual_seed(state.epoch)) or {})
-        row.update(epoch=state.epoch + 1, lr=state.optimizer.param_groups[0]["lr"],
-                   seconds=time.perf_counter() - start)
+        row.update(
+            metrics.gradient_orthogonality(
+                state.model, probe_x, probe_y, n_pairs=4, generator=torch.Generator().manual_seed(state.epoch)
+            )
+            or {}
+        )
+        row.update(epoch=state.epoch + 1, lr=state.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
         state.epoch += 1
         state.history.append(row)
-        log.info("epoch %d/%d %s", state.epoch, cfg.train.epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        log.info(
+            "epoch %d/%d %s",
+            state.epoch,
+            cfg.train.epochs,
+            " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        )
         if on_epoch_end:
             on_epoch_end(state, row)
     return state
@@ -235,15 +292,23 @@ def check_finite_weights(model: nn.Module, epoch: int, lr: float) -> None:
     """Raise :class:`TrainingDiverged` when a parameter holds NaN or inf (one reduction per tensor)."""
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param).all()):
-            raise TrainingDiverged(f"training diverged: parameter {name} is not finite after epoch {epoch} "
-                                   f"(train.lr={lr:g}; try a lower learning rate)")
+            raise TrainingDiverged(
+                f"training diverged: parameter {name} is not finite after epoch {epoch} "
+                f"(train.lr={lr:g}; try a lower learning rate)"
+            )
 
 
 def checkpoint_payload(state: TrainState, cfg: RunConfig) -> dict:
     """Everything a checkpoint holds, as tensors and plain Python values (loadable with weights_only)."""
-    return {"format": CHECKPOINT_FORMAT, "model_state": state.model.state_dict(),
-            "optimizer_state": state.optimizer.state_dict(), "config": config_lib.to_dict(cfg),
-            "config_hash": config_lib.config_hash(cfg), "epoch": state.epoch, "history": state.history}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_state": state.model.state_dict(),
+        "optimizer_state": state.optimizer.state_dict(),
+        "config": config_lib.to_dict(cfg),
+        "config_hash": config_lib.config_hash(cfg),
+        "epoch": state.epoch,
+        "history": state.history,
+    }
 
 
 def save_checkpoint(path: str | os.PathLike, state: TrainState, cfg: RunConfig) -> Path:
@@ -266,7 +331,9 @@ def read_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as handle:  # torch.save writes a zip archive; anything else is not ours
         if handle.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (no zip archive: empty, corrupt or another format)")
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (no zip archive: empty, corrupt or another format)"
+            )
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -303,7 +370,9 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", with_optimizer: bool 
         if with_optimizer:
             state.optimizer.load_state_dict(payload["optimizer_state"])
     except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(err).splitlines()[0][:160]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in its config ({str(err).splitlines()[0][:160]})"
+        ) from None
     state.epoch = int(payload.get("epoch", 0))
     state.history = list(payload.get("history", []))
     return (state if with_optimizer else state.model), cfg, payload

@@ -44,8 +44,12 @@ def _outcomes(cell: Any) -> dict[int, float] | None:
 def counts_for_worst_case(cell: Any) -> bool:
     """A main-role, eps-bounded attack cell (not clean, not an unbounded attack such as C&W)."""
     name = _get(cell, "attack")
-    return ((_get(cell, "role") or (_get(cell, "extra") or {}).get("role") or "main") == "main"
-            and name != "none" and not info(name)["unbounded"] and float(_get(cell, "eps") or 0) > 0)
+    return (
+        (_get(cell, "role") or (_get(cell, "extra") or {}).get("role") or "main") == "main"
+        and name != "none"
+        and not info(name)["unbounded"]
+        and float(_get(cell, "eps") or 0) > 0
+    )
 
 
 def worst_case_by_eps(cells: Iterable[Any]) -> dict[float, WorstCase]:

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sors import attacks, defenses
+from sors import attacks, defenses, evaluation
 from sors import config as config_lib
 from sors import data as data_lib
-from sors import evaluation
 from sors import train as train_lib
 from sors.config import AttackConfig, EvalConfig, RunConfig
 from sors.models.factory import wrap_average
@@ -31,6 +30,7 @@ SCHEMA_VERSION = 2  # 2: per-example outcomes, exact-or-sampled worst case over 
 @dataclass(frozen=True)
 class CellSpec:
     """Everything one evaluation cell needs; the first block is hashed into :attr:`cell_id`."""
+
     checkpoint_uri: str
     checkpoint_sha256: str
     dataset: str
@@ -53,10 +53,18 @@ class CellSpec:
 
     def identity(self) -> dict:
         """What determines the cell's result (and so its id)."""
-        attack = {"name": self.attack.name, "eps": round(float(self.attack.eps), 8), "steps": self.attack.steps,
-                  "eot_samples": self.attack.eot_samples}
-        evaluation = {"repeats": self.eval.repeats, "n_examples": self.eval.n_examples, "all_paths": self.eval.all_paths,
-                      "exact_paths_max": self.eval.exact_paths_max}
+        attack = {
+            "name": self.attack.name,
+            "eps": round(float(self.attack.eps), 8),
+            "steps": self.attack.steps,
+            "eot_samples": self.attack.eot_samples,
+        }
+        evaluation = {
+            "repeats": self.eval.repeats,
+            "n_examples": self.eval.n_examples,
+            "all_paths": self.eval.all_paths,
+            "exact_paths_max": self.eval.exact_paths_max,
+        }
         # keys added later enter the identity only when set, so every earlier cell keeps its id
         if self.attack.random_start is not None:
             attack["random_start"] = bool(self.attack.random_start)
@@ -64,8 +72,13 @@ class CellSpec:
             attack["source_sha256"] = self.source_sha256
         if self.eval.defense != "none":
             evaluation["defense"] = {"name": self.eval.defense, **config_lib.defense_options(self.eval)}
-        return {"checkpoint_sha256": self.checkpoint_sha256, "attack": attack, "eval": evaluation,
-                "average_paths": self.average_paths, "seed": self.seed}
+        return {
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "attack": attack,
+            "eval": evaluation,
+            "average_paths": self.average_paths,
+            "seed": self.seed,
+        }
 
     @property
     def cell_id(self) -> str:
@@ -127,9 +140,20 @@ def evaluate(spec: CellSpec, device="cpu"):
     if transfer:
         options["source_name"] = spec.source_label or ("undefended target" if spec.source_uri is None else "source")
     start = time.perf_counter()
-    result = evaluation.evaluate_cell(target, images, labels, spec.attack, eval_cfg, seed=spec.seed,
-                                      source_model=source, device=device, num_classes=num_classes,
-                                      attack_options=options, dataset=cfg.data.name, example_index=index)
+    result = evaluation.evaluate_cell(
+        target,
+        images,
+        labels,
+        spec.attack,
+        eval_cfg,
+        seed=spec.seed,
+        source_model=source,
+        device=device,
+        num_classes=num_classes,
+        attack_options=options,
+        dataset=cfg.data.name,
+        example_index=index,
+    )
     result.extra["role"] = spec.role
     if spec.eval.defense != "none":
         result.extra["defense"] = {"name": spec.eval.defense, **config_lib.defense_options(spec.eval)}
@@ -144,9 +168,14 @@ def context_of(spec: CellSpec) -> dict:
     """The row fields that say who asked for a cell (sweep, trial, row name, role, MLflow run), not what it
     measured: a cell another sweep already stored (same checkpoint, attack and protocol, so the same id) is
     shown to this one with this context."""
-    return {"sweep": spec.sweep, "trial": spec.trial, "variant": spec.variant or spec.trial,
-            "model": spec.model_label or spec.variant or spec.trial, "role": spec.role,
-            "mlflow_run_id": spec.mlflow_run_id}
+    return {
+        "sweep": spec.sweep,
+        "trial": spec.trial,
+        "variant": spec.variant or spec.trial,
+        "model": spec.model_label or spec.variant or spec.trial,
+        "role": spec.role,
+        "mlflow_run_id": spec.mlflow_run_id,
+    }
 
 
 def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds: float) -> dict:
@@ -194,16 +223,29 @@ def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds:
 def row_to_result(row: dict, result_cls=evaluation.CellResult):
     """Rebuild a ``CellResult`` (or ``result_cls``) from a stored row: the inverse of :func:`make_row`,
     for the cross-cell checks and the tables."""
-    values = {"attack": row["attack"], "norm": row["norm"], "eps": row["eps"], "steps": row["steps"],
-              "eot_samples": row["eot_samples"], "repeats": row["repeats"], "n": row["n"], "correct": row["correct"],
-              "accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-              "all_path_accuracy": row["all_path_accuracy"], "sanity_flags": list(row["sanity_flags"] or []),
-              "seconds": row["seconds"], "attack_spec": json.loads(row["attack_spec"] or "{}"),
-              "extra": json.loads(row["extra"] or "{}"), "all_path_exact": bool(row.get("all_path_exact")),
-              "all_path_count": row.get("all_path_count"),
-              "example_index": [int(i) for i in row.get("example_index") or []],
-              "example_correct": [float(v) for v in row.get("example_correct") or []],
-              "example_correct_min": [float(v) for v in row.get("example_correct_min") or []]}
+    values = {
+        "attack": row["attack"],
+        "norm": row["norm"],
+        "eps": row["eps"],
+        "steps": row["steps"],
+        "eot_samples": row["eot_samples"],
+        "repeats": row["repeats"],
+        "n": row["n"],
+        "correct": row["correct"],
+        "accuracy": row["accuracy"],
+        "ci_low": row["ci_low"],
+        "ci_high": row["ci_high"],
+        "all_path_accuracy": row["all_path_accuracy"],
+        "sanity_flags": list(row["sanity_flags"] or []),
+        "seconds": row["seconds"],
+        "attack_spec": json.loads(row["attack_spec"] or "{}"),
+        "extra": json.loads(row["extra"] or "{}"),
+        "all_path_exact": bool(row.get("all_path_exact")),
+        "all_path_count": row.get("all_path_count"),
+        "example_index": [int(i) for i in row.get("example_index") or []],
+        "example_correct": [float(v) for v in row.get("example_correct") or []],
+        "example_correct_min": [float(v) for v in row.get("example_correct_min") or []],
+    }
     if dataclasses.is_dataclass(result_cls):
         names = {f.name for f in dataclasses.fields(result_cls)}
         values = {k: v for k, v in values.items() if k in names}

@@ -31,7 +31,7 @@ def local_copy(uri: str) -> Path:
     Remote files are downloaded once per machine into a cache keyed by the URI.
     """
     if not is_remote(uri):
-        return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
     from pyarrow import fs  # pyarrow comes with Ray; imported lazily so local use does not need it
 
     target = _CACHE / hashlib.sha256(uri.encode()).hexdigest()[:24] / Path(uri).name

@@ -57,6 +57,7 @@ def with_local_teacher(cfg: config_lib.RunConfig) -> config_lib.RunConfig:
 
 def _device() -> torch.device:
     import ray.train.torch
+
     return ray.train.torch.get_device()
 
 
@@ -70,10 +71,16 @@ def _report(state: train_lib.TrainState, cfg: config_lib.RunConfig, metrics: dic
         if rank == 0:
             train_lib.save_checkpoint(Path(folder) / CHECKPOINT_FILE, state, cfg)
         (Path(folder) / DIGEST_FILE.format(rank=rank)).write_text(digest + "\n")
-        ray.train.report({**metrics, "epoch": state.epoch, "params_digest": digest,
-                          "node_id": ray.get_runtime_context().get_node_id()},
-                         checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"epoch_{state.epoch:04d}")
+        ray.train.report(
+            {
+                **metrics,
+                "epoch": state.epoch,
+                "params_digest": digest,
+                "node_id": ray.get_runtime_context().get_node_id(),
+            },
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"epoch_{state.epoch:04d}",
+        )
 
 
 def train_worker(loop_config: dict) -> None:

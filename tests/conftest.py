@@ -53,13 +53,19 @@ def trained_lenet(fmnist_train, fmnist_test):
 @pytest.fixture(scope="session")
 def trained_sors(fmnist_train, fmnist_test):
     """A short SORS-LeNet-5 run (lambda=10, K=2) on 5,000 images. Returns (model, history)."""
-    cfg = make_config(model__name="sors_lenet5", model__init="perturbed_copies", train__epochs=3,
-                      train__lambda=10.0, train__paths_per_step=2)
+    cfg = make_config(
+        model__name="sors_lenet5",
+        model__init="perturbed_copies",
+        train__epochs=3,
+        train__lambda=10.0,
+        train__paths_per_step=2,
+    )
     state = train_lib.fit(cfg, data=(fmnist_train, fmnist_test))
     return state.model.eval(), state.history
 
 
 # ---------------------------------------------------------------- pipeline fixtures (Ray, MLflow server)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -94,10 +100,25 @@ def mlflow_server(tmp_path_factory):
     port = _free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

@@ -21,8 +21,14 @@ from sors import train as train_lib
 
 pytestmark = pytest.mark.timeout(400)
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"data.name": "fashion_mnist", "data.n_test": 64, "train.optimizer": "adam", "train.lr": 0.002,
-        "train.batch_size": 32, "train.use_gpu": False}
+TINY = {
+    "data.name": "fashion_mnist",
+    "data.n_test": 64,
+    "train.optimizer": "adam",
+    "train.lr": 0.002,
+    "train.batch_size": 32,
+    "train.use_gpu": False,
+}
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
@@ -56,9 +62,11 @@ def registered_epoch(run_dir: Path) -> int:
 def make_epoch_recorder(path: str):
     """An epoch hook (runs in the Ray Train worker) appending ``epoch pid`` lines to ``path``.
     A closure, so Ray pickles it by value and workers need not import this test module."""
+
     def record(epoch: int, row: dict) -> None:
         with open(path, "a") as handle:
             handle.write(f"{epoch} {os.getpid()}\n")
+
     return record
 
 
@@ -66,8 +74,11 @@ def zombie_actors(ray) -> list[str]:
     """``class (job)`` of every non-detached actor still alive although its job is dead: Ray force-kills a
     killed driver's actors only after a 30 s grace period, and until then they can still reserve resources."""
     dead = {j["JobID"] for j in ray._private.state.jobs() if j["IsDead"]}
-    return [f"{a['ActorClassName']} ({a['JobID']})" for a in ray._private.state.actors().values()
-            if a["State"] != "DEAD" and a["JobID"] in dead and not a["IsDetached"]]
+    return [
+        f"{a['ActorClassName']} ({a['JobID']})"
+        for a in ray._private.state.actors().values()
+        if a["State"] != "DEAD" and a["JobID"] in dead and not a["IsDetached"]
+    ]
 
 
 def wait_for_dead_jobs(ray, timeout: float = 120) -> None:
@@ -77,6 +88,7 @@ def wait_for_dead_jobs(ray, timeout: float = 120) -> None:
 
     def cleaned_up():
         return all(j["IsDead"] for j in ray._private.state.jobs() if j["JobID"] != me) and not zombie_actors(ray)
+
     try:
         wait_for(cleaned_up, timeout, "Ray to clean up the killed driver's job", interval=0.5)
     except AssertionError as err:
@@ -86,8 +98,13 @@ def wait_for_dead_jobs(ray, timeout: float = 120) -> None:
 def spawn_driver(argv: list[str], cwd: Path) -> subprocess.Popen:
     """``sors ...`` as a separate driver process in its own session (so it can be killed alone)."""
     log = open(cwd / "driver.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *argv],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_driver(proc: subprocess.Popen) -> None:
@@ -105,8 +122,10 @@ def run_driver(argv: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_driver(proc)
-        raise AssertionError(f"sors {argv[0]} still running after {timeout:.0f} s:\n"
-                             + (cwd / "driver.log").read_text(errors="replace")[-3000:]) from None
+        raise AssertionError(
+            f"sors {argv[0]} still running after {timeout:.0f} s:\n"
+            + (cwd / "driver.log").read_text(errors="replace")[-3000:]
+        ) from None
     return proc.returncode, (cwd / "driver.log").read_text(errors="replace")
 
 
@@ -114,12 +133,33 @@ def write_preset(path: Path, name: str, trials: list[dict], attacks=("fgsm",)) -
     """A smoke-sized preset file (tiny subsets; clean + the given attacks at 50/255)."""
     import yaml
 
-    base = dict(TINY, **{"data.n_train": 256, "train.epochs": 1, "eval.n_examples": 32, "eval.repeats": 1, "eval.all_paths": 2,
-                         "eval.batch_size": 32})
-    path.write_text(yaml.safe_dump({"name": name, "description": "fault-injection test", "base": base,
-                                    "trials": trials, "evaluation": {"clean": True,
-                                                                     "attacks": [{"name": a} for a in attacks],
-                                                                     "eps": ["50/255"], "seeds": [0]}}))
+    base = dict(
+        TINY,
+        **{
+            "data.n_train": 256,
+            "train.epochs": 1,
+            "eval.n_examples": 32,
+            "eval.repeats": 1,
+            "eval.all_paths": 2,
+            "eval.batch_size": 32,
+        },
+    )
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "description": "fault-injection test",
+                "base": base,
+                "trials": trials,
+                "evaluation": {
+                    "clean": True,
+                    "attacks": [{"name": a} for a in attacks],
+                    "eps": ["50/255"],
+                    "seeds": [0],
+                },
+            }
+        )
+    )
     return path
 
 
@@ -166,9 +206,11 @@ class TcpProxy:
 
     def down_when(self, condition, what: str) -> threading.Thread:
         """Go down once ``condition()`` holds (polled for up to 240 s), from a watcher thread (returned)."""
+
         def watch():
             wait_for(condition, 240, what)
             self.down()
+
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         return watcher
@@ -208,7 +250,10 @@ class TcpProxy:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A LeNet-5 checkpoint trained in-process (no Ray) on 256 real Fashion-MNIST images."""
-    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), dict(
-        TINY, **{"model.name": "lenet5", "data.n_train": 256, "train.epochs": 1})))
+    cfg = config_lib.resolve(
+        config_lib.apply_overrides(
+            config_lib.RunConfig(), dict(TINY, **{"model.name": "lenet5", "data.n_train": 256, "train.epochs": 1})
+        )
+    )
     state = train_lib.fit(cfg)
     return train_lib.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lenet.pt", state, cfg)

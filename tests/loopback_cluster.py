@@ -32,7 +32,8 @@ JOIN_ON_LOOPBACK = (
     "ray_constants.ENABLE_RAY_CLUSTER = True\n"
     "from ray.scripts.scripts import main\n"
     "sys.argv = ['ray'] + sys.argv[1:]\n"
-    "main()\n")
+    "main()\n"
+)
 
 
 def free_port() -> int:
@@ -47,17 +48,35 @@ class LoopbackCluster:
     gcs_address: str  # 127.0.0.1:PORT, for ray.init / --ray-address
     dashboard_url: str  # http://127.0.0.1:PORT (Jobs API)
     temp_dir: str
-    env: dict = field(repr=False)  # what a driver on this machine needs in its environment (loopback mode, the auth token)
+    env: dict = field(
+        repr=False
+    )  # what a driver on this machine needs in its environment (loopback mode, the auth token)
     pids: list[int] = field(default_factory=list)
 
 
 def _node_args(name: str, temp_dir: str) -> list[str]:
-    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
-    return (["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
-             "--resources", json.dumps({name: 1}), "--object-store-memory", "100000000", "--block",
-             "--disable-usage-stats"] + [str(x) for kv in ports.items() for x in kv])
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    return [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "0",
+        "--resources",
+        json.dumps({name: 1}),
+        "--object-store-memory",
+        "100000000",
+        "--block",
+        "--disable-usage-stats",
+    ] + [str(x) for kv in ports.items() for x in kv]
 
 
 def _session_pids(session: int) -> list[int]:
@@ -90,11 +109,12 @@ def stop(pids: list[int], timeout: float = 8.0) -> None:
             return
 
 
-def _wait_for_nodes(address: str, env: dict, count: int, timeout: float, starter: subprocess.Popen,
-                    log: Path) -> None:
-    probe = ("import ray, sys\n"
-             f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
-             "print(sum(1 for n in ray.nodes() if n['Alive']))\n")
+def _wait_for_nodes(address: str, env: dict, count: int, timeout: float, starter: subprocess.Popen, log: Path) -> None:
+    probe = (
+        "import ray, sys\n"
+        f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
+        "print(sum(1 for n in ray.nodes() if n['Alive']))\n"
+    )
     deadline = time.time() + timeout
     while True:
         if starter.poll() is not None:
@@ -103,7 +123,9 @@ def _wait_for_nodes(address: str, env: dict, count: int, timeout: float, starter
         if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         if time.time() > deadline:
-            raise RuntimeError(f"the loopback cluster did not reach {count} nodes: {done.stdout[-500:]} {done.stderr[-1500:]}")
+            raise RuntimeError(
+                f"the loopback cluster did not reach {count} nodes: {done.stdout[-500:]} {done.stderr[-1500:]}"
+            )
         time.sleep(1.0)
 
 
@@ -116,23 +138,45 @@ def loopback_cluster(timeout: float = 180.0, extra_env: dict | None = None):
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # Ray >= 2.59 turns token authentication on for `ray start --head`: every process of this cluster
     # (nodes, drivers, job clients) gets this test's own token, never the user's ~/.ray/auth_token.
-    env = dict(os.environ, **LOOPBACK_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               **(extra_env or {}))
+    env = dict(
+        os.environ, **LOOPBACK_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **(extra_env or {})
+    )
     port, dashboard = free_port(), free_port()
     logs = Path(temp_dir)
     pids: list[int] = []
     try:
         head = subprocess.Popen(
-            [ray_bin, "start", "--head", "--port", str(port), "--temp-dir", temp_dir,
-             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
+            [
+                ray_bin,
+                "start",
+                "--head",
+                "--port",
+                str(port),
+                "--temp-dir",
+                temp_dir,
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard),
+            ]
             + _node_args("node_a", temp_dir),
-            env=env, stdout=open(logs / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            env=env,
+            stdout=open(logs / "head.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         pids.append(head.pid)
         address = f"127.0.0.1:{port}"
         _wait_for_nodes(address, env, 1, timeout, head, logs / "head.log")
         worker = subprocess.Popen(
             [sys.executable, "-c", JOIN_ON_LOOPBACK, "start", "--address", address] + _node_args("node_b", temp_dir),
-            env=env, stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            env=env,
+            stdout=open(logs / "worker.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         pids.append(worker.pid)
         _wait_for_nodes(address, env, 2, timeout, worker, logs / "worker.log")
         yield LoopbackCluster(address, f"http://127.0.0.1:{dashboard}", temp_dir, env, pids)

@@ -45,19 +45,28 @@ def sweep_view(uri: str, experiment: str) -> dict:
     for name in children:
         answer = rest(uri, "registered-models/search", filter=f"name = '{experiment}.{name}'")
         models[name] = (answer.get("registered_models") or [None])[0]
-    return {"kind": _tags(found).get("mlflow.experimentKind"), "parent": parent, "children": children,
-            "plots": sorted(f["path"] for f in report if f["path"].endswith(".png")), "models": models}
+    return {
+        "kind": _tags(found).get("mlflow.experimentKind"),
+        "parent": parent,
+        "children": children,
+        "plots": sorted(f["path"] for f in report if f["path"].endswith(".png")),
+        "models": models,
+    }
 
 
 def main(argv: list[str]) -> int:
     """Print the view; exit 1 when the experiment is not typed for training or a trial has no model."""
     uri, experiment = argv[0], argv[1]
     view = sweep_view(uri, experiment)
-    print(f"experiment {experiment}: kind {view['kind']}, parent run {view['parent']}, "
-          f"{len(view['children'])} trial run(s), plots {view['plots']}")
+    print(
+        f"experiment {experiment}: kind {view['kind']}, parent run {view['parent']}, "
+        f"{len(view['children'])} trial run(s), plots {view['plots']}"
+    )
     for name, model in view["models"].items():
-        print(f"  {name}: registered model {model and model['name']}, "
-              f"aliases {[a['alias'] for a in (model or {}).get('aliases', [])]}")
+        print(
+            f"  {name}: registered model {model and model['name']}, "
+            f"aliases {[a['alias'] for a in (model or {}).get('aliases', [])]}"
+        )
     ok = view["kind"] == "custom_model_development" and all(view["models"].values()) and view["plots"]
     return 0 if ok else 1
 

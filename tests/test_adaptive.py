@@ -14,12 +14,14 @@ from sors.evaluation import all_path_correct, evaluate_cell, every_path_correct,
 from sors.models.supernet import every_path, every_path_logits
 
 EPS = 25 / 255
-SMALL_MEMBERS = (("eot_apgd", {"loss": "expected_ce", "steps": 15}),
-                 ("eot_apgd", {"loss": "path_margin", "random_start": True, "steps": 15}),
-                 ("eot_apgd", {"loss": "path_sigmoid", "steps": 15, "warm_start": True}),
-                 ("autoattack_rand", {"steps": 10, "eot_samples": 4}),
-                 ("arc", {"steps": 2, "members": 2}),
-                 ("square_eot", {"steps": 30, "eot_samples": 8}))
+SMALL_MEMBERS = (
+    ("eot_apgd", {"loss": "expected_ce", "steps": 15}),
+    ("eot_apgd", {"loss": "path_margin", "random_start": True, "steps": 15}),
+    ("eot_apgd", {"loss": "path_sigmoid", "steps": 15, "warm_start": True}),
+    ("autoattack_rand", {"steps": 10, "eot_samples": 4}),
+    ("arc", {"steps": 2, "members": 2}),
+    ("square_eot", {"steps": 30, "eot_samples": 8}),
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,14 @@ def test_the_suite_is_at_least_as_strong_as_each_member_per_example(sors_model, 
     with path_draws([sors_model], 7):
         adv = suite(x, y)
     final = exact_accuracy(sors_model, adv, y)
-    assert set(suite.member_correct) == {"eot_apgd:expected_ce", "eot_apgd:path_margin", "eot_apgd:path_sigmoid",
-                                         "autoattack_rand", "arc", "square_eot"}
+    assert set(suite.member_correct) == {
+        "eot_apgd:expected_ce",
+        "eot_apgd:path_margin",
+        "eot_apgd:path_sigmoid",
+        "autoattack_rand",
+        "arc",
+        "square_eot",
+    }
     for label, member in suite.member_correct.items():
         ran = ~torch.isnan(member)
         assert (final[ran] <= member[ran] + 1e-6).all(), label
@@ -61,8 +69,9 @@ def test_the_suite_is_at_least_as_strong_as_each_member_per_example(sors_model, 
 def test_the_suite_beats_the_papers_pgd_and_eot_pgd_on_sors(sors_model, fmnist_test, one_thread):
     x, y = fmnist_test
     cfg = EvalConfig(n_examples=200, repeats=4, all_paths=0)
-    suite = evaluate_cell(sors_model, x, y, AttackConfig("adaptive", EPS, steps=20), cfg,
-                          attack_options={"members": SMALL_MEMBERS[:3]})
+    suite = evaluate_cell(
+        sors_model, x, y, AttackConfig("adaptive", EPS, steps=20), cfg, attack_options={"members": SMALL_MEMBERS[:3]}
+    )
     for weaker in (AttackConfig("pgd", EPS), AttackConfig("eot_pgd", EPS, eot_samples=8)):
         other = evaluate_cell(sors_model, x, y, weaker, cfg)
         assert suite.accuracy < other.accuracy, weaker.name
@@ -137,8 +146,13 @@ def test_exact_worst_case_over_paths_equals_a_brute_force_loop(fmnist_test):
 def test_cells_say_whether_their_worst_case_is_exact(sors_model, fmnist_test):
     x, y = fmnist_test
     exact = evaluate_cell(sors_model, x, y, AttackConfig("none", 0.0), EvalConfig(n_examples=300, repeats=2))
-    sampled = evaluate_cell(sors_model, x, y, AttackConfig("none", 0.0),
-                            EvalConfig(n_examples=300, repeats=2, all_paths=16, exact_paths_max=100))
+    sampled = evaluate_cell(
+        sors_model,
+        x,
+        y,
+        AttackConfig("none", 0.0),
+        EvalConfig(n_examples=300, repeats=2, all_paths=16, exact_paths_max=100),
+    )
     assert exact.all_path_exact and exact.all_path_count == 1024
     assert not sampled.all_path_exact and sampled.all_path_count == 16
     # 16 sampled paths can only miss failures: the sampled worst case is an upper bound
@@ -150,8 +164,9 @@ def test_cells_say_whether_their_worst_case_is_exact(sors_model, fmnist_test):
 def test_cells_keep_per_example_outcomes(sors_model, fmnist_test):
     x, y = fmnist_test
     index = torch.arange(5000, 5300)
-    cell = evaluate_cell(sors_model, x, y, AttackConfig("fgsm", EPS), EvalConfig(n_examples=300, repeats=3),
-                         example_index=index)
+    cell = evaluate_cell(
+        sors_model, x, y, AttackConfig("fgsm", EPS), EvalConfig(n_examples=300, repeats=3), example_index=index
+    )
     assert cell.example_index == list(range(5000, 5300))
     assert sum(cell.example_correct) == pytest.approx(cell.correct)
     assert all(m <= c for m, c in zip(cell.example_correct_min, cell.example_correct))
@@ -180,10 +195,16 @@ class MixedSuper(models.SuperNet):
         block = lambda: nn.Sequential(nn.Linear(16, 8), nn.Tanh())  # noqa: E731
         # the first layer's candidates share a weight shape but not their dilation: they must not be stacked
         dilated = nn.Conv2d(1, 2, 3, stride=2, padding=1, dilation=2)
-        choices = [models.ChoiceLayer([nn.Conv2d(1, 2, 3, stride=2), dilated]), nn.ReLU(),
-                   models.ChoiceLayer([nn.Conv2d(2, 2, 1) for _ in range(2)]), nn.Flatten(),
-                   models.ChoiceLayer([nn.Linear(18, 16) for _ in range(3)]), nn.ReLU(),
-                   models.ChoiceLayer([block() for _ in range(2)]), models.ChoiceLayer([nn.Linear(8, 5) for _ in range(2)])]
+        choices = [
+            models.ChoiceLayer([nn.Conv2d(1, 2, 3, stride=2), dilated]),
+            nn.ReLU(),
+            models.ChoiceLayer([nn.Conv2d(2, 2, 1) for _ in range(2)]),
+            nn.Flatten(),
+            models.ChoiceLayer([nn.Linear(18, 16) for _ in range(3)]),
+            nn.ReLU(),
+            models.ChoiceLayer([block() for _ in range(2)]),
+            models.ChoiceLayer([nn.Linear(8, 5) for _ in range(2)]),
+        ]
         self.body = nn.Sequential(*choices[:6], nn.Sequential(*choices[6:])) if nested else nn.Sequential(*choices)
         self._register_choices()
 
@@ -198,26 +219,36 @@ def test_every_path_logits_and_their_input_gradient_equal_a_loop_over_paths(nest
     assert logits.shape == loop.shape == (48, 4, 5)
     assert torch.allclose(logits, loop, atol=1e-6)
     weights = torch.rand_like(loop)
-    grad, = torch.autograd.grad((logits * weights).sum(), x)
-    loop_grad, = torch.autograd.grad((loop * weights).sum(), x)
+    (grad,) = torch.autograd.grad((logits * weights).sum(), x)
+    (loop_grad,) = torch.autograd.grad((loop * weights).sum(), x)
     assert torch.allclose(grad, loop_grad, atol=1e-6)
 
 
-def test_the_strength_check_runs_stronger_attacks_from_the_suites_points_and_reports_their_gain(sors_model, batch,
-                                                                                                monkeypatch):
+def test_the_strength_check_runs_stronger_attacks_from_the_suites_points_and_reports_their_gain(
+    sors_model, batch, monkeypatch
+):
     from bench import strength
     from bench.harness import Settings
 
     x, y = batch
     objective, encode = strength.targeted_objective(sors_model, classes=10)
     loss, correct = objective(x[:8], encode(y[:8], y[:8]))  # "target" = the true class: every margin is 0
-    assert torch.allclose(loss, torch.full_like(loss, 0.5)) and torch.equal(correct, exact_accuracy(sors_model, x[:8], y[:8]))
+    assert torch.allclose(loss, torch.full_like(loss, 0.5)) and torch.equal(
+        correct, exact_accuracy(sors_model, x[:8], y[:8])
+    )
 
     monkeypatch.setattr(strength, "trained_sors", lambda device: sors_model)
     rows = {row.name: row for row in strength.case_strength(Settings(device=torch.device("cpu"), quick=True))}
-    attacked = [rows[name].value for name in ("strength.path_sigmoid_x3", "strength.targeted_top1",
-                                              "strength.targeted_top2", "strength.targeted_top3",
-                                              "strength.targeted_top1_cold")]
+    attacked = [
+        rows[name].value
+        for name in (
+            "strength.path_sigmoid_x3",
+            "strength.targeted_top1",
+            "strength.targeted_top2",
+            "strength.targeted_top3",
+            "strength.targeted_top1_cold",
+        )
+    ]
     suite, worst = rows["strength.suite"].value, rows["strength.worst_case"].value
     assert worst <= min(attacked + [suite])  # per example the worst of all of them
     assert rows["strength.gain_points"].value == pytest.approx(suite - worst, abs=0.011)

@@ -33,7 +33,8 @@ def _type_checking_only(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def imported_names(path: Path, module: str) -> set[str]:
@@ -54,7 +55,7 @@ def imported_names(path: Path, module: str) -> set[str]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    prefix = package[:len(package) - child.level + 1]
+                    prefix = package[: len(package) - child.level + 1]
                     base = ".".join(prefix + ([child.module] if child.module else []))
                 names.add(base)
                 names.update(f"{base}.{alias.name}" for alias in child.names)
@@ -64,6 +65,7 @@ def imported_names(path: Path, module: str) -> set[str]:
 
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """``{module: project modules it imports}`` (a name resolves to its longest project-module prefix)."""
+
     def resolve(name: str) -> str | None:
         while name and name not in modules:
             name = name.rpartition(".")[0]
@@ -86,7 +88,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -105,12 +107,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 # ---------------------------------------------------------------- the checker checks
 
+
 def test_the_checker_finds_a_cycle_through_a_function_level_import(tmp_path):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "a.py").write_text("from pipeline import b\n")
     (tmp_path / "pipeline" / "b.py").write_text("def f():\n    from pipeline.a import thing\n    return thing\n")
-    (tmp_path / "pipeline" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                                "    from pipeline import a\n")
+    (tmp_path / "pipeline" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline import a\n"
+    )
     modules = {m: p for m, p in project_modules(tmp_path).items()}
     graph = import_graph(modules)
     assert find_cycle(graph) in (["pipeline.a", "pipeline.b", "pipeline.a"], ["pipeline.b", "pipeline.a", "pipeline.b"])
@@ -142,6 +146,11 @@ def test_no_module_over_500_lines(module):
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_no_upward_import(layer):
-    upward = sorted(f"{module} imports {name}" for module, path in MODULES.items() if module.split(".")[0] == layer
-                    for name in imported_names(path, module) if name.split(".")[0] in FORBIDDEN[layer])
+    upward = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if module.split(".")[0] == layer
+        for name in imported_names(path, module)
+        if name.split(".")[0] in FORBIDDEN[layer]
+    )
     assert not upward, "; ".join(upward)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,9 +32,11 @@ def sors_model(trained_sors):
 def _torchattacks_reference(name: str, model: nn.Module, eps: float):
     import torchattacks
 
-    reference = {"fgsm": lambda: torchattacks.FGSM(model, eps=eps),
-                 "pgd": lambda: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=7, random_start=False),
-                 "mim": lambda: torchattacks.MIFGSM(model, eps=eps, alpha=eps / 10, steps=10, decay=1.0)}
+    reference = {
+        "fgsm": lambda: torchattacks.FGSM(model, eps=eps),
+        "pgd": lambda: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=7, random_start=False),
+        "mim": lambda: torchattacks.MIFGSM(model, eps=eps, alpha=eps / 10, steps=10, decay=1.0),
+    }
     return reference[name]()
 
 
@@ -86,12 +87,21 @@ class ModeRecorder(nn.Module):
         return self.inner(x, *args)
 
 
-FAST_MEMBERS = (("eot_apgd", {"steps": 2}), ("autoattack_rand", {"steps": 2, "eot_samples": 2}),
-                ("arc", {"steps": 1, "members": 2, "eot_samples": 2}), ("square_eot", {"steps": 3, "eot_samples": 2}))
-FAST_OPTIONS = {"cw": {"steps": 5, "binary_search_steps": 1}, "autoattack_rand": {"steps": 3, "eot_samples": 2},
-                "eot_pgd": {"eot_samples": 4}, "eot_apgd": {"steps": 3, "eot_samples": 2},
-                "arc": {"steps": 2, "members": 2, "eot_samples": 2}, "square_eot": {"steps": 5, "eot_samples": 2},
-                "adaptive": {"steps": 2, "eot_samples": 2, "select_draws": 2, "members": FAST_MEMBERS}}
+FAST_MEMBERS = (
+    ("eot_apgd", {"steps": 2}),
+    ("autoattack_rand", {"steps": 2, "eot_samples": 2}),
+    ("arc", {"steps": 1, "members": 2, "eot_samples": 2}),
+    ("square_eot", {"steps": 3, "eot_samples": 2}),
+)
+FAST_OPTIONS = {
+    "cw": {"steps": 5, "binary_search_steps": 1},
+    "autoattack_rand": {"steps": 3, "eot_samples": 2},
+    "eot_pgd": {"eot_samples": 4},
+    "eot_apgd": {"steps": 3, "eot_samples": 2},
+    "arc": {"steps": 2, "members": 2, "eot_samples": 2},
+    "square_eot": {"steps": 5, "eot_samples": 2},
+    "adaptive": {"steps": 2, "eot_samples": 2, "select_draws": 2, "members": FAST_MEMBERS},
+}
 
 
 @pytest.mark.parametrize("name", attacks.available())
@@ -151,8 +161,9 @@ def test_eot_is_at_least_as_strong_as_pgd_on_a_sors_model(sors_model, fmnist_tes
 def test_cw_reaches_near_zero_accuracy_on_lenet_and_reports_l2(lenet, fmnist_test):
     x, y = fmnist_test
     options = {"binary_search_steps": 6, "lr": 0.1, "initial_const": 0.1}
-    result = evaluate_cell(lenet, x, y, AttackConfig("cw", 0.0, steps=50), EvalConfig(n_examples=30),
-                           attack_options=options)
+    result = evaluate_cell(
+        lenet, x, y, AttackConfig("cw", 0.0, steps=50), EvalConfig(n_examples=30), attack_options=options
+    )
     assert result.norm == "l2" and result.steps == 50
     assert result.accuracy <= 0.05
     assert 0 < result.extra["mean_l2"] < 5
@@ -160,8 +171,10 @@ def test_cw_reaches_near_zero_accuracy_on_lenet_and_reports_l2(lenet, fmnist_tes
 
 
 def test_cw_paper_defaults_depend_on_the_data_set(lenet):
-    assert (attacks.build("cw", lenet, 0, dataset="fashion_mnist").spec["steps"],
-            attacks.build("cw", lenet, 0, dataset="fashion_mnist").spec["kappa"]) == (10000, 0.0)
+    assert (
+        attacks.build("cw", lenet, 0, dataset="fashion_mnist").spec["steps"],
+        attacks.build("cw", lenet, 0, dataset="fashion_mnist").spec["kappa"],
+    ) == (10000, 0.0)
     spec = attacks.build("cw", lenet, 0, dataset="cifar100").spec
     assert (spec["steps"], spec["kappa"]) == (100, 1.0)
     assert attacks.build("cw", lenet, 0, dataset="cifar10").spec["kappa"] == 0.0
@@ -183,14 +196,17 @@ def test_eps_grids_are_the_papers():
     assert attacks.EPS_GRIDS["cifar100"] == attacks.EPS_GRIDS["cifar10"]
 
 
-@pytest.mark.parametrize("call, option", [
-    (lambda m: attacks.build("pgdx", m, 0.1), "attack.name"),
-    (lambda m: attacks.build("pgd", m, 1.5), "attack.eps"),
-    (lambda m: attacks.build("pgd", m, -0.1), "attack.eps"),
-    (lambda m: attacks.build("pgd", m, 0.1, stepz=3), "attack.stepz"),
-    (lambda m: attacks.build("pgd", m, 0.1, steps=0), "attack.steps"),
-    (lambda m: attacks.build("transfer_pgd", m, 0.1), "attack.source"),
-])
+@pytest.mark.parametrize(
+    "call, option",
+    [
+        (lambda m: attacks.build("pgdx", m, 0.1), "attack.name"),
+        (lambda m: attacks.build("pgd", m, 1.5), "attack.eps"),
+        (lambda m: attacks.build("pgd", m, -0.1), "attack.eps"),
+        (lambda m: attacks.build("pgd", m, 0.1, stepz=3), "attack.stepz"),
+        (lambda m: attacks.build("pgd", m, 0.1, steps=0), "attack.steps"),
+        (lambda m: attacks.build("transfer_pgd", m, 0.1), "attack.source"),
+    ],
+)
 def test_bad_attack_settings_name_the_option(lenet, call, option):
     with pytest.raises(ConfigError) as err:
         call(lenet)

@@ -93,12 +93,22 @@ SWEEP_CASES = [
     ("max-concurrent-zero", ["sweep", "smoke", "--max-concurrent-trials", "0"], "--max-concurrent-trials 0"),
     ("lr-scaling-unknown", ["sweep", "smoke", "--set", "train.lr_scaling=sqrt"], "train.lr_scaling"),
     ("submit-without-address", ["submit", "smoke"], "--address http://HOST:8265 is required"),
-    ("submit-unreachable", ["submit", "smoke", "--address", "http://127.0.0.1:{port}"], "cannot reach the Ray Jobs API"),
+    (
+        "submit-unreachable",
+        ["submit", "smoke", "--address", "http://127.0.0.1:{port}"],
+        "cannot reach the Ray Jobs API",
+    ),
     ("submit-unknown-preset", ["submit", "nosuch", "--address", "http://127.0.0.1:{port}"], "unknown preset"),
-    ("submit-bad-option", ["submit", "smoke", "--address", "http://127.0.0.1:{port}", "--set", "train.lr=-1"],
-     "train.lr"),
-    ("submit-not-sors-after-dashes", ["submit", "--address", "http://127.0.0.1:{port}", "--", "rm", "-rf", "/"],
-     "after --: a sors command"),
+    (
+        "submit-bad-option",
+        ["submit", "smoke", "--address", "http://127.0.0.1:{port}", "--set", "train.lr=-1"],
+        "train.lr",
+    ),
+    (
+        "submit-not-sors-after-dashes",
+        ["submit", "--address", "http://127.0.0.1:{port}", "--", "rm", "-rf", "/"],
+        "after --: a sors command",
+    ),
     ("unknown-command", ["deploy"], "invalid choice: 'deploy'"),
 ]
 
@@ -134,9 +144,14 @@ def test_a_results_folder_that_cannot_be_written_is_refused_end_to_end(tmp_path)
         locked.chmod(0o500)
     try:
         before = _tree(tmp_path)
-        proc = subprocess.run([str(SORS), "sweep", "smoke", "--results-dir", str(locked / "results")],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+        proc = subprocess.run(
+            [str(SORS), "sweep", "smoke", "--results-dir", str(locked / "results")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        )
         assert _tree(tmp_path) == before
     finally:
         if os.geteuid() == 0:
@@ -150,8 +165,13 @@ def test_a_results_folder_that_cannot_be_written_is_refused_end_to_end(tmp_path)
 
 
 def test_a_bad_value_is_refused_end_to_end_by_the_installed_script(tmp_path):
-    proc = subprocess.run([str(SORS), "sweep", "smoke", "--set", "train.lambda=-3", "--results-dir",
-                           str(tmp_path / "results")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(SORS), "sweep", "smoke", "--set", "train.lambda=-3", "--results-dir", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("sors sweep: error: train.lambda:") and "-3.0 is negative" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
@@ -160,12 +180,26 @@ def test_a_bad_value_is_refused_end_to_end_by_the_installed_script(tmp_path):
 
 # ---------------------------------------------------------------- property-based: the CLI accepts what the config accepts
 
-NUMERIC_KEYS = ["train.lambda", "train.lr", "train.batch_size", "train.epochs", "train.paths_per_step",
-                "train.momentum", "model.n_ops", "data.n_train", "eval.repeats", "eval.n_examples", "attack.eps"]
-VALUES = st.one_of(st.integers(-5, 300).map(str), st.floats(-2, 50).map(repr), st.floats().map(repr),
-                   st.sampled_from(["", "1/2", "25/255", "-0", "1e-3", "inf", "3.", "two", "0x10", "1,2"]),
-                   st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                           max_size=8))
+NUMERIC_KEYS = [
+    "train.lambda",
+    "train.lr",
+    "train.batch_size",
+    "train.epochs",
+    "train.paths_per_step",
+    "train.momentum",
+    "model.n_ops",
+    "data.n_train",
+    "eval.repeats",
+    "eval.n_examples",
+    "attack.eps",
+]
+VALUES = st.one_of(
+    st.integers(-5, 300).map(str),
+    st.floats(-2, 50).map(repr),
+    st.floats().map(repr),
+    st.sampled_from(["", "1/2", "25/255", "-0", "1e-3", "inf", "3.", "two", "0x10", "1,2"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8),
+)
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +240,18 @@ def test_cli_accepts_exactly_the_overrides_the_config_accepts(workdir, capsys, k
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF, blacklist_characters="=",
-                                          blacklist_categories=("Cc", "Zl", "Zp", "Zs")), min_size=1, max_size=20))
+@given(
+    key=st.text(
+        alphabet=st.characters(
+            min_codepoint=33,
+            max_codepoint=0x2FF,
+            blacklist_characters="=",
+            blacklist_categories=("Cc", "Zl", "Zp", "Zs"),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
 def test_any_unknown_key_is_one_line_exit_2(workdir, capsys, key):
     from sors import config as config_lib
 
@@ -222,8 +266,9 @@ def test_any_unknown_key_is_one_line_exit_2(workdir, capsys, key):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lam=st.floats(0, 1e4, allow_nan=False), k=st.integers(2, 6), epochs=st.integers(0, 50))
 def test_valid_overrides_reach_every_trial_through_the_cli(workdir, capsys, lam, k, epochs):
-    code, out, err = _dry_run(workdir, [f"train.lambda={lam!r}", f"train.paths_per_step={k}",
-                                        f"train.epochs={epochs}"], capsys)
+    code, out, err = _dry_run(
+        workdir, [f"train.lambda={lam!r}", f"train.paths_per_step={k}", f"train.epochs={epochs}"], capsys
+    )
     assert code == 0, err
     trial_lines = [li for li in out.splitlines() if li.startswith("  ")]
     assert len(trial_lines) == len(presets.build_sweep("smoke").trials)

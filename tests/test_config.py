@@ -9,8 +9,10 @@ from sors.errors import ConfigError
 
 
 def test_overrides_coerce_types_and_fractions():
-    cfg = C.apply_overrides(C.RunConfig(), ["train.lambda=5", "attack.eps=25/255", "data.n_train=100",
-                                            "train.use_gpu=false", "train.milestones=150,200"])
+    cfg = C.apply_overrides(
+        C.RunConfig(),
+        ["train.lambda=5", "attack.eps=25/255", "data.n_train=100", "train.use_gpu=false", "train.milestones=150,200"],
+    )
     assert cfg.train.lambda_ == 5.0 and abs(cfg.attack.eps - 25 / 255) < 1e-12
     assert cfg.data.n_train == 100 and cfg.train.use_gpu is False and cfg.train.milestones == (150, 200)
 
@@ -29,17 +31,20 @@ def test_hash_is_stable_and_follows_training_options_only():
     assert C.config_hash(a) == C.config_hash(C.apply_overrides(a, {"attack.eps": 0.3}))
 
 
-@pytest.mark.parametrize("override,option", [
-    ({"data.name": "imagenet"}, "data.name"),
-    ({"model.n_ops": 0}, "model.n_ops"),
-    ({"train.lambda": -1}, "train.lambda"),
-    ({"train.paths_per_step": 1}, "train.paths_per_step"),
-    ({"train.batch_size": 0}, "train.batch_size"),
-    ({"train.epochs": -1}, "train.epochs"),
-    ({"attack.eps": 1.5}, "attack.eps"),
-    ({"train.lr": "fast"}, "train.lr"),
-    ({"train.lamda": 3}, "train.lamda"),
-])
+@pytest.mark.parametrize(
+    "override,option",
+    [
+        ({"data.name": "imagenet"}, "data.name"),
+        ({"model.n_ops": 0}, "model.n_ops"),
+        ({"train.lambda": -1}, "train.lambda"),
+        ({"train.paths_per_step": 1}, "train.paths_per_step"),
+        ({"train.batch_size": 0}, "train.batch_size"),
+        ({"train.epochs": -1}, "train.epochs"),
+        ({"attack.eps": 1.5}, "attack.eps"),
+        ({"train.lr": "fast"}, "train.lr"),
+        ({"train.lamda": 3}, "train.lamda"),
+    ],
+)
 def test_bad_values_give_one_line_naming_the_option(override, option):
     with pytest.raises(ConfigError) as err:
         C.resolve(C.apply_overrides(C.RunConfig(), override))
@@ -53,8 +58,12 @@ def test_a_misspelt_key_suggests_the_right_one():
 
 
 @settings(max_examples=60, deadline=None)
-@given(lam=st.floats(min_value=0, max_value=1e6, allow_nan=False), k=st.integers(2, 10),
-       n=st.integers(1, 10**6), eps=st.floats(0, 1, allow_nan=False))
+@given(
+    lam=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    k=st.integers(2, 10),
+    n=st.integers(1, 10**6),
+    eps=st.floats(0, 1, allow_nan=False),
+)
 def test_valid_overrides_round_trip_through_text(lam, k, n, eps):
     text = [f"train.lambda={lam!r}", f"train.paths_per_step={k}", f"data.n_train={n}", f"attack.eps={eps!r}"]
     cfg = C.resolve(C.apply_overrides(C.RunConfig(), text))

@@ -25,14 +25,31 @@ EPOCHS = 2
 
 def _tiny_bn_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
+    )
 
 
 def _config(batch_size: int, workers: int) -> config_lib.RunConfig:
-    return make_config(model__name="lenet5", data__n_train=N_TRAIN, data__n_test=32, train__epochs=EPOCHS,
-                       train__optimizer="sgd", train__lr=0.05, train__momentum=0.9, train__batch_size=batch_size,
-                       train__num_workers=workers)
+    return make_config(
+        model__name="lenet5",
+        data__n_train=N_TRAIN,
+        data__n_test=32,
+        train__epochs=EPOCHS,
+        train__optimizer="sgd",
+        train__lr=0.05,
+        train__momentum=0.9,
+        train__batch_size=batch_size,
+        train__num_workers=workers,
+    )
 
 
 def _fit(model: nn.Module, cfg, data, rank: int = 0, world: int = 1) -> nn.Module:
@@ -59,7 +76,8 @@ def _free_port() -> int:
 
 
 def test_two_ranks_with_batchnorm_end_identical_and_equal_to_one_worker_on_the_global_batch(
-        tmp_path, fmnist_train, fmnist_test):
+    tmp_path, fmnist_train, fmnist_test
+):
     data = ((fmnist_train[0][:N_TRAIN], fmnist_train[1][:N_TRAIN]), (fmnist_test[0][:32], fmnist_test[1][:32]))
     initial = _tiny_bn_model(seed=100).state_dict()
     one = _fit(_tiny_bn_model(seed=100), _config(2 * PER_WORKER, 1), data).state_dict()  # rank 0's start
@@ -71,7 +89,9 @@ def test_two_ranks_with_batchnorm_end_identical_and_equal_to_one_worker_on_the_g
     assert list(ranks[0]) == list(one)
     for name in one:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ in {name}"
-        torch.testing.assert_close(ranks[0][name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from one worker")
+        torch.testing.assert_close(
+            ranks[0][name], one[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs from one worker"
+        )
     assert not torch.equal(one["0.weight"], initial["0.weight"])  # it trained
     assert int(one["1.num_batches_tracked"]) == EPOCHS * 5  # 5 steps an epoch: every example, no padding
     assert not torch.equal(one["1.running_var"], initial["1.running_var"])

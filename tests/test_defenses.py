@@ -17,7 +17,6 @@ from sors.errors import ConfigError
 from sors.evaluation import evaluate_cell
 from sors.metrics import input_gradient
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -65,12 +64,15 @@ def test_dnn_oriented_jpeg_removes_small_high_frequency_noise_and_keeps_smooth_c
     low = (u[:, None] + u[None, :]) < 5
     assert (table[low] == 1).all() and (table[~low] == 41).all()
     torch.manual_seed(0)
-    smooth = torch.nn.functional.interpolate(torch.rand(16, 1, 4, 4) * 0.6 + 0.2, size=32, mode="bilinear",
-                                             align_corners=True)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(16, 1, 4, 4) * 0.6 + 0.2, size=32, mode="bilinear", align_corners=True
+    )
     grid = torch.arange(32)
     checker = ((grid[:, None] + grid[None, :]) % 2 * 2 - 1).float() * 3 / 255
     assert (transforms.dnn_jpeg(smooth + checker) - smooth).abs().mean() < 1 / 255  # noise was 3/255
-    assert (transforms.dnn_jpeg(smooth) - smooth).abs().mean() < (transforms.jpeg_compress(smooth, 75) - smooth).abs().mean()
+    assert (transforms.dnn_jpeg(smooth) - smooth).abs().mean() < (
+        transforms.jpeg_compress(smooth, 75) - smooth
+    ).abs().mean()
 
 
 def test_colour_jpeg_runs_on_cifar_shaped_batches():

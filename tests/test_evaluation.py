@@ -67,14 +67,16 @@ def test_scoring_draws_are_independent_of_the_attacks_draws(sors_model, fmnist_t
     (much lower) accuracy on that same path."""
     x, y = fmnist_test[0][:250], fmnist_test[1][:250]
     seen = []
-    hooks = [layer.register_forward_pre_hook(lambda layer, inp: seen.append(layer.active))
-             for layer in sors_model.choice_layers]
+    hooks = [
+        layer.register_forward_pre_hook(lambda layer, inp: seen.append(layer.active))
+        for layer in sors_model.choice_layers
+    ]
     try:
         result = evaluate_cell(sors_model, x, y, AttackConfig("fgsm", EPS), EvalConfig(n_examples=250, all_paths=0))
     finally:
         for hook in hooks:
             hook.remove()
-    attack_path = torch.tensor(seen[:len(sors_model.choice_layers)])
+    attack_path = torch.tensor(seen[: len(sors_model.choice_layers)])
     same_path_model = freeze_path(sors_model, attack_path).eval()
     adv = attacks.build("fgsm", same_path_model, EPS)(x, y)  # what the attack produced
     with torch.no_grad():
@@ -149,8 +151,12 @@ def _all_flags(results):
 
 def test_checks_fire_on_a_non_differentiable_quantiser(lenet, fmnist_test):
     quantised = defenses.build("bit_depth", lenet, bits=8, bpda=False)  # zero gradient everywhere
-    results = _cells(quantised, *fmnist_test, [AttackConfig("pgd", EPS), AttackConfig("transfer_pgd", EPS),
-                                               AttackConfig("pgd", 1.0)], source=lenet)
+    results = _cells(
+        quantised,
+        *fmnist_test,
+        [AttackConfig("pgd", EPS), AttackConfig("transfer_pgd", EPS), AttackConfig("pgd", 1.0)],
+        source=lenet,
+    )
     flags = _all_flags(results)
     assert any("zero input gradient on 200/200" in f for f in flags[0])
     assert any("should beat a transferred one" in f for f in flags[0])
@@ -158,40 +164,63 @@ def test_checks_fire_on_a_non_differentiable_quantiser(lenet, fmnist_test):
 
 
 def test_checks_fire_when_iterations_walk_back(lenet, fmnist_test):
-    results = _cells(FlipOffGrid(lenet), *fmnist_test,
-                     [AttackConfig("fgsm", EPS), AttackConfig("pgd", EPS, steps=1), AttackConfig("pgd", EPS)])
+    results = _cells(
+        FlipOffGrid(lenet),
+        *fmnist_test,
+        [AttackConfig("fgsm", EPS), AttackConfig("pgd", EPS, steps=1), AttackConfig("pgd", EPS)],
+    )
     flags = _all_flags(results)[2]
     assert any("more than fgsm" in f for f in flags)
     assert any("more steps should not weaken" in f for f in flags)
 
 
 def test_checks_fire_when_eot_is_weaker_than_pgd(lenet, fmnist_test):
-    results = _cells(DecoySuperNet(lenet), *fmnist_test, [AttackConfig("pgd", EPS), AttackConfig("eot_pgd", EPS)], n=100)
+    results = _cells(
+        DecoySuperNet(lenet), *fmnist_test, [AttackConfig("pgd", EPS), AttackConfig("eot_pgd", EPS)], n=100
+    )
     assert any("averaging gradients over draws" in f for f in _all_flags(results)[1])
 
 
 def test_checks_stay_quiet_on_plain_models(lenet, sors_model, fmnist_test):
-    plain = _cells(lenet, *fmnist_test, [AttackConfig("fgsm", EPS), AttackConfig("pgd", EPS, steps=1),
-                                         AttackConfig("pgd", EPS), AttackConfig("pgd", EPS, steps=14),
-                                         AttackConfig("pgd", 1.0), AttackConfig("transfer_pgd", EPS)],
-                   source=sors_model)
-    randomized = _cells(sors_model, *fmnist_test, [AttackConfig("fgsm", EPS), AttackConfig("pgd", EPS),
-                                                   AttackConfig("eot_pgd", EPS)])
+    plain = _cells(
+        lenet,
+        *fmnist_test,
+        [
+            AttackConfig("fgsm", EPS),
+            AttackConfig("pgd", EPS, steps=1),
+            AttackConfig("pgd", EPS),
+            AttackConfig("pgd", EPS, steps=14),
+            AttackConfig("pgd", 1.0),
+            AttackConfig("transfer_pgd", EPS),
+        ],
+        source=sors_model,
+    )
+    randomized = _cells(
+        sors_model, *fmnist_test, [AttackConfig("fgsm", EPS), AttackConfig("pgd", EPS), AttackConfig("eot_pgd", EPS)]
+    )
     assert _all_flags(plain) == {i: [] for i in range(len(plain))}
     assert _all_flags(randomized) == {i: [] for i in range(len(randomized))}
 
 
 def test_an_adaptive_suite_weaker_than_another_attack_is_reported(sors_model, fmnist_test):
-    eot, suite = _cells(sors_model, *fmnist_test, [AttackConfig("eot_pgd", 100 / 255, eot_samples=4),
-                                                   AttackConfig("none", 0.0)], n=100)
+    eot, suite = _cells(
+        sors_model, *fmnist_test, [AttackConfig("eot_pgd", 100 / 255, eot_samples=4), AttackConfig("none", 0.0)], n=100
+    )
     suite.attack, suite.eps, suite.attack_spec = "adaptive", eot.eps, {}  # clean accuracy posing as the suite
     assert any("should be the strongest attack" in f for f in checks.cross_cell_flags([eot, suite])[1])
     assert checks.cross_cell_flags([eot, eot]) == {}
 
 
 def test_sanity_cells_are_added_to_every_model_evaluation():
-    extra = checks.sanity_attacks([AttackConfig("pgd", 0.1), AttackConfig("pgd", 0.2), AttackConfig("eot_pgd", 0.2),
-                                   AttackConfig("transfer_mim", 0.1)], randomized=True)
+    extra = checks.sanity_attacks(
+        [
+            AttackConfig("pgd", 0.1),
+            AttackConfig("pgd", 0.2),
+            AttackConfig("eot_pgd", 0.2),
+            AttackConfig("transfer_mim", 0.1),
+        ],
+        randomized=True,
+    )
     keys = {(a.name, a.eps, a.steps) for a in extra}
     assert {("fgsm", 0.1, None), ("fgsm", 0.2, None), ("pgd", 0.2, 14), ("pgd", 1.0, None), ("mim", 0.1, None)} <= keys
     assert ("pgd", 0.2, None) not in keys  # already requested
@@ -203,13 +232,21 @@ def test_sanity_cells_are_added_to_every_model_evaluation():
 
 def test_table_lists_models_attacks_intervals_and_warnings(lenet, sors_model, fmnist_test):
     x, y = fmnist_test
-    cells = [AttackConfig("none", 0.0), AttackConfig("fgsm", 25 / 255), AttackConfig("fgsm", EPS),
-             AttackConfig("pgd", 25 / 255), AttackConfig("pgd", EPS)]
+    cells = [
+        AttackConfig("none", 0.0),
+        AttackConfig("fgsm", 25 / 255),
+        AttackConfig("fgsm", EPS),
+        AttackConfig("pgd", 25 / 255),
+        AttackConfig("pgd", EPS),
+    ]
     cfg = EvalConfig(n_examples=100, repeats=2, all_paths=4)
-    by_model = {"lenet5": evaluate_model(lenet, x, y, cells, cfg),
-                "bits8-masked": evaluate_model(defenses.build("bit_depth", lenet, bits=8, bpda=False), x, y,
-                                               cells[:1] + cells[3:], cfg, sanity=False),
-                "sors_lenet5": evaluate_model(sors_model, x, y, cells, cfg)}
+    by_model = {
+        "lenet5": evaluate_model(lenet, x, y, cells, cfg),
+        "bits8-masked": evaluate_model(
+            defenses.build("bit_depth", lenet, bits=8, bpda=False), x, y, cells[:1] + cells[3:], cfg, sanity=False
+        ),
+        "sors_lenet5": evaluate_model(sors_model, x, y, cells, cfg),
+    }
     assert any(r.extra["role"] == "sanity" and r.eps == 1.0 for r in by_model["lenet5"])
     table = format_table(by_model)
     lines = table.splitlines()
@@ -239,15 +276,20 @@ def test_a_model_against_itself_has_parallel_gradients(lenet, fmnist_test):
     assert hist.mean == pytest.approx(1.0, abs=1e-5) and hist.orthogonality == pytest.approx(0.0, abs=1e-5)
 
 
-def test_sors_paths_are_more_orthogonal_than_independently_trained_models(lenet, sors_model, fmnist_train,
-                                                                          fmnist_test):
+def test_sors_paths_are_more_orthogonal_than_independently_trained_models(lenet, sors_model, fmnist_train, fmnist_test):
     x, y = fmnist_test[0][:64], fmnist_test[1][:64]
     paths = orthogonality.analyze(sors_model, x, y, n_pairs=4, generator=torch.Generator().manual_seed(0))
     assert paths.kind == "paths" and paths.counts.sum() == 4 * 64 and isinstance(paths.counts, np.ndarray)
     torch.manual_seed(1)
     other = build("lenet5", mean=(0.2860,), std=(0.3530,))
-    train_lib.train_one_epoch(other, torch.optim.Adam(other.parameters(), 0.002), fmnist_train[0][:2000],
-                              fmnist_train[1][:2000], make_config(model__name="lenet5"), epoch=0)
+    train_lib.train_one_epoch(
+        other,
+        torch.optim.Adam(other.parameters(), 0.002),
+        fmnist_train[0][:2000],
+        fmnist_train[1][:2000],
+        make_config(model__name="lenet5"),
+        epoch=0,
+    )
     members = orthogonality.analyze(Ensemble([lenet, other.eval()]), x, y)
     assert members.kind == "members" and members.n == 64
     assert paths.mean_abs < members.mean_abs

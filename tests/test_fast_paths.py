@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import cli as bench_cli
-from sors import losses_ablation
-from sors import kernels, losses, models
+from sors import kernels, losses, losses_ablation, models
 from sors.models.supernet import per_example_sampling, repeat_forward
 
 RTOL = 1e-6
@@ -77,12 +76,16 @@ def _resnet_paths(net):
     return [[i % m for m in net.choice_counts] for i in (0, 1)]  # every layer differs
 
 
-@pytest.mark.parametrize("make,shape,n,paths,distill", [
-    (lenet, (1, 28, 28), 4, [[0, 1, 2, 0, 1], [1, 2, 0, 1, 2]], True),  # every layer differs
-    (lenet, (1, 28, 28), 4, [[0, 1, 2, 0, 1], [0, 1, 0, 2, 1], [2, 1, 2, 0, 0]], True),  # K=3, some shared
-    (lenet, (1, 28, 28), 4, [[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]], True),  # the same path twice
-    (small_resnet, (3, 16, 16), 3, _resnet_paths, False),  # choice layers nested in residual blocks
-], ids=["lenet-differ", "lenet-k3", "lenet-same", "resnet-nested"])
+@pytest.mark.parametrize(
+    "make,shape,n,paths,distill",
+    [
+        (lenet, (1, 28, 28), 4, [[0, 1, 2, 0, 1], [1, 2, 0, 1, 2]], True),  # every layer differs
+        (lenet, (1, 28, 28), 4, [[0, 1, 2, 0, 1], [0, 1, 0, 2, 1], [2, 1, 2, 0, 0]], True),  # K=3, some shared
+        (lenet, (1, 28, 28), 4, [[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]], True),  # the same path twice
+        (small_resnet, (3, 16, 16), 3, _resnet_paths, False),  # choice layers nested in residual blocks
+    ],
+    ids=["lenet-differ", "lenet-k3", "lenet-same", "resnet-nested"],
+)
 def test_sors_step_equals_the_sequential_reference(make, shape, n, paths, distill):
     net = make()
     x, y = batch(shape, n=n)
@@ -117,8 +120,9 @@ def lenet_step():
 
 def test_weight_grads_from_the_input_gradient_backward_add_up_to_the_same_step():
     net, x, y, paths, params = lenet_step()
-    reuse = param_grads(net, lambda: losses.backward_into(
-        losses.sors_loss(net, x, y, lam=10.0, paths=paths, weight_grads=True), params))
+    reuse = param_grads(
+        net, lambda: losses.backward_into(losses.sors_loss(net, x, y, lam=10.0, paths=paths, weight_grads=True), params)
+    )
     plain = param_grads(net, lambda: losses.sors_loss_reference(net, x, y, paths, lam=10.0).total.backward())
     assert_grads_close(reuse, plain)
 
@@ -127,15 +131,20 @@ def test_every_fast_path_switched_off_gives_the_same_gradients():
     """The bench's ablation variants differ in cost only."""
     net, x, y, paths, params = lenet_step()
     opt = torch.optim.SGD(params, lr=0.0)
-    grads = {label: param_grads(net, lambda o=options: losses_ablation.sors_step_variant(net, x, y, paths, params, opt, **o))
-             for label, options in losses_ablation.FAST_PATH_VARIANTS.items()}
+    grads = {
+        label: param_grads(net, lambda o=options: losses_ablation.sors_step_variant(net, x, y, paths, params, opt, **o))
+        for label, options in losses_ablation.FAST_PATH_VARIANTS.items()
+    }
     first = grads.pop("all fast paths")
     for other in grads.values():
         assert_grads_close(other, first)
 
 
 CONV_SHAPES = [  # (c_in, c_out, kernel, padding, bias): LeNet-5's conv1, a ResNet stem, a padded RGBA layer
-    (1, 6, 5, 0, True), (3, 4, 3, 1, False), (4, 2, 3, 2, True)]
+    (1, 6, 5, 0, True),
+    (3, 4, 3, 1, False),
+    (4, 2, 3, 2, True),
+]
 
 
 def _conv_second_order(x, weight, bias, padding):
@@ -144,7 +153,7 @@ def _conv_second_order(x, weight, bias, padding):
     y = kernels.conv2d(x, weight, bias, padding=padding)
     g = torch.autograd.grad((y * y).sum(), x, create_graph=True)[0]
     wanted = [t for t in (x, weight, bias) if t is not None]
-    return [y, g, *torch.autograd.grad(y.sum() + (g ** 3).sum(), wanted)]
+    return [y, g, *torch.autograd.grad(y.sum() + (g**3).sum(), wanted)]
 
 
 @pytest.mark.parametrize("c_in,c_out,k,padding,bias", CONV_SHAPES)
@@ -160,14 +169,20 @@ def test_fast_first_conv_equals_the_builtin_convolution_to_second_order(c_in, c_
     assert "Narrow" not in type(builtin[0].grad_fn).__name__
     for got, want in zip(fast, builtin):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-12)
-    assert torch.autograd.gradgradcheck(lambda xx, ww: kernels.conv2d(xx, ww, padding=(padding, padding)),
-                                        (x[:1].detach().requires_grad_(), weight.detach().requires_grad_()))
+    assert torch.autograd.gradgradcheck(
+        lambda xx, ww: kernels.conv2d(xx, ww, padding=(padding, padding)),
+        (x[:1].detach().requires_grad_(), weight.detach().requires_grad_()),
+    )
 
 
 @pytest.mark.parametrize("case", ["wide", "stride 2", "no input gradient", "dilated"])
 def test_fast_first_conv_steps_aside_where_it_does_not_apply(case):
-    c_in, stride, dilation, needs_grad = {"wide": (8, 1, 1, True), "stride 2": (1, 2, 1, True),
-                                          "no input gradient": (1, 1, 1, False), "dilated": (1, 1, 2, True)}[case]
+    c_in, stride, dilation, needs_grad = {
+        "wide": (8, 1, 1, True),
+        "stride 2": (1, 2, 1, True),
+        "no input gradient": (1, 1, 1, False),
+        "dilated": (1, 1, 2, True),
+    }[case]
     conv = models.layers.Conv2d(c_in, 4, 3, stride=stride, dilation=dilation, padding=1).double()
     x = torch.rand(2, c_in, 10, 10, dtype=torch.float64, requires_grad=needs_grad)
     out = conv(x)
@@ -220,14 +235,17 @@ def _graph_leaves(tensor):
 # routing
 
 
-@pytest.mark.parametrize("paths", [[[0, 1, 2, 0, 1], [1, 2, 0, 1, 2]], [[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [1, 1, 1, 1, 1]]])
+@pytest.mark.parametrize(
+    "paths", [[[0, 1, 2, 0, 1], [1, 2, 0, 1, 2]], [[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [1, 1, 1, 1, 1]]]
+)
 def test_block_routing_equals_per_example_routing(paths):
     net = lenet()
     x, _ = batch((1, 28, 28), n=3)
     paths = torch.tensor(paths)
     stacked = x.repeat(len(paths), 1, 1, 1)
-    torch.testing.assert_close(net.forward_blocks(stacked, paths), net(stacked, paths.repeat_interleave(3, 0)),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        net.forward_blocks(stacked, paths), net(stacked, paths.repeat_interleave(3, 0)), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("make,shape", [(lenet, (1, 28, 28)), (small_resnet, (3, 16, 16))])
@@ -274,21 +292,37 @@ def test_forward_copies_runs_the_first_layer_once_per_image_and_candidate():
 
 
 def test_bench_quick_json_describes_the_machine_and_every_figure(capsys):
-    code = bench_cli.main(["--quick", "--cases", "train_step,fastpaths", "--repeats", "1", "--json",
-                       "--no-targets"])
+    code = bench_cli.main(["--quick", "--cases", "train_step,fastpaths", "--repeats", "1", "--json", "--no-targets"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert {"cpu", "torch_threads", "torch", "device", "load_average"} <= set(out["machine"])
     names = {r["name"] for r in out["results"]}
-    assert {"train_step.sors_lenet5.ratio", "train_step.sors_lenet5.speedup_vs_reference",
-            "train_step.sors_resnet18.ratio", "fastpaths.all fast paths"} <= names
+    assert {
+        "train_step.sors_lenet5.ratio",
+        "train_step.sors_lenet5.speedup_vs_reference",
+        "train_step.sors_resnet18.ratio",
+        "fastpaths.all fast paths",
+    } <= names
     ratio = next(r for r in out["results"] if r["name"] == "train_step.sors_lenet5.ratio")
     assert ratio["value"] > 1 and ratio["detail"]["sors_ms"] > 0 and ratio["detail"]["vanilla_ms"] > 0
 
 
 def test_bench_exits_1_on_a_missed_target_and_2_on_bad_input(capsys):
-    code = bench_cli.main(["--quick", "--cases", "train_step", "--models", "sors_lenet5", "--repeats", "1",
-                       "--warmup", "0", "--target", "train_step.sors_lenet5.ratio=0.5"])
+    code = bench_cli.main(
+        [
+            "--quick",
+            "--cases",
+            "train_step",
+            "--models",
+            "sors_lenet5",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--target",
+            "train_step.sors_lenet5.ratio=0.5",
+        ]
+    )
     table = capsys.readouterr().out
     assert code == 1 and "targets missed: train_step.sors_lenet5.ratio" in table
     assert any(line.startswith("train_step.sors_lenet5.ratio") and " NO " in line for line in table.splitlines())
@@ -299,8 +333,9 @@ def test_bench_exits_1_on_a_missed_target_and_2_on_bad_input(capsys):
 
 
 def test_bench_attack_and_memory_cases_report_their_figures(capsys):
-    code = bench_cli.main(["--quick", "--cases", "eot,pgd,memory", "--repeats", "1", "--warmup", "0", "--json",
-                       "--no-targets"])
+    code = bench_cli.main(
+        ["--quick", "--cases", "eot,pgd,memory", "--repeats", "1", "--warmup", "0", "--json", "--no-targets"]
+    )
     out = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in out["results"]}
     assert code == 0

@@ -24,14 +24,15 @@ from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
 from tests.test_bad_input import _tree
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh"))
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh")
+)
 PRESETS = {  # file name -> YAML text
     "bomb.yaml": BOMB + "trials: [{name: t, set: {model.name: lenet5}, grid: {train.seed: *h}}]\n",
     "seeds.yaml": "trials: [{name: t}]\nevaluation: {seeds: 3, attacks: [fgsm], eps: [0.1]}\n",
     "evaluation.yaml": "trials: [{name: t}]\nevaluation: [clean, fgsm]\n",
     "variants.yaml": "trials: [{name: t, set: {model.name: sors_lenet5}, variants: 3}]\n",
     "eps.yaml": "trials: [{name: t}]\nevaluation: {attacks: [{name: fgsm, eps: 0.1}]}\n",
-    "clean.yaml": "trials: [{name: t}]\nevaluation: {clean: \"false\", attacks: [fgsm], eps: [0.1]}\n",
+    "clean.yaml": 'trials: [{name: t}]\nevaluation: {clean: "false", attacks: [fgsm], eps: [0.1]}\n',
     "escape.yaml": "name: ../../escape\ntrials: [{name: t}]\n",
     "members.yaml": "trials: [{name: t, set: {model.name: ensemble, model.members: 'lenet5,lenet9'}}]\n",
 }
@@ -60,7 +61,7 @@ def hostile(tmp_path, monkeypatch):
     cut = tmp_path / "cut-data"
     cut.mkdir()
     for source in Path(data_lib.DEBIAN_FASHION_MNIST).glob("*.gz"):  # each file cut to its first 64 KiB
-        (cut / source.name).write_bytes(source.read_bytes()[:1 << 16])
+        (cut / source.name).write_bytes(source.read_bytes()[: 1 << 16])
     _checkpoint(tmp_path / "good.pt")
     _checkpoint(tmp_path / "list-config.pt", config=["model.name=lenet5"])
     _checkpoint(tmp_path / "unknown-model.pt", model__name="resnet99")
@@ -75,8 +76,11 @@ DRY = ["--dry-run"]
 # (case id, argv, text the one line must contain); "{tmp}": the hostile folder
 CASES = [
     # 1. sors evaluate checks --set through the same config path as train/sweep
-    ("evaluate-repeats-0", EV + ["--set", "attack.name=fgsm", "--set", "attack.eps=8/255", "--set", "eval.repeats=0"],
-     "eval.repeats: 0"),
+    (
+        "evaluate-repeats-0",
+        EV + ["--set", "attack.name=fgsm", "--set", "attack.eps=8/255", "--set", "eval.repeats=0"],
+        "eval.repeats: 0",
+    ),
     ("evaluate-negative-n", EV + ["--set", "eval.n_examples=-5"], "eval.n_examples: -5"),
     ("evaluate-unknown-key", EV + ["--set", "bogus.key=1"], "bogus.key: unknown option"),
     ("evaluate-nan", EV + ["--set", "eval.n_examples=nan"], "eval.n_examples: 'nan' is not an integer"),
@@ -92,10 +96,12 @@ CASES = [
     ("preset-file-names-escape", ["sweep", "{tmp}/escape.yaml"], "preset name: '../../escape' is not a safe name"),
     ("train-name-escapes", ["train", "--name", "../x"], "--name: '../x' is not a valid name"),
     # 3. memory bombs
-    ("n-ops-million", ["train", "--set", "model.name=sors_lenet5", "--set", "model.n_ops=1000000"],
-     "GiB of weights"),
-    ("members-99999", ["train", "--set", "model.name=ensemble", "--set", "model.members=lenet5*99999"],
-     "99999 member(s): over the limit"),
+    ("n-ops-million", ["train", "--set", "model.name=sors_lenet5", "--set", "model.n_ops=1000000"], "GiB of weights"),
+    (
+        "members-99999",
+        ["train", "--set", "model.name=ensemble", "--set", "model.members=lenet5*99999"],
+        "99999 member(s): over the limit",
+    ),
     ("yaml-billion-laughs", ["sweep", "{tmp}/bomb.yaml"], "YAML alias at line 2"),
     ("preset-over-1-mib", ["sweep", "{tmp}/huge.yaml"], "larger than 1 MiB"),
     ("evaluate-huge-model", ["evaluate", "{tmp}/huge-model.pt"], "over the limit"),
@@ -114,10 +120,16 @@ CASES = [
     ("preset-random-bytes", ["sweep", "{tmp}/random.yaml"], "not a text file (not UTF-8)"),
     ("preset-unknown-member", ["sweep", "{tmp}/members.yaml"], "model.members: unknown member model 'lenet9'"),
     # 6. inputs that used to fail late, after writing to the results folder
-    ("unknown-member", ["train", "--set", "model.name=ensemble", "--set", "model.members=lenet5,nope"],
-     "unknown member model 'nope'"),
-    ("n-ops-on-a-plain-model", ["train", "--set", "model.name=lenet5", "--set", "model.n_ops=3"],
-     "model.n_ops: not an option of model 'lenet5'"),
+    (
+        "unknown-member",
+        ["train", "--set", "model.name=ensemble", "--set", "model.members=lenet5,nope"],
+        "unknown member model 'nope'",
+    ),
+    (
+        "n-ops-on-a-plain-model",
+        ["train", "--set", "model.name=lenet5", "--set", "model.n_ops=3"],
+        "model.n_ops: not an option of model 'lenet5'",
+    ),
     ("checkpoint-config-is-a-list", ["evaluate", "{tmp}/list-config.pt"], "config or model_state is not a mapping"),
     ("checkpoint-unknown-model", ["evaluate", "{tmp}/unknown-model.pt"], "unknown model 'resnet99'"),
     ("teacher-unknown-model", ["train", "--set", "train.teacher={tmp}/unknown-model.pt"], "unknown model 'resnet99'"),
@@ -126,14 +138,20 @@ CASES = [
     ("data-root-truncated-gz", ["sweep", "smoke", "--data-root", "{tmp}/cut-data"], "truncated or corrupt"),
     ("results-dir-in-proc", ["sweep", "smoke", "--results-dir", "/proc/sors-results"], "kernel's proc file system"),
     ("storage-path-gopher", ["sweep", "smoke", "--storage-path", "gopher://host/x"], "unsupported scheme 'gopher'"),
-    ("tracking-sqlite-is-a-folder", ["sweep", "smoke", "--tracking-uri", "sqlite:///{tmp}/cut-data"],
-     "is a folder, not a database file"),
+    (
+        "tracking-sqlite-is-a-folder",
+        ["sweep", "smoke", "--tracking-uri", "sqlite:///{tmp}/cut-data"],
+        "is a folder, not a database file",
+    ),
 ]
 
 
 # every case as run, and (train/sweep) as a dry run: both refuse before anything is written
-RUNS = [(f"{name}-{mode}", argv + (DRY if mode == "dry-run" else []), expected) for name, argv, expected in CASES
-        for mode in (("run",) if argv[0] == "evaluate" else ("run", "dry-run"))]
+RUNS = [
+    (f"{name}-{mode}", argv + (DRY if mode == "dry-run" else []), expected)
+    for name, argv, expected in CASES
+    for mode in (("run",) if argv[0] == "evaluate" else ("run", "dry-run"))
+]
 
 
 @pytest.mark.parametrize("argv,expected", [r[1:] for r in RUNS], ids=[r[0] for r in RUNS])
@@ -166,8 +184,17 @@ def test_an_existing_sqlite_store_that_cannot_be_written_is_refused_up_front(hos
     else:
         store.chmod(0o400)
     try:
-        code = cli.main(["sweep", "smoke", "--dry-run", "--tracking-uri", f"sqlite:///{store}",
-                         "--results-dir", str(hostile / "results")])
+        code = cli.main(
+            [
+                "sweep",
+                "smoke",
+                "--dry-run",
+                "--tracking-uri",
+                f"sqlite:///{store}",
+                "--results-dir",
+                str(hostile / "results"),
+            ]
+        )
     finally:
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(store)])
@@ -177,16 +204,26 @@ def test_an_existing_sqlite_store_that_cannot_be_written_is_refused_up_front(hos
 
 
 def test_a_large_model_runs_its_dry_run_with_allow_large_and_says_what_it_would_allocate(hostile, capsys):
-    argv = ["train", "--dry-run", "--set", "model.name=sors_lenet5", "--set", "model.n_ops=1000000",
-            "--results-dir", str(hostile / "results")]
+    argv = [
+        "train",
+        "--dry-run",
+        "--set",
+        "model.name=sors_lenet5",
+        "--set",
+        "model.n_ops=1000000",
+        "--results-dir",
+        str(hostile / "results"),
+    ]
     assert cli.main(argv + ["--allow-large"]) == 0
     out = capsys.readouterr().out
     assert "44,426,000,000 parameters" in out and "165.5 GiB of weights" in out
     assert cli.main(argv[:-2] + ["--set", "model.n_ops=2", "--results-dir", str(hostile / "results")]) == 0
     counted = int(capsys.readouterr().out.split("[")[1].split(" parameters")[0].replace(",", ""))
     from sors.models import build_from_config
-    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(),
-                                                        {"model.name": "sors_lenet5", "model.n_ops": 2}))
+
+    cfg = config_lib.resolve(
+        config_lib.apply_overrides(config_lib.RunConfig(), {"model.name": "sors_lenet5", "model.n_ops": 2})
+    )
     assert counted == sum(p.numel() for p in build_from_config(cfg).parameters())  # the count is exact
 
 
@@ -203,8 +240,14 @@ def test_a_truncated_train_file_alone_is_found_before_anything_runs(tmp_path):
     data_lib.check_intact("fashion_mnist")  # the real data passes
 
 
-@pytest.mark.parametrize("error", [ConfigError("model.members", "unknown member model 'nope'", "lenet5"),
-                                   DataNotFoundError("/data/x.gz: unreadable"), TrainingDiverged("loss nan")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConfigError("model.members", "unknown member model 'nope'", "lenet5"),
+        DataNotFoundError("/data/x.gz: unreadable"),
+        TrainingDiverged("loss nan"),
+    ],
+)
 def test_user_errors_pickle_as_themselves(error):
     """What crosses a Ray task or Train worker boundary: the same type and one-line message."""
     copy = pickle.loads(pickle.dumps(error))

@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.redact import redact
 from pipeline.cliutil import original_error
+from pipeline.redact import redact
 from sors.errors import ConfigError
 
 SECRET = "s3cr@t-Pa55"  # holds a raw "@": the whole password must go, not the part after the "@"
 
 
 # ---------------------------------------------------------------- sockets
+
 
 def _process_tree(root: int) -> list[int]:
     """``root`` and every descendant, from /proc (Ray's GCS, raylet, agents and workers are children)."""
@@ -57,8 +58,12 @@ def _listening_addresses(pids: list[int]) -> list[tuple[str, str, int]]:
         except OSError:
             continue
     found = []
-    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6), ("udp", socket.AF_INET),
-                          ("udp6", socket.AF_INET6)):
+    for table, family in (
+        ("tcp", socket.AF_INET),
+        ("tcp6", socket.AF_INET6),
+        ("udp", socket.AF_INET),
+        ("udp6", socket.AF_INET6),
+    ):
         for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
             fields = line.split()
             local, state, inode = fields[1], fields[3], fields[9]
@@ -66,7 +71,7 @@ def _listening_addresses(pids: list[int]) -> list[tuple[str, str, int]]:
                 continue
             host, port = local.split(":")
             raw = bytes.fromhex(host)
-            raw = raw[::-1] if family == socket.AF_INET else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+            raw = raw[::-1] if family == socket.AF_INET else b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
             name = Path(f"/proc/{owner[inode]}/comm").read_text().strip()
             found.append((name, socket.inet_ntop(family, raw), int(port, 16)))
     return found
@@ -80,6 +85,7 @@ def _is_loopback(address: str) -> bool:
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc socket tables")
 def test_a_local_ray_listens_on_loopback_only(ray_session):
     """GCS, raylet, runtime-env agent, driver and workers: nothing bound to a routable address."""
+
     @ray_session.remote
     def pid() -> int:
         return os.getpid()
@@ -94,6 +100,7 @@ def test_a_local_ray_listens_on_loopback_only(ray_session):
 
 # ---------------------------------------------------------------- errors across Ray
 
+
 def test_a_config_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_session):
     @ray_session.remote(max_retries=0)
     def bad_member():
@@ -107,6 +114,7 @@ def test_a_config_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_se
 
 
 # ---------------------------------------------------------------- secrets in worker logs
+
 
 def _worker_logs() -> str:
     import ray
@@ -144,14 +152,21 @@ def test_mlflow_view_run_lines_and_log_records_in_ray_workers_are_redacted(ray_s
     assert SECRET not in logs and SECRET.split("@")[1] not in logs
 
 
-@pytest.mark.parametrize("text", [f"http://sors:{SECRET}@mlflow:5000/#/experiments/1",
-                                  f"postgresql://u:{SECRET}@db/mlflow", f"🏃 View run x at: https://a:{SECRET}@h/"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"http://sors:{SECRET}@mlflow:5000/#/experiments/1",
+        f"postgresql://u:{SECRET}@db/mlflow",
+        f"🏃 View run x at: https://a:{SECRET}@h/",
+    ],
+)
 def test_passwords_with_reserved_characters_are_masked_whole(text):
     masked = redact(text)
     assert SECRET not in masked and SECRET.split("@")[1] not in masked and ":***@" in masked
 
 
 # ---------------------------------------------------------------- divergence
+
 
 def test_a_diverging_training_run_stops_with_exit_1_and_keeps_no_model(ray_session, tmp_path, capsys, monkeypatch):
     """SGD at the highest learning rate the config accepts blows up within one epoch: the run stops with
@@ -160,8 +175,22 @@ def test_a_diverging_training_run_stops_with_exit_1_and_keeps_no_model(ray_sessi
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     results = tmp_path / "results"
-    code = cli.main(["train", "--set", "model.name=lenet5", "--set", "train.lr=10", "--set", "data.n_train=2000",
-                     "--set", "data.n_test=100", "--results-dir", str(results), "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--set",
+            "model.name=lenet5",
+            "--set",
+            "train.lr=10",
+            "--set",
+            "data.n_train=2000",
+            "--set",
+            "data.n_test=100",
+            "--results-dir",
+            str(results),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("sors train")]
     assert code == 1, err

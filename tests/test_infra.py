@@ -54,6 +54,7 @@ def pod_specs(obj: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- YAML under infra/
 
+
 def test_every_yaml_under_infra_parses_to_a_mapping():
     files = yaml_files()
     assert len(files) >= 8, files  # k8s objects, the launcher config, the nightly configs
@@ -66,8 +67,15 @@ def test_every_yaml_under_infra_parses_to_a_mapping():
 def test_kubernetes_objects_have_api_version_kind_and_name():
     objects = k8s_objects()
     kinds = {d["kind"] for d in objects}
-    assert {"RayCluster", "RayJob", "CronJob", "Deployment", "Service", "PersistentVolumeClaim",
-            "Kustomization"} <= kinds
+    assert {
+        "RayCluster",
+        "RayJob",
+        "CronJob",
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "Kustomization",
+    } <= kinds
     for obj in objects:
         assert re.match(r"^[a-z0-9.-]*/?v\d\w*$", obj["apiVersion"]), obj["apiVersion"]
         if obj["kind"] != "Kustomization":
@@ -83,8 +91,11 @@ def test_raycluster_has_a_cpu_head_and_autoscaled_gpu_workers():
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"  # nothing exposed outside the cluster
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
+    ]
     assert gpu_groups, "no worker group asks for a GPU"
     assert all(g["maxReplicas"] >= g["minReplicas"] >= 0 for g in gpu_groups)
     assert spec["enableInTreeAutoscaling"] is True
@@ -123,7 +134,7 @@ def test_kubernetes_objects_refer_to_each_other_by_existing_names():
         assert (K8S / resource).is_file(), resource
     image_names = {i["name"] for i in kustomization["images"]}
     text = "\n".join(p.read_text() for p in K8S.glob("*.yaml"))
-    for host, port in set(re.findall(r"http://([a-z0-9-]+):(\d+)", text)):
+    for host, _port in set(re.findall(r"http://([a-z0-9-]+):(\d+)", text)):
         assert host in services | {head_service}, f"{host} is not a Service here"
     for obj in k8s_objects():
         for pod in pod_specs(obj):
@@ -141,13 +152,16 @@ def _cronjob_script() -> str:
     return cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
 
 
-@pytest.mark.parametrize("printed, status, expected", [
-    ("sors nightly: exit 0: no regression", 0, 0),
-    ("sors nightly: exit 1: regression in 2 of 6 cells", 1, 1),
-    ("sors nightly: exit 2: could not run: data not found", 2, 2),
-    ("sors submit: job sors-nightly-x STOPPED, exit 130", 130, 2),
-    ("sors nightly: exit 0: no regression (a stale line: the code of the job says otherwise)", 1, 1),
-])
+@pytest.mark.parametrize(
+    "printed, status, expected",
+    [
+        ("sors nightly: exit 0: no regression", 0, 0),
+        ("sors nightly: exit 1: regression in 2 of 6 cells", 1, 1),
+        ("sors nightly: exit 2: could not run: data not found", 2, 2),
+        ("sors submit: job sors-nightly-x STOPPED, exit 130", 130, 2),
+        ("sors nightly: exit 0: no regression (a stale line: the code of the job says otherwise)", 1, 1),
+    ],
+)
 def test_kubernetes_nightly_pod_exits_with_the_nightlys_own_code(tmp_path, printed, status, expected):
     """The pod exits with the code `sors submit` read from the Jobs API (the driver's), never from log lines."""
     fake = tmp_path / "bin" / "sors"
@@ -160,6 +174,7 @@ def test_kubernetes_nightly_pod_exits_with_the_nightlys_own_code(tmp_path, print
 
 
 # ---------------------------------------------------------------- Ray cluster launcher
+
 
 def test_ray_cluster_launcher_config_validates_against_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -200,13 +215,14 @@ def test_kuberay_pods_and_the_nightly_submitter_use_ray_token_authentication():
     for container in containers:
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sors-ray-auth", "key": "auth_token"}
-    for pod in (c for obj in (cluster,) for pod in pod_specs(obj) for c in pod["containers"]):
-        assert {e["name"]: e.get("value") for e in pod["env"]}["RAY_AUTH_MODE"] == "token"
+    for container in (c for obj in (cluster,) for pod in pod_specs(obj) for c in pod["containers"]):
+        assert {e["name"]: e.get("value") for e in container["env"]}["RAY_AUTH_MODE"] == "token"
     head = cluster["spec"]["headGroupSpec"]["rayStartParams"]
     assert "sors_driver" in head["resources"]  # trial drivers' resource: only the CPU head has it
 
 
 # ---------------------------------------------------------------- cron
+
 
 def test_crontab_line_runs_the_wrapper_daily_at_0200_utc():
     lines = [l for l in (INFRA / "cron" / "crontab").read_text().splitlines() if l.strip() and not l.startswith("#")]
@@ -227,8 +243,13 @@ def _fake_sors(tmp_path: Path, body: str) -> Path:
 
 
 def _run_wrapper(tmp_path: Path, fake: Path, *args: str, keep: int = 30, timeout: float = 30):
-    env = dict(os.environ, SORS_BIN=str(fake), SORS_RESULTS_DIR=str(tmp_path / "results"),
-               SORS_NIGHTLY_KEEP_LOGS=str(keep), MARKER=str(tmp_path / "ran"))
+    env = dict(
+        os.environ,
+        SORS_BIN=str(fake),
+        SORS_RESULTS_DIR=str(tmp_path / "results"),
+        SORS_NIGHTLY_KEEP_LOGS=str(keep),
+        MARKER=str(tmp_path / "ran"),
+    )
     return subprocess.run(["bash", str(WRAPPER), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -304,9 +325,11 @@ def test_cron_wrapper_counts_an_unexpected_crash_as_could_not_run(tmp_path):
 
 # ---------------------------------------------------------------- MLflow server script
 
+
 def _serve(*args: str, **env: str):
-    return subprocess.run(["bash", str(SERVE), *args], env=dict(os.environ, **env), capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        ["bash", str(SERVE), *args], env=dict(os.environ, **env), capture_output=True, text=True, timeout=30
+    )
 
 
 def test_mlflow_server_defaults_to_sqlite_on_loopback(tmp_path):
@@ -323,8 +346,16 @@ def test_mlflow_server_defaults_to_sqlite_on_loopback(tmp_path):
 def test_mlflow_server_postgres_backend_takes_its_uri_from_the_environment(tmp_path):
     missing = _serve("--backend", "postgres", "--print", "--home", str(tmp_path), MLFLOW_BACKEND_STORE_URI="")
     assert missing.returncode == 2 and "MLFLOW_BACKEND_STORE_URI" in missing.stderr
-    done = _serve("--backend", "postgres", "--print", "--host", "0.0.0.0", "--artifacts", "s3://bucket/mlflow",
-                  MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:hunter2@db.internal:5432/mlflow")
+    done = _serve(
+        "--backend",
+        "postgres",
+        "--print",
+        "--host",
+        "0.0.0.0",
+        "--artifacts",
+        "s3://bucket/mlflow",
+        MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:hunter2@db.internal:5432/mlflow",
+    )
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout and "postgresql://mlflow:***@db.internal:5432/mlflow" in done.stdout
     assert "password" in done.stderr  # warned to use PGPASSWORD / ~/.pgpass instead
@@ -339,6 +370,7 @@ def test_mlflow_server_rejects_bad_options_with_one_line(args):
 
 
 # ---------------------------------------------------------------- nightly configs
+
 
 @pytest.mark.parametrize("path", sorted((INFRA / "nightly").glob("*.yaml")), ids=lambda p: p.name)
 def test_nightly_configs_resolve_with_the_nightly_loader(path):

@@ -15,7 +15,7 @@ def test_lenet5_has_the_papers_parameter_count_and_sors_has_four_times_it():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(lenet) == 44_426
     assert count(sors) == 4 * 44_426
-    assert sors.num_paths == 4 ** 5
+    assert sors.num_paths == 4**5
 
 
 def test_sors_lenet5_with_one_operator_is_lenet5_given_the_same_weights():
@@ -54,24 +54,30 @@ def test_eval_mode_forwards_are_random_unless_the_path_is_fixed():
         torch.testing.assert_close(net(x), first)
 
 
-@pytest.mark.parametrize("name,shape,options", [
-    ("sors_lenet5", (6, 1, 28, 28), {}),
-    ("sors_resnet18", (6, 3, 16, 16), {"width": 8}),
-])
+@pytest.mark.parametrize(
+    "name,shape,options",
+    [
+        ("sors_lenet5", (6, 1, 28, 28), {}),
+        ("sors_resnet18", (6, 3, 16, 16), {"width": 8}),
+    ],
+)
 def test_per_example_paths_match_each_example_run_alone(name, shape, options):
     net = models.build(name, in_channels=shape[1], **options).eval()
     x = torch.rand(*shape)
     paths = net.sample_path(torch.Generator().manual_seed(2), batch_size=shape[0])
     with torch.no_grad():
         batched = net(x, paths)
-        alone = torch.cat([net(x[i:i + 1], paths[i]) for i in range(shape[0])])
+        alone = torch.cat([net(x[i : i + 1], paths[i]) for i in range(shape[0])])
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,shape,options", [
-    ("sors_lenet5", (3, 1, 28, 28), {"n_ops": 3}),
-    ("sors_resnet18", (3, 3, 16, 16), {"width": 8}),
-])
+@pytest.mark.parametrize(
+    "name,shape,options",
+    [
+        ("sors_lenet5", (3, 1, 28, 28), {"n_ops": 3}),
+        ("sors_resnet18", (3, 3, 16, 16), {"width": 8}),
+    ],
+)
 def test_extracted_subnet_equals_the_supernet_on_that_path(name, shape, options):
     net = models.build(name, in_channels=shape[1], **options).eval()
     path = net.sample_path(torch.Generator().manual_seed(4))

@@ -25,8 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "infra" / "nightly" / "smoke.yaml"
 
 
-def row(accuracy: float, n: int = 1000, attack: str = "pgd", eps: float = 0.1, flags=(), model: str = "sors",
-        first_correct: int = 0, first_index: int = 0, v1: bool = False, **extra) -> dict:
+def row(
+    accuracy: float,
+    n: int = 1000,
+    attack: str = "pgd",
+    eps: float = 0.1,
+    flags=(),
+    model: str = "sors",
+    first_correct: int = 0,
+    first_index: int = 0,
+    v1: bool = False,
+    **extra,
+) -> dict:
     """A stored-cell row as pipeline.results returns it, with the Wilson interval of ``accuracy`` on ``n``.
 
     Per-example outcomes (schema v2): examples ``first_index .. first_index + n - 1``, of which the
@@ -35,19 +45,39 @@ def row(accuracy: float, n: int = 1000, attack: str = "pgd", eps: float = 0.1, f
     flip both ways at the same accuracy. ``v1``: a row stored before per-example outcomes existed.
     """
     low, high = wilson_interval(accuracy, n)
-    base = {"dataset": "fashion_mnist", "trial": model, "variant": model, "model": model.upper(), "attack": attack,
-            "eps": eps, "steps": 7 if attack == "pgd" else None, "eot_samples": None, "seed": 0, "n": n,
-            "accuracy": accuracy, "ci_low": low, "ci_high": high, "sanity_flags": list(flags)}
+    base = {
+        "dataset": "fashion_mnist",
+        "trial": model,
+        "variant": model,
+        "model": model.upper(),
+        "attack": attack,
+        "eps": eps,
+        "steps": 7 if attack == "pgd" else None,
+        "eot_samples": None,
+        "seed": 0,
+        "n": n,
+        "accuracy": accuracy,
+        "ci_low": low,
+        "ci_high": high,
+        "sanity_flags": list(flags),
+    }
     if v1:
         return dict(base, schema_version=1, **extra)
     k = round(accuracy * n)
     correct = np.zeros(n)
-    correct[first_correct:first_correct + k] = 1.0
-    return dict(base, schema_version=2, example_index=np.arange(first_index, first_index + n),
-                example_correct=correct, example_correct_min=correct.copy(), **extra)
+    correct[first_correct : first_correct + k] = 1.0
+    return dict(
+        base,
+        schema_version=2,
+        example_index=np.arange(first_index, first_index + n),
+        example_correct=correct,
+        example_correct_min=correct.copy(),
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------- the rule, on rows
+
 
 def test_a_drop_on_the_same_examples_regresses_and_the_same_drop_on_noisy_outcomes_does_not():
     paired = compare_cell(row(0.50, n=200), row(0.44, n=200), Thresholds())  # 12 examples lost, none gained
@@ -68,8 +98,9 @@ def test_cells_that_cannot_be_paired_say_so_instead_of_guessing():
         assert line["reason"].startswith("not comparable: ")
     assert "no example index in common" in elsewhere["reason"] and "schema v1" in old["reason"]
     assert "the baseline stored" in old["reason"] and old["delta_points"] == pytest.approx(-40.0)
-    warned = compare_cell(row(0.5, v1=True), row(0.5, v1=True, flags=["zero input gradient on 3/10 examples"]),
-                          Thresholds())
+    warned = compare_cell(
+        row(0.5, v1=True), row(0.5, v1=True, flags=["zero input gradient on 3/10 examples"]), Thresholds()
+    )
     assert (warned["verdict"], warned["fails"]) == ("new-warning", True)  # warnings need no pairing
     summary = summarize([old, elsewhere])
     meta = {"baseline_run_id": "b1", "run_id": "r2", "self_accepted": False}
@@ -106,15 +137,28 @@ def test_a_large_significant_drop_regresses_and_clean_drops_are_named_apart():
     assert (attacked["verdict"], attacked["fails"]) == ("regression", True)
     assert (clean["verdict"], clean["fails"]) == ("clean-drop", True)
     lenient = Thresholds(clean_min_drop=0.15)  # clean accuracy has its own minimum
-    assert compare_cell(row(0.90, attack="none", eps=0.0), row(0.80, attack="none", eps=0.0), lenient)["verdict"] == "ok"
+    assert (
+        compare_cell(row(0.90, attack="none", eps=0.0), row(0.80, attack="none", eps=0.0), lenient)["verdict"] == "ok"
+    )
 
 
 def test_the_report_shows_the_paired_test_of_every_cell():
-    lines = compare([row(0.5, n=200), row(0.5, eps=0.2, v1=True)], [row(0.44, n=200), row(0.5, eps=0.2)],
-                    Thresholds())
-    meta = {"baseline_run_id": "b1", "run_id": "r2", "name": "smoke", "run_date": "2026-11-28", "code_version": "abc",
-            "config_path": "c.yaml", "tracking_uri": "", "thresholds": {"min_drop_points": 2.0,
-            "clean_min_drop_points": 2.0, "fail_on_new_warnings": True, "alpha": 0.05}}
+    lines = compare([row(0.5, n=200), row(0.5, eps=0.2, v1=True)], [row(0.44, n=200), row(0.5, eps=0.2)], Thresholds())
+    meta = {
+        "baseline_run_id": "b1",
+        "run_id": "r2",
+        "name": "smoke",
+        "run_date": "2026-11-28",
+        "code_version": "abc",
+        "config_path": "c.yaml",
+        "tracking_uri": "",
+        "thresholds": {
+            "min_drop_points": 2.0,
+            "clean_min_drop_points": 2.0,
+            "fail_on_new_warnings": True,
+            "alpha": 0.05,
+        },
+    }
     md = nightly.render_markdown(meta, lines, summarize(lines))
     p, holm = (_fmt(lines[0]["paired"][k]) for k in ("p_drop", "p_drop_holm"))
     assert f"| 200 | 12 | 0 | {p} | {holm} | -6.0 | **regression** |" in md
@@ -129,10 +173,21 @@ def _fmt(p: float) -> str:
 
 def test_runs_mlflow_missed_fail_an_otherwise_passing_nightly_and_the_report_says_how_to_repair():
     lines = [compare_cell(row(0.50), row(0.50), Thresholds())]
-    meta = {"baseline_run_id": "b1", "run_id": "r2", "name": "smoke", "run_date": "2026-11-28",
-            "code_version": "abc", "config_path": "c.yaml", "tracking_uri": "http://mlflow:5000",
-            "thresholds": {"min_drop_points": 2.0, "clean_min_drop_points": 1.0, "fail_on_new_warnings": False,
-                           "alpha": 0.05}}
+    meta = {
+        "baseline_run_id": "b1",
+        "run_id": "r2",
+        "name": "smoke",
+        "run_date": "2026-11-28",
+        "code_version": "abc",
+        "config_path": "c.yaml",
+        "tracking_uri": "http://mlflow:5000",
+        "thresholds": {
+            "min_drop_points": 2.0,
+            "clean_min_drop_points": 1.0,
+            "fail_on_new_warnings": False,
+            "alpha": 0.05,
+        },
+    }
     tracked, untracked = nightly.summarize(lines), nightly.summarize(lines, tracking_missed=2)
     assert (tracked["status"], tracked["exit_code"]) == ("passed", 0)
     assert (untracked["status"], untracked["exit_code"]) == ("tracking-incomplete", 1)
@@ -182,6 +237,7 @@ def test_nightly_config_errors_exit_2_with_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- end to end (smoke.yaml)
 
+
 def _nightly(results: Path, *extra: str) -> tuple[int, str, float]:
     out = io.StringIO()
     start = time.perf_counter()
@@ -214,9 +270,12 @@ def smoke_runs(tmp_path_factory):
     runs = {}
     try:
         with pytest.MonkeyPatch.context() as patch:
-            for name, extra, code in (("first", (), version), ("second", (), version),
-                                      ("weak", ("--set", "train.epochs=0"), version),
-                                      ("recoded", (), f"{version}-changed")):
+            for name, extra, code in (
+                ("first", (), version),
+                ("second", (), version),
+                ("weak", ("--set", "train.epochs=0"), version),
+                ("recoded", (), f"{version}-changed"),
+            ):
                 patch.setattr(tracking, "code_version", lambda code=code: code)
                 runs[name] = _nightly(results, *extra)
     finally:
@@ -257,7 +316,11 @@ def test_first_nightly_accepts_itself_and_the_second_finds_no_regression(smoke_r
 
     code, out, seconds = runs["second"]
     assert code == 0, out
-    assert out.strip().splitlines()[-1].startswith("sors nightly: exit 0: no regression: 6 cells against baseline " + first)
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith("sors nightly: exit 0: no regression: 6 cells against baseline " + first)
+    )
     report = _report(results, _run_id(out))
     assert report["summary"]["failing"] == 0 and report["meta"]["baseline_run_id"] == first
     assert {c["verdict"] for c in report["cells"]} <= {"ok", "improved"}
@@ -268,6 +331,7 @@ def test_first_nightly_accepts_itself_and_the_second_finds_no_regression(smoke_r
     # the first night accepted itself: alias `baseline` points at its registered versions
     from pipeline import registry
     from pipeline.nightly import tracked
+
     versions = tracked.night_versions(nightly.find_run(results, first))
     assert sorted(versions) == ["nightly-smoke.lenet5", "nightly-smoke.sors"]
     assert registry.alias_versions(f"sqlite:///{results / 'mlflow.db'}", sorted(versions)) == versions
@@ -295,7 +359,9 @@ def test_a_reused_model_gets_its_own_run_per_night_holding_that_nights_metrics(s
         version = client.get_model_version(f"nightly-smoke.{trial}", two.data.tags["sors.model_version"])
         assert version.run_id == one.info.run_id and not two.outputs.model_outputs
         assert "loss" in one.data.metrics and "loss" not in two.data.metrics  # the training curve stays on one
-        record = json.loads((nightly.find_run(results, second) / "models" / "nightly-smoke" / f"{trial}.json").read_text())
+        record = json.loads(
+            (nightly.find_run(results, second) / "models" / "nightly-smoke" / f"{trial}.json").read_text()
+        )
         assert record["mlflow_run_id"] == two.info.run_id
 
 
@@ -310,12 +376,18 @@ def test_a_model_retrained_after_a_code_change_gets_a_new_run_and_version(smoke_
     old, new = _night_runs(results, first), _night_runs(results, recoded)
     for trial in old:
         assert new[trial].info.run_id != old[trial].info.run_id
-        record = json.loads((nightly.find_run(results, recoded) / "models" / "nightly-smoke" / f"{trial}.json").read_text())
+        record = json.loads(
+            (nightly.find_run(results, recoded) / "models" / "nightly-smoke" / f"{trial}.json").read_text()
+        )
         version = client.get_model_version(record["registered_model"]["name"], record["registered_model"]["version"])
         assert version.run_id == new[trial].info.run_id  # the retrained model is on its own run
         old_version = old[trial].data.tags
-        assert old_version["sors.checkpoint_sha256"] == json.loads(
-            (nightly.find_run(results, first) / "models" / "nightly-smoke" / f"{trial}.json").read_text())["checkpoint_sha256"]
+        assert (
+            old_version["sors.checkpoint_sha256"]
+            == json.loads(
+                (nightly.find_run(results, first) / "models" / "nightly-smoke" / f"{trial}.json").read_text()
+            )["checkpoint_sha256"]
+        )
         assert len(client.search_model_versions(f"name = 'nightly-smoke.{trial}'")) == 3  # first, weak, recoded
 
 
@@ -334,7 +406,9 @@ def test_an_untrained_network_is_a_regression_naming_the_cells(smoke_runs):
         assert nightly.cell_name(cell) in out and nightly.cell_name(cell) in report["md"]
     assert "REGRESSION" in report["md"] and [m["how"] for m in report["meta"]["models"]] == ["trained"] * 2
     # the baseline did not move: a regression is not accepted on its own
-    assert json.loads((results / "nightly" / "smoke" / "baseline.json").read_text())["run_id"] == _run_id(runs["first"][1])
+    assert json.loads((results / "nightly" / "smoke" / "baseline.json").read_text())["run_id"] == _run_id(
+        runs["first"][1]
+    )
 
 
 @pytest.mark.slow
@@ -345,8 +419,10 @@ def test_nightly_parquet_is_partitioned_by_run_date_and_mlflow_has_tagged_runs(s
 
     results, runs = smoke_runs
     pattern = results / "nightly" / "smoke" / "runs" / "*" / "*" / "cells" / "*" / "*" / "*.parquet"
-    counts = duckdb.sql(f"select run_date, run_id, count(*) as n from read_parquet('{pattern}', hive_partitioning=true) "
-                        "group by all order by run_id").fetchall()
+    counts = duckdb.sql(
+        f"select run_date, run_id, count(*) as n from read_parquet('{pattern}', hive_partitioning=true) "
+        "group by all order by run_id"
+    ).fetchall()
     ids = [_run_id(runs[k][1]) for k in ("first", "second", "weak", "recoded")]
     assert [(r[1], r[2]) for r in counts] == [(i, 6) for i in ids]
     assert all(len(str(r[0])) == 10 for r in counts)  # YYYY-MM-DD
@@ -361,9 +437,13 @@ def test_nightly_parquet_is_partitioned_by_run_date_and_mlflow_has_tagged_runs(s
     weak = next(r for r in tagged if r.data.tags["sors.nightly.run_id"] == ids[2])
     assert weak.data.metrics["failing_cells"] >= 1
     assert {a.path for a in client.list_artifacts(weak.info.run_id, "nightly")} == {
-        "nightly/nightly-report.md", "nightly/nightly-report.json"}
+        "nightly/nightly-report.md",
+        "nightly/nightly-report.json",
+    }
     assert {a.path for a in client.list_artifacts(weak.info.run_id, "trend")} == {
-        "trend/nightly-trend.png", "trend/nightly-trend.csv"}
+        "trend/nightly-trend.png",
+        "trend/nightly-trend.csv",
+    }
     assert 0 <= weak.data.metrics["clean_acc.LeNet-5"] <= 1  # the trend's point of that night, on its run
 
 
@@ -378,12 +458,13 @@ def test_accept_promotes_a_run_to_the_baseline(smoke_runs, capsys):
     assert json.loads((root / "baseline.json").read_text())["run_id"] == weak
     assert [json.loads(l)["run_id"] for l in (root / "accepted.jsonl").read_text().splitlines()] == [first, weak]
     cfg = nightly.load_config(SMOKE)
-    assert nightly_run._baseline(cfg, root, results, None) [0] == weak
+    assert nightly_run._baseline(cfg, root, results, None)[0] == weak
     assert nightly_run._baseline(cfg, root, results, first)[0] == first  # --baseline pins another run
     # the registry alias moved with it, and it decides: moved back by hand (as in the UI), the nightly
     # compares against the night whose versions it names
     from pipeline import registry
     from pipeline.nightly import tracked
+
     uri = f"sqlite:///{results / 'mlflow.db'}"
     weak_versions = tracked.night_versions(nightly.find_run(results, weak))
     assert registry.alias_versions(uri, sorted(weak_versions)) == weak_versions
@@ -394,9 +475,22 @@ def test_accept_promotes_a_run_to_the_baseline(smoke_runs, capsys):
 
 def test_a_nightly_that_cannot_reach_its_data_exits_2_with_one_line(tmp_path):
     sors = Path(sys.executable).with_name("sors")
-    done = subprocess.run([str(sors), "nightly", "--config", str(SMOKE), "--results-dir", str(tmp_path),
-                           "--data-root", str(tmp_path / "no-such-folder")], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, MLFLOW_TRACKING_URI=""))
+    done = subprocess.run(
+        [
+            str(sors),
+            "nightly",
+            "--config",
+            str(SMOKE),
+            "--results-dir",
+            str(tmp_path),
+            "--data-root",
+            str(tmp_path / "no-such-folder"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=""),
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

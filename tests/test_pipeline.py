@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli, presets, results, tracking
-from tests import mlflow_view
 from sors import config as config_lib
 from sors.errors import ConfigError
+from tests import mlflow_view
 
 pytestmark = pytest.mark.timeout(400)
 
 
 # ---------------------------------------------------------------- --set on the command line
+
 
 def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="train.lamda.*did you mean train.lambda"):
@@ -33,31 +34,55 @@ def test_unknown_set_key_is_rejected_with_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- cells and the Parquet store
 
+
 def _spec(**changes):
     import dataclasses
 
     from tasks.cells import CellSpec
-    base = CellSpec(checkpoint_uri="/x/model.pt", checkpoint_sha256="ab" * 32, dataset="fashion_mnist",
-                    attack=config_lib.AttackConfig("pgd", 25 / 255), eval=config_lib.EvalConfig(), seed=0,
-                    sweep="a", trial="t", mlflow_run_id="r1")
+
+    base = CellSpec(
+        checkpoint_uri="/x/model.pt",
+        checkpoint_sha256="ab" * 32,
+        dataset="fashion_mnist",
+        attack=config_lib.AttackConfig("pgd", 25 / 255),
+        eval=config_lib.EvalConfig(),
+        seed=0,
+        sweep="a",
+        trial="t",
+        mlflow_run_id="r1",
+    )
     return dataclasses.replace(base, **changes)
 
 
 def test_cell_id_is_content_addressed():
     same = _spec(sweep="other", trial="u", checkpoint_uri="s3://b/model.pt", mlflow_run_id="r2", code_version="x")
     assert _spec().cell_id == same.cell_id  # where and by whom it ran is not part of the identity
-    for changed in (_spec(checkpoint_sha256="cd" * 32), _spec(seed=1), _spec(average_paths=2),
-                    _spec(attack=config_lib.AttackConfig("pgd", 50 / 255)),
-                    _spec(attack=config_lib.AttackConfig("pgd", 25 / 255, steps=14)),
-                    _spec(eval=config_lib.EvalConfig(repeats=2))):
+    for changed in (
+        _spec(checkpoint_sha256="cd" * 32),
+        _spec(seed=1),
+        _spec(average_paths=2),
+        _spec(attack=config_lib.AttackConfig("pgd", 50 / 255)),
+        _spec(attack=config_lib.AttackConfig("pgd", 25 / 255, steps=14)),
+        _spec(eval=config_lib.EvalConfig(repeats=2)),
+    ):
         assert changed.cell_id != _spec().cell_id
 
 
 def test_rewriting_a_cell_replaces_its_row(tmp_path):
     from datetime import datetime, timezone
-    row = {"cell_id": _spec().cell_id, "schema_version": 1, "dataset": "fashion_mnist", "attack": "pgd",
-           "eps": 25 / 255, "n": 10, "correct": 3.0, "accuracy": 0.3, "sanity_flags": [],
-           "created_at": datetime.now(timezone.utc)}
+
+    row = {
+        "cell_id": _spec().cell_id,
+        "schema_version": 1,
+        "dataset": "fashion_mnist",
+        "attack": "pgd",
+        "eps": 25 / 255,
+        "n": 10,
+        "correct": 3.0,
+        "accuracy": 0.3,
+        "sanity_flags": [],
+        "created_at": datetime.now(timezone.utc),
+    }
     results.write_row(tmp_path, row)
     results.update_flags(tmp_path, results.read_rows(tmp_path), {row["cell_id"]: ["masked?"]})
     rows = results.read_rows(tmp_path)
@@ -71,9 +96,18 @@ def test_a_failed_cell_write_leaves_no_file_and_stale_temporaries_are_swept(tmp_
     import time
     from datetime import datetime, timezone
 
-    row = {"cell_id": _spec().cell_id, "schema_version": 1, "dataset": "fashion_mnist", "attack": "pgd",
-           "eps": 25 / 255, "n": 10, "correct": 3.0, "accuracy": 0.3, "sanity_flags": [],
-           "created_at": datetime.now(timezone.utc)}
+    row = {
+        "cell_id": _spec().cell_id,
+        "schema_version": 1,
+        "dataset": "fashion_mnist",
+        "attack": "pgd",
+        "eps": 25 / 255,
+        "n": 10,
+        "correct": 3.0,
+        "accuracy": 0.3,
+        "sanity_flags": [],
+        "created_at": datetime.now(timezone.utc),
+    }
 
     def disk_full(table, where):
         Path(where).write_bytes(b"PAR1 half a file")
@@ -95,15 +129,28 @@ def test_a_failed_cell_write_leaves_no_file_and_stale_temporaries_are_swept(tmp_
 
 # ---------------------------------------------------------------- Ray Train: 2 workers
 
+
 @pytest.mark.ray
 def test_two_ray_train_workers_end_an_epoch_with_identical_parameters(ray_session, tmp_path):
     from pipeline import trainer
     from sors import train as train_lib
     from tasks import training
 
-    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
-        "model.name": "sors_lenet5", "data.n_train": 512, "data.n_test": 64, "train.epochs": 1,
-        "train.optimizer": "adam", "train.lr": 0.002, "train.num_workers": 2, "train.use_gpu": False}))
+    cfg = config_lib.resolve(
+        config_lib.apply_overrides(
+            config_lib.RunConfig(),
+            {
+                "model.name": "sors_lenet5",
+                "data.n_train": 512,
+                "data.n_test": 64,
+                "train.epochs": 1,
+                "train.optimizer": "adam",
+                "train.lr": 0.002,
+                "train.num_workers": 2,
+                "train.use_gpu": False,
+            },
+        )
+    )
     outcome = trainer.train_on_ray(cfg, "two-workers", str(tmp_path / "ray"))
     digests = training.rank_digests(outcome.checkpoint_dir)
     assert sorted(digests) == [0, 1]
@@ -114,6 +161,7 @@ def test_two_ray_train_workers_end_an_epoch_with_identical_parameters(ray_sessio
 
 
 # ---------------------------------------------------------------- the smoke sweep, end to end
+
 
 def _run_files(root: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in results.files(root / "cells")}
@@ -145,8 +193,9 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
     assert set(table.column("schema_version").to_pylist()) == {2}
     frame = pd.read_parquet(tmp_path / "cells")
     assert len(frame) == 6 and set(frame["dataset"].astype(str)) == {"fashion_mnist"}
-    count = duckdb.sql(f"select count(distinct cell_id) from read_parquet('{tmp_path}/cells/**/*.parquet', "
-                       f"hive_partitioning=true)").fetchall()[0][0]
+    count = duckdb.sql(
+        f"select count(distinct cell_id) from read_parquet('{tmp_path}/cells/**/*.parquet', hive_partitioning=true)"
+    ).fetchall()[0][0]
     assert count == 6
     rows = table.to_pylist()
     for row in rows:
@@ -204,12 +253,18 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
 
     # the registered SORS model loads without pickle in a fresh process and predicts logits on 2 images
     sors_model = json.loads((tmp_path / "models" / "smoke" / "sors.json").read_text())["registered_model"]
-    probe = ("import mlflow, numpy as np; "
-             f"m = mlflow.pyfunc.load_model('models:/{sors_model['name']}/{sors_model['version']}'); "
-             "assert m.metadata.signature is not None; "
-             "print(m.predict(np.random.rand(2, 1, 28, 28).astype(np.float32)).shape)")
-    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", MLFLOW_TRACKING_URI=mlflow_server,
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    probe = (
+        "import mlflow, numpy as np; "
+        f"m = mlflow.pyfunc.load_model('models:/{sors_model['name']}/{sors_model['version']}'); "
+        "assert m.metadata.signature is not None; "
+        "print(m.predict(np.random.rand(2, 1, 28, 28).astype(np.float32)).shape)"
+    )
+    env = dict(
+        os.environ,
+        MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+        MLFLOW_TRACKING_URI=mlflow_server,
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(2, 10)"
@@ -222,8 +277,22 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
 
     # sors report re-renders from the store
     out = tmp_path / "report"
-    assert cli.main(["report", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", mlflow_server,
-                     "--out", str(out), "--no-mlflow"]) == 0
+    assert (
+        cli.main(
+            [
+                "report",
+                "smoke",
+                "--results-dir",
+                str(tmp_path),
+                "--tracking-uri",
+                mlflow_server,
+                "--out",
+                str(out),
+                "--no-mlflow",
+            ]
+        )
+        == 0
+    )
     markdown = (out / "table.md").read_text()
     assert "| LeNet-5 |" in markdown and "| SORS |" in markdown and "PGD 50/255" in markdown
     assert (out / "gradient_angles.png").stat().st_size > 0
@@ -231,8 +300,9 @@ def test_smoke_sweep_end_to_end(ray_session, mlflow_server, tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_config(ray_session, mlflow_server,
-                                                                                      tmp_path):
+def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_config(
+    ray_session, mlflow_server, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from pipeline import sweep as sweep_lib
@@ -241,9 +311,14 @@ def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_co
 
     same = {"model.name": "lenet5"}
     first = write_preset(tmp_path / "first.yaml", "first", [{"name": "a", "label": "LeNet-5", "set": same}])
-    second = write_preset(tmp_path / "second.yaml", "second", [
-        {"name": "b", "label": "LeNet-5 again", "set": same},
-        {"name": "c", "label": "LeNet-5 seed 1", "set": dict(same, **{"train.seed": 1})}])
+    second = write_preset(
+        tmp_path / "second.yaml",
+        "second",
+        [
+            {"name": "b", "label": "LeNet-5 again", "set": same},
+            {"name": "c", "label": "LeNet-5 seed 1", "set": dict(same, **{"train.seed": 1})},
+        ],
+    )
     opts = sweep_lib.SweepOptions(results_dir=str(tmp_path / "results"), tracking_uri=mlflow_server, progress=False)
     sweep_lib.run_sweep(presets.build_sweep(str(first)), opts)
     origin = load_record(opts.results_dir, "first", "a")
@@ -251,7 +326,10 @@ def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_co
     summary = sweep_lib.run_sweep(presets.build_sweep(str(second)), opts)
     lent, trained = (load_record(opts.results_dir, "second", t) for t in ("b", "c"))
     assert lent["reused_from"] == "first/a" and lent["label"] == "LeNet-5 again"
-    assert (lent["checkpoint_uri"], lent["checkpoint_sha256"]) == (origin["checkpoint_uri"], origin["checkpoint_sha256"])
+    assert (lent["checkpoint_uri"], lent["checkpoint_sha256"]) == (
+        origin["checkpoint_uri"],
+        origin["checkpoint_sha256"],
+    )
     assert not list((tmp_path / "results" / "ray").glob("second.b*")), "the lent model was trained again"
     assert "reused_from" not in trained and trained["checkpoint_sha256"] != origin["checkpoint_sha256"]
     assert load_record(opts.results_dir, "first", "a") == origin  # the lender is left as it was
@@ -260,13 +338,19 @@ def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_co
     rows = [r for r in summary.rows if r["trial"] == "b"]
     assert {r["attack"] for r in rows} == {"none", "fgsm"} and {r["model"] for r in rows} == {"LeNet-5 again"}
     stored = {r["cell_id"]: r for r in results.read_rows(tmp_path / "results" / "cells")}
-    assert all(stored[r["cell_id"]]["sweep"] == "first" and stored[r["cell_id"]]["accuracy"] == r["accuracy"]
-               for r in rows)
-    assert cli.main(["report", "second", "--results-dir", opts.results_dir, "--no-mlflow",
-                     "--out", str(tmp_path / "report")]) == 0
+    assert all(
+        stored[r["cell_id"]]["sweep"] == "first" and stored[r["cell_id"]]["accuracy"] == r["accuracy"] for r in rows
+    )
+    assert (
+        cli.main(
+            ["report", "second", "--results-dir", opts.results_dir, "--no-mlflow", "--out", str(tmp_path / "report")]
+        )
+        == 0
+    )
     assert "| LeNet-5 again |" in (tmp_path / "report" / "table.md").read_text()
     assert lent["evaluated"] and lent["mlflow_run_id"] not in (None, origin["mlflow_run_id"])
     run = MlflowClient(mlflow_server).get_run(lent["mlflow_run_id"])
     assert run.info.run_name == "b" and run.data.metrics["clean_eval_acc"] == pytest.approx(
-        [r for r in rows if r["attack"] == "none"][0]["accuracy"])
+        [r for r in rows if r["attack"] == "none"][0]["accuracy"]
+    )
     assert lent["registered_model"] == origin["registered_model"]  # one checkpoint, one registered version

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.timeout(400)
 
 # ---------------------------------------------------------------- 5. truncated checkpoint or Parquet file
 
+
 @pytest.fixture
 def stored_results(tmp_path, tiny_checkpoint):
     """A results folder as a finished `sors sweep smoke` leaves it for trial lenet5, built without Ray:
@@ -33,10 +34,20 @@ def stored_results(tmp_path, tiny_checkpoint):
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(tiny_checkpoint.read_bytes())
     trial = presets.build_sweep("smoke").trial("lenet5")
-    record = {"sweep": "smoke", "trial": "lenet5", "label": trial.label, "variants": [],
-              "config": config_lib.to_dict(trial.config), "config_hash": config_lib.config_hash(trial.config),
-              "run_name": "smoke.lenet5", "checkpoint_uri": str(ckpt), "checkpoint_sha256": storage.file_sha256(ckpt),
-              "mlflow_run_id": None, "history": [], "evaluated": True}
+    record = {
+        "sweep": "smoke",
+        "trial": "lenet5",
+        "label": trial.label,
+        "variants": [],
+        "config": config_lib.to_dict(trial.config),
+        "config_hash": config_lib.config_hash(trial.config),
+        "run_name": "smoke.lenet5",
+        "checkpoint_uri": str(ckpt),
+        "checkpoint_sha256": storage.file_sha256(ckpt),
+        "mlflow_run_id": None,
+        "history": [],
+        "evaluated": True,
+    }
     save_record(str(results_dir), record)
     plan = presets.EvalPlan(clean=True, attacks=({"name": "fgsm"},), eps=(50 / 255,))
     for spec in cell_specs(trial, record, plan, "smoke")[:2]:
@@ -73,8 +84,11 @@ def test_truncated_parquet_cell_is_named_in_one_line_and_nothing_is_touched(stor
 def test_truncated_checkpoints_are_named_in_one_line_and_nothing_is_touched(stored_results, tmp_path, capsys):
     # `sors evaluate` on a truncated checkpoint
     cut = tmp_path / "cut.pt"
-    cut.write_bytes(Path(json.loads((stored_results / "models/smoke/lenet5.json").read_text())["checkpoint_uri"])
-                    .read_bytes()[:3000])
+    cut.write_bytes(
+        Path(json.loads((stored_results / "models/smoke/lenet5.json").read_text())["checkpoint_uri"]).read_bytes()[
+            :3000
+        ]
+    )
     before = _snapshot(tmp_path)
     assert cli.main(["evaluate", str(cut), "--results-dir", str(tmp_path / "other")]) == 2
     assert f"{cut}: unreadable checkpoint (truncated or corrupt" in _one_line_error(capsys, "evaluate")
@@ -114,8 +128,9 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_by_every_command(tmp_path, 
     run_dir = tmp_path / "results" / "ray" / trainer.run_name("smoke", "lenet5", trial.config)
     (run_dir / "epoch_0001").mkdir(parents=True)
     (run_dir / "epoch_0001" / "model.pt").write_bytes(evil.read_bytes())
-    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "epoch_0001"}}))
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "epoch_0001"}})
+    )
     assert cli.main(["sweep", "smoke", "--resume", "--results-dir", str(tmp_path / "results")]) == 2
     assert "refused to load" in _one_line_error(capsys, "sweep")
     assert not marker.exists()  # the payload never ran

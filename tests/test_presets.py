@@ -46,7 +46,9 @@ def test_teachers_train_in_an_earlier_stage_than_their_students():
 def test_a_train_only_trial_nothing_uses_is_not_trained():
     assert "teacher" in {t.name for t in presets.build_sweep("table2").trials}
     without = presets.build_sweep("table2", ["train.teacher=none"])  # no student distils from it now
-    assert "teacher" not in {t.name for t in without.trials} and {"lenet5", "rs", "sors"} <= {t.name for t in without.trials}
+    assert "teacher" not in {t.name for t in without.trials} and {"lenet5", "rs", "sors"} <= {
+        t.name for t in without.trials
+    }
     table1 = presets.build_sweep("table1", ["train.teacher=none"])  # a transfer source stays (it is evaluated too)
     assert "resnet18_source" in {t.name for t in table1.trials}
 
@@ -65,8 +67,17 @@ def test_randomized_only_attacks_are_planned_for_randomized_models_only():
     assert randomized - deterministic == {n for n in randomized if attacks.info(n)["randomized_only"]}
 
 
-@pytest.mark.parametrize("name, randomized", [("sors_lenet5", True), ("sors_resnet18", True), ("rse_lenet5", True),
-                                              ("lenet5", False), ("ensemble", False), ("vgg16", False)])
+@pytest.mark.parametrize(
+    "name, randomized",
+    [
+        ("sors_lenet5", True),
+        ("sors_resnet18", True),
+        ("rse_lenet5", True),
+        ("lenet5", False),
+        ("ensemble", False),
+        ("vgg16", False),
+    ],
+)
 def test_which_models_count_as_randomized(name, randomized):
     assert presets.is_randomized_arch(name) is randomized
 

@@ -31,10 +31,21 @@ def scored_rows(tmp_path_factory):
         per_example = evaluation.score(model, images, labels, repeats=5, seed=seed)
         accuracy = float(per_example.mean())
         low, high = wilson_interval(accuracy, N_IMAGES)
-        rows.append({"cell_id": f"clean-{seed}", "schema_version": 2, "seed": seed, "n": N_IMAGES,
-                     "correct": float(per_example.sum()), "accuracy": accuracy, "ci_low": low, "ci_high": high,
-                     "all_path_accuracy": None, "example_index": list(range(N_IMAGES)),
-                     "example_correct": per_example.double().tolist()})
+        rows.append(
+            {
+                "cell_id": f"clean-{seed}",
+                "schema_version": 2,
+                "seed": seed,
+                "n": N_IMAGES,
+                "correct": float(per_example.sum()),
+                "accuracy": accuracy,
+                "ci_low": low,
+                "ci_high": high,
+                "all_path_accuracy": None,
+                "example_index": list(range(N_IMAGES)),
+                "example_correct": per_example.double().tolist(),
+            }
+        )
     path = tmp_path_factory.mktemp("rows") / "rows.parquet"
     pd.DataFrame(rows).to_parquet(path)
     return pd.read_parquet(path).to_dict("records")
@@ -63,8 +74,10 @@ def test_seeds_on_different_images_do_pool_into_more_examples(scored_rows):
 
 
 def test_rows_without_outcomes_count_the_images_of_one_row(scored_rows):
-    v1 = [{k: v for k, v in r.items() if k not in ("example_index", "example_correct")} | {"schema_version": 1}
-          for r in scored_rows]
+    v1 = [
+        {k: v for k, v in r.items() if k not in ("example_index", "example_correct")} | {"schema_version": 1}
+        for r in scored_rows
+    ]
     cell = pooled(v1)
     assert cell.n == N_IMAGES and cell.accuracy == pytest.approx(pooled(scored_rows).accuracy)
     mixed = pooled([scored_rows[0], v1[1]])  # one v2 and one v1 row: the v1 rule

@@ -23,8 +23,13 @@ def test_every_checkpoint_load_in_pipeline_and_tasks_goes_through_the_weights_on
     for folder in ("pipeline", "tasks"):
         for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
-            for needle in ("torch.load(", "pickle.load", "weights_only=False", "mlflow.pytorch.load_model",
-                           "cloudpickle.load"):
+            for needle in (
+                "torch.load(",
+                "pickle.load",
+                "weights_only=False",
+                "mlflow.pytorch.load_model",
+                "cloudpickle.load",
+            ):
                 if needle in text:
                     offenders.append(f"{path.relative_to(REPO)}: {needle}")
     assert offenders == []  # sors.train.read_checkpoint (torch.load(weights_only=True)) is the one reader
@@ -37,8 +42,11 @@ def test_no_secret_reaches_mlflow_params_or_the_console(tmp_path, capsys):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = tracking.ensure_experiment(uri, "secrets", str(tmp_path / "art"))
-    params = {"train.teacher": "https://bucket.s3.amazonaws.com/t.pt?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA9",
-              "data.root": "s3://alice:hunter2@storage.internal/data", "train.lambda": 10.0}
+    params = {
+        "train.teacher": "https://bucket.s3.amazonaws.com/t.pt?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA9",
+        "data.root": "s3://alice:hunter2@storage.internal/data",
+        "train.lambda": 10.0,
+    }
     run_id = tracking.find_or_create_run(uri, experiment, "t", "hash", params, {"note": "token=abc123"})
     run = MlflowClient(uri).get_run(run_id)
     stored = json.dumps({**run.data.params, **run.data.tags})
@@ -47,8 +55,20 @@ def test_no_secret_reaches_mlflow_params_or_the_console(tmp_path, capsys):
     assert run.data.params["data.root"] == "s3://alice:***@storage.internal/data"  # still says where
 
     # the console: a password in the tracking URI is never printed, in errors or in normal output
-    assert cli.main(["sweep", "smoke", "--dry-run", "--tracking-uri", "http://bob:pa55word@127.0.0.1:1",
-                     "--results-dir", str(tmp_path / "r")]) == 2
+    assert (
+        cli.main(
+            [
+                "sweep",
+                "smoke",
+                "--dry-run",
+                "--tracking-uri",
+                "http://bob:pa55word@127.0.0.1:1",
+                "--results-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     out, err = capsys.readouterr()
     assert "pa55word" not in out + err and "bob:***@" in err
 
@@ -67,8 +87,14 @@ cluster.shutdown()
 def test_the_local_ray_starts_no_dashboard():
     # in a process of its own, as `sors` starts it: the test session's Ray may have been replaced
     # by whatever an earlier test left, and ray[default] (the Jobs API) ships the dashboard
-    done = subprocess.run([sys.executable, "-c", PROBE_LOCAL_RAY], cwd=REPO, capture_output=True, text=True,
-                          timeout=180, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_LOCAL_RAY],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert not info["webui_url"]  # include_dashboard=False: nothing listens on 8265
@@ -100,13 +126,28 @@ def test_an_orphan_is_an_ended_jobs_live_undetached_reservation_and_nothing_else
     from pipeline import cluster
 
     def group(pg_id, job, state="CREATED", detached=False):
-        return {"placement_group_id": pg_id, "creator_job_id": job, "state": state, "is_detached": detached,
-                "bundles": [{"unit_resources": {"CPU": 1.0}}, {"unit_resources": {"CPU": 1.0, "GPU": 1.0}}]}
+        return {
+            "placement_group_id": pg_id,
+            "creator_job_id": job,
+            "state": state,
+            "is_detached": detached,
+            "bundles": [{"unit_resources": {"CPU": 1.0}}, {"unit_resources": {"CPU": 1.0, "GPU": 1.0}}],
+        }
 
-    jobs = [{"job_id": "01", "status": "SUCCEEDED"}, {"job_id": "02", "status": "RUNNING"},
-            {"job_id": "03", "status": "FAILED"}, {"job_id": None, "status": "PENDING"}]
-    groups = [group("aa", "01"), group("bb", "02"), group("cc", "01", detached=True),
-              group("dd", "01", state="REMOVED"), group("ee", "03", state="PENDING"), group("ff", "99")]
+    jobs = [
+        {"job_id": "01", "status": "SUCCEEDED"},
+        {"job_id": "02", "status": "RUNNING"},
+        {"job_id": "03", "status": "FAILED"},
+        {"job_id": None, "status": "PENDING"},
+    ]
+    groups = [
+        group("aa", "01"),
+        group("bb", "02"),
+        group("cc", "01", detached=True),
+        group("dd", "01", state="REMOVED"),
+        group("ee", "03", state="PENDING"),
+        group("ff", "99"),
+    ]
     orphans = cluster.orphans_of(groups, jobs)
     # a live job's group, a detached one, a removed one and one whose creator is unknown are left alone
     assert [o.placement_group_id for o in orphans] == ["aa", "ee"]

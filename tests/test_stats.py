@@ -12,8 +12,26 @@ from statsmodels.stats.multitest import multipletests
 
 from sors import stats
 
-GRID = [(0, 0), (0, 1), (1, 0), (0, 7), (3, 3), (5, 6), (6, 5), (10, 2), (2, 10), (17, 17), (25, 40), (120, 95),
-        (95, 120), (300, 260), (450, 450), (600, 0), (0, 600), (1000, 930)]
+GRID = [
+    (0, 0),
+    (0, 1),
+    (1, 0),
+    (0, 7),
+    (3, 3),
+    (5, 6),
+    (6, 5),
+    (10, 2),
+    (2, 10),
+    (17, 17),
+    (25, 40),
+    (120, 95),
+    (95, 120),
+    (300, 260),
+    (450, 450),
+    (600, 0),
+    (0, 600),
+    (1000, 930),
+]
 
 
 @pytest.mark.parametrize("b,c", GRID)
@@ -86,8 +104,9 @@ def test_paired_outcomes_counts_discordant_examples_on_the_shared_indices():
 
 
 def test_paired_outcomes_reads_rows_as_pandas_returns_them_and_says_when_nothing_pairs():
-    frame = pd.DataFrame([_row(np.arange(4), np.array([1.0, 0.0, 1.0, 0.5])),
-                          _row(np.arange(4, 8), np.array([1.0, 1.0, 1.0, 1.0]))])
+    frame = pd.DataFrame(
+        [_row(np.arange(4), np.array([1.0, 0.0, 1.0, 0.5])), _row(np.arange(4, 8), np.array([1.0, 1.0, 1.0, 1.0]))]
+    )
     first, second = frame.to_dict("records")
     assert isinstance(first["example_index"], np.ndarray)
     assert stats.paired_outcomes(first, first) == stats.Paired(4, 0, 0, 0.75, 0.75)  # 0.5 counts as correct

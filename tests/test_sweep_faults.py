@@ -38,14 +38,19 @@ pytestmark = pytest.mark.timeout(400)
 
 # ---------------------------------------------------------------- 1. Ray Train worker killed mid-epoch
 
+
 @pytest.mark.fault
 @pytest.mark.ray
 def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
     from pipeline import trainer
 
     epochs = 4
-    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), dict(
-        TINY, **{"model.name": "sors_lenet5", "data.n_train": 1024, "train.epochs": epochs})))
+    cfg = config_lib.resolve(
+        config_lib.apply_overrides(
+            config_lib.RunConfig(),
+            dict(TINY, **{"model.name": "sors_lenet5", "data.n_train": 1024, "train.epochs": epochs}),
+        )
+    )
     log, storage, name = tmp_path / "epochs.log", tmp_path / "ray", "killed-worker"
     killed = {}
 
@@ -55,6 +60,7 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp
                 return None
             pid = int(log.read_text().split()[1])
             return pid if is_ray_worker(pid) else None
+
         pid = wait_for(ready, 240, "the first registered checkpoint")
         killed["registered"] = registered_epoch(storage / name)
         os.kill(pid, signal.SIGKILL)
@@ -85,6 +91,7 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp
 
 # ---------------------------------------------------------------- 2. sweep driver killed mid-sweep
 
+
 @pytest.mark.fault
 @pytest.mark.ray
 @pytest.mark.slow
@@ -97,10 +104,19 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
     # One trial's Ray Train run takes every CPU, so Tune runs the two trials one after the other: the
     # driver is killed once one trial is finished (trained, evaluated, tracked) and the other has started.
     workers = int(ray_session.cluster_resources()["CPU"])
-    preset = write_preset(tmp_path / "two.yaml", "drvkill", [
-        {"name": "wide", "label": "LeNet-5 (DP)", "set": {"model.name": "lenet5", "train.num_workers": workers}},
-        {"name": "long", "label": "LeNet-5 (2 ep)", "set": {"model.name": "lenet5", "train.epochs": 2,
-                                                           "train.seed": 1}}], attacks=())
+    preset = write_preset(
+        tmp_path / "two.yaml",
+        "drvkill",
+        [
+            {"name": "wide", "label": "LeNet-5 (DP)", "set": {"model.name": "lenet5", "train.num_workers": workers}},
+            {
+                "name": "long",
+                "label": "LeNet-5 (2 ep)",
+                "set": {"model.name": "lenet5", "train.epochs": 2, "train.seed": 1},
+            },
+        ],
+        attacks=(),
+    )
     results_dir = tmp_path / "results"
     common = ["--results-dir", str(results_dir), "--tracking-uri", mlflow_server, "--no-progress"]
 
@@ -139,8 +155,9 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
     assert all({r["cell_id"]: r["created_at"] for r in rows}[c] == t for c, t in cells_before.items())
     client = MlflowClient(mlflow_server)
     done_run = json.loads(done_record)["mlflow_run_id"]
-    assert [m.step for m in client.get_metric_history(done_run, "loss")] == list(range(1, json.loads(done_record)
-                                                                                        ["epochs"] + 1))
+    assert [m.step for m in client.get_metric_history(done_run, "loss")] == list(
+        range(1, json.loads(done_record)["epochs"] + 1)
+    )
 
     # the unfinished trial finished, once, with its full epoch count, and is tracked
     record = load_record(str(results_dir), "drvkill", unfinished)
@@ -150,10 +167,13 @@ def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflo
     trials = [r for r in runs if r.data.tags.get("sors.run_role") == "trial"]
     assert sorted((r.info.run_name, r.info.status) for r in trials) == [("long", "FINISHED"), ("wide", "FINISHED")]
     (parent,) = [r for r in runs if r.data.tags.get("sors.run_role") == "sweep"]  # one, reused by the resume
-    assert parent.info.status == "FINISHED" and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and {r.data.tags["mlflow.parentRunId"] for r in trials} == {
+        parent.info.run_id
+    }
 
 
 # ---------------------------------------------------------------- 3. evaluation fan-out killed mid-way
+
 
 @pytest.mark.fault
 @pytest.mark.ray
@@ -163,8 +183,21 @@ def test_a_killed_fanout_reruns_only_the_missing_cells(ray_session, mlflow_serve
     import pyarrow.dataset as pads
 
     results_dir = tmp_path / "results"
-    args = ["evaluate", str(tiny_checkpoint), "--results-dir", str(results_dir), "--tracking-uri", mlflow_server,
-            "--name", "fanout-kill", "--no-progress", "--set", "eval.n_examples=64", "--set", "eval.repeats=1"]
+    args = [
+        "evaluate",
+        str(tiny_checkpoint),
+        "--results-dir",
+        str(results_dir),
+        "--tracking-uri",
+        mlflow_server,
+        "--name",
+        "fanout-kill",
+        "--no-progress",
+        "--set",
+        "eval.n_examples=64",
+        "--set",
+        "eval.repeats=1",
+    ]
     total = 17  # clean + (adaptive, fgsm, pgd, mim) x 4 eps, the default plan for Fashion-MNIST
     driver = spawn_driver([*args, "--ray-address", ray_session.get_runtime_context().gcs_address], tmp_path)
     try:
@@ -189,6 +222,10 @@ def test_a_killed_fanout_reruns_only_the_missing_cells(ray_session, mlflow_serve
     cells = results_dir / "cells"
     assert pads.dataset(str(cells), format="parquet", partitioning="hive").count_rows() == total
     assert len(pd.read_parquet(cells)) == total
-    assert duckdb.sql(f"select count(*) from read_parquet('{cells}/**/*.parquet', hive_partitioning=true)"
-                      ).fetchall()[0][0] == total
+    assert (
+        duckdb.sql(f"select count(*) from read_parquet('{cells}/**/*.parquet', hive_partitioning=true)").fetchall()[0][
+            0
+        ]
+        == total
+    )
     assert not [p for p in cells.rglob("*") if p.is_file() and p.suffix != ".parquet" and not p.name.startswith(".")]

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.timeout(400)
 
 # ---------------------------------------------------------------- 4. MLflow unreachable during a sweep
 
+
 @pytest.mark.fault
 @pytest.mark.ray
 def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_server, tmp_path, capsys):
@@ -25,16 +26,22 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
 
     from pipeline.records import load_record
 
-    preset = write_preset(tmp_path / "one.yaml", "outage",
-                          [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 1}}])
+    preset = write_preset(
+        tmp_path / "one.yaml",
+        "outage",
+        [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5", "train.epochs": 1}}],
+    )
     results_dir = tmp_path / "results"
     proxy = TcpProxy(mlflow_server)
 
     # the server goes away once the trial has started training (after the run was created)
-    watcher = proxy.down_when(lambda: any(p.name.startswith("outage.") for p in (results_dir / "ray").glob("*")),
-                              "the trial to start training")
-    code = cli.main(["sweep", str(preset), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri,
-                     "--no-progress"])
+    watcher = proxy.down_when(
+        lambda: any(p.name.startswith("outage.") for p in (results_dir / "ray").glob("*")),
+        "the trial to start training",
+    )
+    code = cli.main(
+        ["sweep", str(preset), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri, "--no-progress"]
+    )
     out, err = capsys.readouterr()
     watcher.join(timeout=5)
 
@@ -48,7 +55,9 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
     rows = store_rows(results_dir)
     assert len(rows) == 2
     trial_files = list((results_dir / "ray").rglob("params.*"))
-    assert trial_files and not any(proxy.uri.encode() in f.read_bytes() for f in trial_files)  # the URI may hold a password
+    assert trial_files and not any(
+        proxy.uri.encode() in f.read_bytes() for f in trial_files
+    )  # the URI may hold a password
 
     proxy.up()
     assert cli.main(["sync", "--results-dir", str(results_dir), "--tracking-uri", proxy.uri]) == 0
@@ -77,23 +86,28 @@ def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_
 
 @pytest.mark.fault
 @pytest.mark.ray
-def test_mlflow_outage_during_a_nightly_fails_it_and_names_the_sync_command(ray_session, mlflow_server, tmp_path,
-                                                                             capsys):
+def test_mlflow_outage_during_a_nightly_fails_it_and_names_the_sync_command(
+    ray_session, mlflow_server, tmp_path, capsys
+):
     import yaml
 
     from pipeline import nightly
 
-    config = write_preset(tmp_path / "night.yaml", "night",
-                          [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5"}}])
+    config = write_preset(
+        tmp_path / "night.yaml", "night", [{"name": "lenet5", "label": "LeNet-5", "set": {"model.name": "lenet5"}}]
+    )
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "nightly": {"min_drop": 2.0}}))
     results_dir = tmp_path / "results"
     proxy = TcpProxy(mlflow_server)
 
     # MLflow goes away once the trial trains: the night's models and cells finish untracked
-    watcher = proxy.down_when(lambda: any("lenet5" in p.name for p in results_dir.glob("nightly/night/runs/*/*/ray/*")),
-                              "the nightly's trial to start training")
-    code = nightly.main(["--config", str(config), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri,
-                         "--no-progress"])
+    watcher = proxy.down_when(
+        lambda: any("lenet5" in p.name for p in results_dir.glob("nightly/night/runs/*/*/ray/*")),
+        "the nightly's trial to start training",
+    )
+    code = nightly.main(
+        ["--config", str(config), "--results-dir", str(results_dir), "--tracking-uri", proxy.uri, "--no-progress"]
+    )
     out, err = capsys.readouterr()
     watcher.join(timeout=5)
     proxy.up()
@@ -112,14 +126,19 @@ def test_mlflow_outage_during_a_nightly_fails_it_and_names_the_sync_command(ray_
 
 # ---------------------------------------------------------------- runs stay true to their model and content
 
+
 def _checkpoint(path, seed: int):
     """An untrained SORS-LeNet-5 checkpoint (weights from ``seed``): ``(path, sha256, config)``."""
     import torch
 
     from tasks import storage
 
-    cfg = config_lib.resolve(config_lib.apply_overrides(config_lib.RunConfig(), {
-        "model.name": "sors_lenet5", "data.n_train": 64, "data.n_test": 32, "train.epochs": 0}))
+    cfg = config_lib.resolve(
+        config_lib.apply_overrides(
+            config_lib.RunConfig(),
+            {"model.name": "sors_lenet5", "data.n_train": 64, "data.n_test": 32, "train.epochs": 0},
+        )
+    )
     torch.manual_seed(seed)
     train_lib.save_checkpoint(path, train_lib.new_state(cfg), cfg)
     return path, storage.file_sha256(path), cfg
@@ -129,10 +148,25 @@ def _cell_row(sha: str, accuracy: float) -> dict:
     """A stored cell's row of trial ``sors`` of sweep ``s`` (always the same cell id)."""
     from datetime import datetime, timezone
 
-    return {"cell_id": "c" * 16, "schema_version": 2, "dataset": "fashion_mnist", "attack": "pgd", "eps": 0.2,
-            "n": 32, "correct": accuracy * 32, "accuracy": accuracy, "ci_low": accuracy - 0.1,
-            "ci_high": accuracy + 0.1, "sanity_flags": [], "sweep": "s", "trial": "sors", "variant": "sors",
-            "seed": 0, "checkpoint_sha256": sha, "created_at": datetime.now(timezone.utc)}
+    return {
+        "cell_id": "c" * 16,
+        "schema_version": 2,
+        "dataset": "fashion_mnist",
+        "attack": "pgd",
+        "eps": 0.2,
+        "n": 32,
+        "correct": accuracy * 32,
+        "accuracy": accuracy,
+        "ci_low": accuracy - 0.1,
+        "ci_high": accuracy + 0.1,
+        "sanity_flags": [],
+        "sweep": "s",
+        "trial": "sors",
+        "variant": "sors",
+        "seed": 0,
+        "checkpoint_sha256": sha,
+        "created_at": datetime.now(timezone.utc),
+    }
 
 
 def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_models_run(tmp_path, capsys):
@@ -147,9 +181,18 @@ def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_mode
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     path, sha, cfg = _checkpoint(tmp_path / "a.pt", seed=0)
-    record = {"sweep": "s", "trial": "sors", "label": "SORS", "config": config_lib.to_dict(cfg),
-              "config_hash": config_lib.config_hash(cfg), "run_name": "s.sors", "checkpoint_uri": str(path),
-              "checkpoint_sha256": sha, "history": [{"epoch": 1, "loss": 1.5}], "evaluated": True}
+    record = {
+        "sweep": "s",
+        "trial": "sors",
+        "label": "SORS",
+        "config": config_lib.to_dict(cfg),
+        "config_hash": config_lib.config_hash(cfg),
+        "run_name": "s.sors",
+        "checkpoint_uri": str(path),
+        "checkpoint_sha256": sha,
+        "history": [{"epoch": 1, "loss": 1.5}],
+        "evaluated": True,
+    }
     records.save_record(str(results_dir), record)
     sync.track(uri, results_dir, record, rows=[_cell_row(sha, 0.25)])
     first = records.load_record(str(results_dir), "s", "sors")
@@ -159,8 +202,9 @@ def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_mode
     # the same cell, rewritten with another result: `sors sync --all` logs the new value and file
     sync.track(uri, results_dir, first, rows=[_cell_row(sha, 0.5)])
     assert client.get_run(run_id).data.metrics["pgd_eps0.200_acc"] == pytest.approx(0.5)
-    local = client.download_artifacts(run_id, "cells/dataset=fashion_mnist/attack=pgd/" + "c" * 16 + ".parquet",
-                                      str(tmp_path / "down"))
+    local = client.download_artifacts(
+        run_id, "cells/dataset=fashion_mnist/attack=pgd/" + "c" * 16 + ".parquet", str(tmp_path / "down")
+    )
     assert pq_accuracy(local) == pytest.approx(0.5)
 
     # retrained: new weights under the same trial and config, the record still naming the old run

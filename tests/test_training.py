@@ -1,7 +1,5 @@
 """Training on real Fashion-MNIST images, checkpoints, and safe loading."""
 
-import pickle
-
 import pytest
 import torch
 
@@ -76,7 +74,9 @@ def test_ensemble_members_train_on_their_own_loss(fmnist_train, fmnist_test):
 
 
 def test_learning_rate_warms_up_and_steps_down_at_milestones():
-    train = C.apply_overrides(C.RunConfig(), {"train.lr": 0.1, "train.milestones": "2,4", "train.warmup_epochs": 1}).train
+    train = C.apply_overrides(
+        C.RunConfig(), {"train.lr": 0.1, "train.milestones": "2,4", "train.warmup_epochs": 1}
+    ).train
     assert T.learning_rate(train, 0.5) == pytest.approx(0.05, rel=0.01)
     assert T.learning_rate(train, 1.5) == pytest.approx(0.1)
     assert T.learning_rate(train, 3) == pytest.approx(0.01)

@@ -11,15 +11,34 @@ from sors.worst_case import worst_case_by_eps
 def row(attack, eps, correct, index=None, role="main", model="SORS"):
     index = list(range(len(correct))) if index is None else index
     n = len(correct)
-    return {"attack": attack, "eps": eps, "role": role, "model": model, "example_index": index,
-            "example_correct": correct, "n": n, "correct": sum(correct), "accuracy": sum(correct) / n,
-            "ci_low": 0.0, "ci_high": 1.0, "all_path_accuracy": None, "sanity_flags": [], "created_at": 0,
-            "arch": "sors_lenet5"}
+    return {
+        "attack": attack,
+        "eps": eps,
+        "role": role,
+        "model": model,
+        "example_index": index,
+        "example_correct": correct,
+        "n": n,
+        "correct": sum(correct),
+        "accuracy": sum(correct) / n,
+        "ci_low": 0.0,
+        "ci_high": 1.0,
+        "all_path_accuracy": None,
+        "sanity_flags": [],
+        "created_at": 0,
+        "arch": "sors_lenet5",
+    }
 
 
 def test_worst_case_is_the_per_example_minimum_over_attacks():
-    rows = [row("pgd", 0.1, [1, 1, 0, 0.5]), row("adaptive", 0.1, [1, 0, 1, 0.25]), row("fgsm", 0.1, [1, 1, 1, 1]),
-            row("none", 0.0, [1, 1, 1, 1]), row("pgd", 0.2, [0, 0, 0, 1]), row("cw", 0.0, [0, 0, 0, 0])]
+    rows = [
+        row("pgd", 0.1, [1, 1, 0, 0.5]),
+        row("adaptive", 0.1, [1, 0, 1, 0.25]),
+        row("fgsm", 0.1, [1, 1, 1, 1]),
+        row("none", 0.0, [1, 1, 1, 1]),
+        row("pgd", 0.2, [0, 0, 0, 1]),
+        row("cw", 0.0, [0, 0, 0, 0]),
+    ]
     worst = worst_case_by_eps(rows)
     assert list(worst) == [0.1]  # one attack at 0.2 is no worst case; clean and unbounded C&W never count
     assert worst[0.1].accuracy == pytest.approx((1 + 0 + 0 + 0.25) / 4)
@@ -28,9 +47,12 @@ def test_worst_case_is_the_per_example_minimum_over_attacks():
 
 
 def test_worst_case_pairs_examples_by_their_index_and_skips_rows_without_outcomes():
-    rows = [row("pgd", 0.1, [1, 0, 1], index=[7, 8, 9]), row("adaptive", 0.1, [0, 1], index=[9, 7]),
-            dict(row("mim", 0.1, [0, 0, 0]), example_index=None, example_correct=None),  # a schema-1 row
-            row("fgsm", 0.1, [0, 0, 0], role="sanity")]
+    rows = [
+        row("pgd", 0.1, [1, 0, 1], index=[7, 8, 9]),
+        row("adaptive", 0.1, [0, 1], index=[9, 7]),
+        dict(row("mim", 0.1, [0, 0, 0]), example_index=None, example_correct=None),  # a schema-1 row
+        row("fgsm", 0.1, [0, 0, 0], role="sanity"),
+    ]
     worst = worst_case_by_eps(rows)[0.1]
     assert worst.n == 2  # examples 7 and 9 were scored by both attacks
     assert worst.accuracy == pytest.approx(0.5)  # example 7: min(1, 1); example 9: min(1, 0)

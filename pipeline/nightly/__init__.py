@@ -46,9 +46,35 @@ from pipeline.nightly.compare import Thresholds, compare_cell, summarize
 from pipeline.nightly.config import LAST_ACCEPTED, NightlyConfig, NightlyError, Settings, load_config
 from pipeline.nightly.report import cell_name, headline, render_markdown
 from pipeline.nightly.run import main, run_nightly
-from pipeline.nightly.store import (EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, REPORT_JSON, REPORT_MD, accept,
-                                    find_run)
+from pipeline.nightly.store import (
+    EXIT_COULD_NOT_RUN,
+    EXIT_OK,
+    EXIT_REGRESSION,
+    REPORT_JSON,
+    REPORT_MD,
+    accept,
+    find_run,
+)
 
-__all__ = ["EXIT_COULD_NOT_RUN", "EXIT_OK", "EXIT_REGRESSION", "LAST_ACCEPTED", "REPORT_JSON", "REPORT_MD",
-           "NightlyConfig", "NightlyError", "Settings", "Thresholds", "accept", "cell_name", "compare_cell",
-           "find_run", "headline", "load_config", "main", "render_markdown", "run_nightly", "summarize"]
+__all__ = [
+    "EXIT_COULD_NOT_RUN",
+    "EXIT_OK",
+    "EXIT_REGRESSION",
+    "LAST_ACCEPTED",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "NightlyConfig",
+    "NightlyError",
+    "Settings",
+    "Thresholds",
+    "accept",
+    "cell_name",
+    "compare_cell",
+    "find_run",
+    "headline",
+    "load_config",
+    "main",
+    "render_markdown",
+    "run_nightly",
+    "summarize",
+]

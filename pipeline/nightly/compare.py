@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from pipeline.nightly.config import Settings
-from sors import stats
 from pipeline.nightly.store import EXIT_OK, EXIT_REGRESSION
+from sors import stats
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Comparison rule: minimum drops in accuracy fractions (0.02 = 2 points) and the family-wise level
     of the paired tests (Holm over the night's compared cells)."""
+
     min_drop: float = 0.02
     clean_min_drop: float = 0.02
     fail_on_new_warnings: bool = True
@@ -30,15 +31,23 @@ class Thresholds:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Thresholds":
         """The rule of a config's ``nightly:`` section (points -> fractions)."""
-        return cls(settings.min_drop / 100, settings.clean_min_drop / 100, settings.new_warnings == "fail",
-                   settings.alpha)
+        return cls(
+            settings.min_drop / 100, settings.clean_min_drop / 100, settings.new_warnings == "fail", settings.alpha
+        )
 
 
 def cell_key(row: dict) -> tuple:
     """What makes two runs' cells the same cell: model (variant), data set, attack, eps, steps, EOT samples,
     seed. Not the checkpoint: a retrained model's cells are compared with the old model's."""
-    return (row["dataset"], row.get("variant") or row["trial"], row["attack"], round(float(row["eps"]), 6),
-            row.get("steps"), row.get("eot_samples"), int(row.get("seed") or 0))
+    return (
+        row["dataset"],
+        row.get("variant") or row["trial"],
+        row["attack"],
+        round(float(row["eps"]), 6),
+        row.get("steps"),
+        row.get("eot_samples"),
+        int(row.get("seed") or 0),
+    )
 
 
 def flag_kind(flag: str) -> str:
@@ -48,13 +57,16 @@ def flag_kind(flag: str) -> str:
 
 # ---------------------------------------------------------------- the paired test of one cell
 
+
 def not_comparable(base: dict, cur: dict) -> str | None:
     """Why two rows of a cell cannot be paired (no per-example outcomes on a side, no shared example),
     or None when they can."""
     missing = [side for side, row in (("baseline", base), ("current run", cur)) if not stats.has_outcomes(row)]
     if missing:
-        return (f"not comparable: the {' and the '.join(missing)} stored no per-example outcomes (schema v1); "
-                "accept a run with them (sors nightly --accept RUN)")
+        return (
+            f"not comparable: the {' and the '.join(missing)} stored no per-example outcomes (schema v1); "
+            "accept a run with them (sors nightly --accept RUN)"
+        )
     if not stats.outcomes(base).keys() & stats.outcomes(cur).keys():
         return "not comparable: the two runs scored different examples (no example index in common)"
     return None
@@ -66,9 +78,12 @@ def paired_test(base: dict, cur: dict) -> dict:
     (current - baseline on the paired set, points) and the one-sided exact McNemar p-values ``p_drop``
     (the current run is worse) and ``p_gain`` (it is better). Needs per-example outcomes on both rows."""
     paired = stats.paired_outcomes(base, cur)
-    return dict(paired.to_dict(), delta_points=round(-100 * paired.drop, 2),
-                p_drop=stats.mcnemar_exact(paired.b, paired.c, "greater"),
-                p_gain=stats.mcnemar_exact(paired.b, paired.c, "less"))
+    return dict(
+        paired.to_dict(),
+        delta_points=round(-100 * paired.drop, 2),
+        p_drop=stats.mcnemar_exact(paired.b, paired.c, "greater"),
+        p_gain=stats.mcnemar_exact(paired.b, paired.c, "less"),
+    )
 
 
 def with_holm(tests: list[dict]) -> list[dict]:
@@ -89,6 +104,7 @@ def _moved(test: dict, direction: str, min_drop: float, alpha: float) -> bool:
 
 # ---------------------------------------------------------------- report lines
 
+
 def compare_cell(base: dict | None, cur: dict | None, th: Thresholds, test: dict | None = None) -> dict:
     """One report line: both sides' accuracy with intervals, delta in points, the paired test, the verdict
     and whether it fails the nightly. Verdicts: regression, clean-drop, new-warning, improved, ok,
@@ -98,11 +114,23 @@ def compare_cell(base: dict | None, cur: dict | None, th: Thresholds, test: dict
     None: computed here, as a family of one cell (adjusted p = p).
     """
     row = cur or base
-    line = {"key": list(cell_key(row)), "model": row.get("model") or row.get("variant"), "variant": row.get("variant"),
-            "dataset": row["dataset"], "attack": row["attack"], "eps": float(row["eps"]), "steps": row.get("steps"),
-            "eot_samples": row.get("eot_samples"), "seed": int(row.get("seed") or 0),
-            "baseline": _side(base), "current": _side(cur), "delta_points": None, "paired": None, "reason": None,
-            "new_warnings": []}
+    line = {
+        "key": list(cell_key(row)),
+        "model": row.get("model") or row.get("variant"),
+        "variant": row.get("variant"),
+        "dataset": row["dataset"],
+        "attack": row["attack"],
+        "eps": float(row["eps"]),
+        "steps": row.get("steps"),
+        "eot_samples": row.get("eot_samples"),
+        "seed": int(row.get("seed") or 0),
+        "baseline": _side(base),
+        "current": _side(cur),
+        "delta_points": None,
+        "paired": None,
+        "reason": None,
+        "new_warnings": [],
+    }
     if base is None:
         return dict(line, verdict="new", fails=False)
     if cur is None:
@@ -135,9 +163,16 @@ def _verdict(line: dict, th: Thresholds) -> dict:
 def _side(row: dict | None) -> dict | None:
     if row is None:
         return None
-    return {"accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "n": row.get("n"),
-            "sanity_flags": list(row.get("sanity_flags") or []), "cell_id": row.get("cell_id"),
-            "code_version": row.get("code_version"), "checkpoint_sha256": row.get("checkpoint_sha256")}
+    return {
+        "accuracy": row["accuracy"],
+        "ci_low": row["ci_low"],
+        "ci_high": row["ci_high"],
+        "n": row.get("n"),
+        "sanity_flags": list(row.get("sanity_flags") or []),
+        "cell_id": row.get("cell_id"),
+        "code_version": row.get("code_version"),
+        "checkpoint_sha256": row.get("checkpoint_sha256"),
+    }
 
 
 def compare(baseline_rows: Iterable[dict], current_rows: Iterable[dict], th: Thresholds) -> list[dict]:
@@ -171,5 +206,11 @@ def summarize(lines: list[dict], tracking_missed: int = 0) -> dict:
         counts[line["verdict"]] = counts.get(line["verdict"], 0) + 1
     failing = sum(1 for line in lines if line["fails"])
     status = "regression" if failing else ("tracking-incomplete" if tracking_missed else "passed")
-    return {"cells": len(lines), "failing": failing, "verdicts": counts, "tracking_missed": tracking_missed,
-            "status": status, "exit_code": EXIT_OK if status == "passed" else EXIT_REGRESSION}
+    return {
+        "cells": len(lines),
+        "failing": failing,
+        "verdicts": counts,
+        "tracking_missed": tracking_missed,
+        "status": status,
+        "exit_code": EXIT_OK if status == "passed" else EXIT_REGRESSION,
+    }

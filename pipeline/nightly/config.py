@@ -27,6 +27,7 @@ class NightlyError(RuntimeError):
 @dataclass(frozen=True)
 class Settings:
     """The ``nightly:`` section. Drops are in accuracy points (percentage points, 2.0 = 2 %)."""
+
     baseline: str = LAST_ACCEPTED  # or a run id: compare against that run instead (pinned)
     min_drop: float = 2.0  # attacked cells: a regression must lose more than this many points
     clean_min_drop: float = 2.0  # clean-accuracy cells: the same, for a "clean-drop"
@@ -44,14 +45,18 @@ class Settings:
         if self.new_warnings not in ("fail", "report"):
             raise ConfigError("nightly.new_warnings", f"{self.new_warnings!r}", "fail or report")
         if self.baseline != LAST_ACCEPTED and not RUN_ID.match(str(self.baseline)):
-            raise ConfigError("nightly.baseline", f"{self.baseline!r} is not a run id",
-                              f"{LAST_ACCEPTED} or a run id such as 20250102T020000Z-3f9a")
+            raise ConfigError(
+                "nightly.baseline",
+                f"{self.baseline!r} is not a run id",
+                f"{LAST_ACCEPTED} or a run id such as 20250102T020000Z-3f9a",
+            )
         return self
 
 
 @dataclass(frozen=True)
 class NightlyConfig:
     """A resolved nightly: its name, the sweep it runs (trials + evaluation plan) and its settings."""
+
     name: str
     path: Path
     sweep: Any  # pipeline.presets.Sweep

@@ -15,11 +15,25 @@ from pathlib import Path
 from pipeline import cliutil, records, results, sync, tracking
 from pipeline.nightly.compare import Thresholds, compare, self_baseline, summarize
 from pipeline.nightly.config import LAST_ACCEPTED, NightlyConfig, NightlyError, load_config
+from pipeline.nightly.report import _pct, cell_name, headline, write_reports
+from pipeline.nightly.store import (
+    EXIT_COULD_NOT_RUN,
+    EXIT_OK,
+    EXIT_REGRESSION,
+    REPORT_JSON,
+    REPORT_MD,
+    RUN_JSON,
+    accept,
+    find_run,
+    new_run_id,
+    nightly_root,
+    read_baseline,
+    read_run,
+    run_dir,
+    seed_reused_models,
+    write_json,
+)
 from pipeline.nightly.tracked import alias_night, log_night, move_baseline, night_parent
-from pipeline.nightly.report import cell_name, headline, _pct, write_reports
-from pipeline.nightly.store import (EXIT_COULD_NOT_RUN, EXIT_OK, EXIT_REGRESSION, REPORT_JSON, REPORT_MD, RUN_JSON,
-                                    accept, find_run, new_run_id, nightly_root, read_baseline, read_run, run_dir,
-                                    seed_reused_models, write_json)
 from pipeline.redact import redact
 from sors import data as data_lib
 from sors.errors import ConfigError
@@ -31,6 +45,7 @@ DESCRIPTION = "``sors nightly``: the scheduled robustness regression."
 @dataclass
 class RunContext:
     """Paths and identities of one nightly run."""
+
     cfg: NightlyConfig
     results_dir: Path
     root: Path
@@ -41,8 +56,9 @@ class RunContext:
     experiment_id: str | None = None
 
 
-def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | None,
-              tracking_uri: str | None = None) -> tuple[str | None, str | None]:
+def _baseline(
+    cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | None, tracking_uri: str | None = None
+) -> tuple[str | None, str | None]:
     """(baseline run id, how it was chosen) -- pinned by --baseline / nightly.baseline, else the night
     whose model versions alias ``baseline`` points at in the registry at ``tracking_uri`` (when given
     and reachable), else the accepted one of ``baseline.json``."""
@@ -64,8 +80,11 @@ def _baseline(cfg: NightlyConfig, root: Path, results_dir: Path, pinned: str | N
     try:
         find_run(results_dir, pointer["run_id"])
     except ConfigError:
-        raise ConfigError("baseline", f"the accepted baseline run {pointer['run_id']} of nightly {cfg.name} is gone "
-                                      f"from {root / 'runs'}", "accept another run with `sors nightly --accept RUN`") from None
+        raise ConfigError(
+            "baseline",
+            f"the accepted baseline run {pointer['run_id']} of nightly {cfg.name} is gone from {root / 'runs'}",
+            "accept another run with `sors nightly --accept RUN`",
+        ) from None
     return pointer["run_id"], f"accepted {pointer.get('accepted_at', '')} via {pointer.get('how', '?')}".strip()
 
 
@@ -101,10 +120,10 @@ def _update_run(ctx: RunContext, **fields) -> dict:
 def _night_run(ctx: RunContext) -> tuple[str | None, str | None]:
     """(experiment id, the night's parent run id), both None when MLflow cannot be reached now."""
     try:
-        experiment = tracking.ensure_experiment(ctx.tracking_uri, ctx.cfg.sweep.name,
-                                                str(ctx.results_dir / "mlartifacts"))
-        return experiment, night_parent(ctx.tracking_uri, experiment, ctx.cfg.name, ctx.run_id,
-                                                ctx.code_version)
+        experiment = tracking.ensure_experiment(
+            ctx.tracking_uri, ctx.cfg.sweep.name, str(ctx.results_dir / "mlartifacts")
+        )
+        return experiment, night_parent(ctx.tracking_uri, experiment, ctx.cfg.name, ctx.run_id, ctx.code_version)
     except Exception as err:  # noqa: BLE001 -- the night runs untracked; `sors sync` backfills its runs
         log.warning("MLflow unreachable, the nightly continues untracked: %s", cliutil.tracking_line(err))
         return None, None
@@ -122,8 +141,11 @@ def _accept(results_dir: Path | str, run_id: str, tracking_uri: str, how: str = 
         log.warning("could not move the registry alias baseline: %s", cliutil.tracking_line(err))
         versions = {"unreachable": ""}
     if not versions:
-        log.warning("run %s has no registered model versions (run `sors sync` on its folder): only "
-                    "baseline.json moved, not the registry alias", run_id)
+        log.warning(
+            "run %s has no registered model versions (run `sors sync` on its folder): only "
+            "baseline.json moved, not the registry alias",
+            run_id,
+        )
     return accept(results_dir, run_id, how=how)
 
 
@@ -139,21 +161,42 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
 
     run_id = new_run_id()
     folder = run_dir(root, run_id)
-    ctx = RunContext(cfg=cfg, results_dir=results_dir, root=root, run_id=run_id, folder=folder,
-                     tracking_uri=uri,
-                     code_version=tracking.code_version())
+    ctx = RunContext(
+        cfg=cfg,
+        results_dir=results_dir,
+        root=root,
+        run_id=run_id,
+        folder=folder,
+        tracking_uri=uri,
+        code_version=tracking.code_version(),
+    )
     started = datetime.now(timezone.utc)
-    _update_run(ctx, run_id=run_id, name=cfg.name, config_path=str(cfg.path.resolve()), status="running",
-                exit_code=None, started_at=started.isoformat(timespec="seconds"), code_version=ctx.code_version,
-                baseline_run_id=baseline_id, overrides=list(args.overrides), pid=os.getpid())
+    _update_run(
+        ctx,
+        run_id=run_id,
+        name=cfg.name,
+        config_path=str(cfg.path.resolve()),
+        status="running",
+        exit_code=None,
+        started_at=started.isoformat(timespec="seconds"),
+        code_version=ctx.code_version,
+        baseline_run_id=baseline_id,
+        overrides=list(args.overrides),
+        pid=os.getpid(),
+    )
     print(f"sors nightly {cfg.name}: run {run_id}, baseline {baseline_id or 'none yet'}", flush=True)
     try:
         models = seed_reused_models(cfg, root, folder, ctx.code_version, run_id)
         storage = f"{args.storage_path.rstrip('/')}/nightly/{cfg.name}/{run_id}" if args.storage_path else None
         ctx.experiment_id, parent = _night_run(ctx)
-        opts = sweep_lib.SweepOptions(results_dir=str(folder), storage_path=storage, tracking_uri=ctx.tracking_uri,
-                                      data_root=args.data_root, progress=not args.no_progress and sys.stderr.isatty(),
-                                      parent_run_id=parent)
+        opts = sweep_lib.SweepOptions(
+            results_dir=str(folder),
+            storage_path=storage,
+            tracking_uri=ctx.tracking_uri,
+            data_root=args.data_root,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            parent_run_id=parent,
+        )
         connected_here = cliutil.connect(args)
         try:
             summary_run = sweep_lib.run_sweep(cfg.sweep, opts)
@@ -174,19 +217,40 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
         raise NightlyError(_one_line(err)) from err
     missed = sync.pending(folder, cfg.sweep.name)
     summary = summarize(lines, tracking_missed=len(missed))
-    meta = {"name": cfg.name, "run_id": run_id, "run_date": started.date().isoformat(),
-            "config_path": str(cfg.path), "overrides": list(args.overrides), "code_version": ctx.code_version,
-            "baseline_run_id": baseline_id, "baseline_how": baseline_how, "self_accepted": baseline_id is None,
-            "models": models, "tracking_uri": redact(ctx.tracking_uri), "cells_store": str(folder / "cells"),
-            "thresholds": {"min_drop_points": cfg.settings.min_drop, "clean_min_drop_points": cfg.settings.clean_min_drop,
-                           "fail_on_new_warnings": th.fail_on_new_warnings, "alpha": th.alpha},
-            "exit_code": summary["exit_code"], "seconds": round(time.time() - started.timestamp(), 1)}
+    meta = {
+        "name": cfg.name,
+        "run_id": run_id,
+        "run_date": started.date().isoformat(),
+        "config_path": str(cfg.path),
+        "overrides": list(args.overrides),
+        "code_version": ctx.code_version,
+        "baseline_run_id": baseline_id,
+        "baseline_how": baseline_how,
+        "self_accepted": baseline_id is None,
+        "models": models,
+        "tracking_uri": redact(ctx.tracking_uri),
+        "cells_store": str(folder / "cells"),
+        "thresholds": {
+            "min_drop_points": cfg.settings.min_drop,
+            "clean_min_drop_points": cfg.settings.clean_min_drop,
+            "fail_on_new_warnings": th.fail_on_new_warnings,
+            "alpha": th.alpha,
+        },
+        "exit_code": summary["exit_code"],
+        "seconds": round(time.time() - started.timestamp(), 1),
+    }
     files = write_reports(folder, meta, lines, summary)
     status = summary["status"]
-    mlflow_run = log_night(ctx.tracking_uri, parent, ctx.experiment_id, root, folder, meta, summary, files,
-                                   status)
-    _update_run(ctx, status=status, exit_code=summary["exit_code"], mlflow_run_id=mlflow_run, summary=summary,
-                models=models, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    mlflow_run = log_night(ctx.tracking_uri, parent, ctx.experiment_id, root, folder, meta, summary, files, status)
+    _update_run(
+        ctx,
+        status=status,
+        exit_code=summary["exit_code"],
+        mlflow_run_id=mlflow_run,
+        summary=summary,
+        models=models,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     if baseline_id is None:
         _accept(results_dir, run_id, ctx.tracking_uri, how="first run (no baseline yet)", strict=False)
     _print_summary(meta, lines, summary, files)
@@ -198,23 +262,36 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
 def _record_failure(ctx: RunContext, err: BaseException, started: datetime) -> None:
     """A run that could not finish still leaves run.json and a report saying why."""
     reason = _one_line(err)
-    meta = {"name": ctx.cfg.name, "run_id": ctx.run_id, "run_date": started.date().isoformat(),
-            "config_path": str(ctx.cfg.path), "code_version": ctx.code_version, "exit_code": EXIT_COULD_NOT_RUN,
-            "reason": reason}
+    meta = {
+        "name": ctx.cfg.name,
+        "run_id": ctx.run_id,
+        "run_date": started.date().isoformat(),
+        "config_path": str(ctx.cfg.path),
+        "code_version": ctx.code_version,
+        "exit_code": EXIT_COULD_NOT_RUN,
+        "reason": reason,
+    }
     ctx.folder.mkdir(parents=True, exist_ok=True)
-    (ctx.folder / REPORT_MD).write_text(f"# Nightly {ctx.cfg.name} — run {ctx.run_id}\n\n"
-                                        f"**could not run**: {reason}\n")
-    write_json(ctx.folder / REPORT_JSON, {"meta": meta, "summary": None, "headline": f"could not run: {reason}",
-                                           "cells": []})
-    _update_run(ctx, status="error", exit_code=EXIT_COULD_NOT_RUN, reason=reason,
-                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    (ctx.folder / REPORT_MD).write_text(f"# Nightly {ctx.cfg.name} — run {ctx.run_id}\n\n**could not run**: {reason}\n")
+    write_json(
+        ctx.folder / REPORT_JSON, {"meta": meta, "summary": None, "headline": f"could not run: {reason}", "cells": []}
+    )
+    _update_run(
+        ctx,
+        status="error",
+        exit_code=EXIT_COULD_NOT_RUN,
+        reason=reason,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _print_summary(meta: dict, lines: list[dict], summary: dict, files: list[Path]) -> None:
     for line in lines:
         if line["fails"]:
             delta = "" if line["delta_points"] is None else f" ({line['delta_points']:+.1f} points)"
-            print(f"  {line['verdict']:12s} {cell_name(line)}: {_pct(line['baseline'])} -> {_pct(line['current'])}{delta}")
+            print(
+                f"  {line['verdict']:12s} {cell_name(line)}: {_pct(line['baseline'])} -> {_pct(line['current'])}{delta}"
+            )
     print(f"report: {files[0]}")
     print(f"sors nightly: exit {summary['exit_code']}: {headline(meta, summary)}", flush=True)
 
@@ -226,15 +303,23 @@ def _one_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------- command line
 
+
 def build_parser() -> argparse.ArgumentParser:
     """``sors nightly`` options: --config or --accept, --baseline, and the CLI's shared options."""
-    parser = cliutil.OneLineArgumentParser(prog="sors nightly", description=DESCRIPTION,
-                                     epilog="exit codes: 0 no regression, 1 regression, 2 could not run")
+    parser = cliutil.OneLineArgumentParser(
+        prog="sors nightly",
+        description=DESCRIPTION,
+        epilog="exit codes: 0 no regression, 1 regression, 2 could not run",
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", help="nightly YAML (e.g. infra/nightly/smoke.yaml)")
     what.add_argument("--accept", metavar="RUN", help="make run RUN the baseline of its nightly and exit")
-    parser.add_argument("--baseline", metavar="RUN", default=None,
-                        help="compare against this run instead of the accepted baseline (pinned)")
+    parser.add_argument(
+        "--baseline",
+        metavar="RUN",
+        default=None,
+        help="compare against this run instead of the accepted baseline (pinned)",
+    )
     cliutil.add_common(parser)
     return parser
 
@@ -246,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return EXIT_OK if exit_.code == 0 else EXIT_COULD_NOT_RUN
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.accept:
             uri = args.tracking_uri or tracking.default_tracking_uri(Path(args.results_dir).resolve())

@@ -45,7 +45,9 @@ def run_dir(root: Path, run_id: str) -> Path:
 def find_run(results_dir: str | os.PathLike, run_id: str) -> Path:
     """The folder of run ``run_id`` in any nightly under ``results_dir`` (ConfigError when unknown)."""
     if not RUN_ID.match(str(run_id)):
-        raise ConfigError("run", f"{run_id!r} is not a nightly run id", "YYYYmmddTHHMMSSZ-xxxx, see `ls <results>/nightly/*/runs/*`")
+        raise ConfigError(
+            "run", f"{run_id!r} is not a nightly run id", "YYYYmmddTHHMMSSZ-xxxx, see `ls <results>/nightly/*/runs/*`"
+        )
     hits = sorted(Path(results_dir, "nightly").glob(f"*/runs/run_date=*/run_id={run_id}"))
     if not hits:
         raise ConfigError("run", f"no nightly run {run_id} under {Path(results_dir, 'nightly')}")
@@ -79,12 +81,19 @@ def accept(results_dir: str | os.PathLike, run_id: str, how: str = "--accept") -
     folder = find_run(results_dir, run_id)
     run = read_run(folder)
     if run.get("exit_code") not in (EXIT_OK, EXIT_REGRESSION):
-        raise ConfigError("run", f"run {run_id} did not finish its evaluation ({run.get('status')}: "
-                                 f"{run.get('reason') or 'no reason recorded'}); only finished runs can be accepted")
+        raise ConfigError(
+            "run",
+            f"run {run_id} did not finish its evaluation ({run.get('status')}: "
+            f"{run.get('reason') or 'no reason recorded'}); only finished runs can be accepted",
+        )
     root = nightly_root(results_dir, run["name"])
     previous = read_baseline(root)
-    pointer = {"run_id": run_id, "accepted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "how": how,
-               "previous": previous["run_id"] if previous else None}
+    pointer = {
+        "run_id": run_id,
+        "accepted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "how": how,
+        "previous": previous["run_id"] if previous else None,
+    }
     write_json(root / "baseline.json", pointer)
     with open(root / "accepted.jsonl", "a") as handle:
         handle.write(json.dumps(pointer) + "\n")
@@ -134,7 +143,8 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
                 models.append({"trial": trial.name, "how": "trained", "config_hash": chash})
                 continue
             # this night gets MLflow runs of its own: the lent record keeps only the model (and its version)
-            records.save_record(str(folder), dict(record, evaluated=False, mlflow_run_id=None,
-                                                  mlflow_parent_run_id=None, tracking=None))
+            records.save_record(
+                str(folder), dict(record, evaluated=False, mlflow_run_id=None, mlflow_parent_run_id=None, tracking=None)
+            )
             models.append({"trial": trial.name, "how": f"reused from {record['nightly_origin']}", "config_hash": chash})
     return models

@@ -20,12 +20,19 @@ TREND_PNG, TREND_CSV = "nightly-trend.png", "nightly-trend.csv"
 
 def night_parent(tracking_uri: str, experiment_id: str, name: str, run_id: str, code_version: str) -> str:
     """The parent run of night ``run_id`` of nightly ``name`` (created when missing)."""
-    tags = {"nightly": "true", tracking.TAG_ROLE: "nightly", "sors.nightly.name": name, "sors.nightly.run_id": run_id,
-            tracking.TAG_CODE: code_version, tracking.TAG_SWEEP: f"nightly-{name}"}
+    tags = {
+        "nightly": "true",
+        tracking.TAG_ROLE: "nightly",
+        "sors.nightly.name": name,
+        "sors.nightly.run_id": run_id,
+        tracking.TAG_CODE: code_version,
+        tracking.TAG_SWEEP: f"nightly-{name}",
+    }
     return tracking.parent_run(tracking_uri, experiment_id, f"nightly:{run_id}", f"nightly {run_id}", tags)
 
 
 # ---------------------------------------------------------------- the trend over nights
+
 
 def _night_points(folder: Path) -> list[dict]:
     """One point per model of a night: clean accuracy and adaptive accuracy (else the worst attack's)."""
@@ -37,17 +44,26 @@ def _night_points(folder: Path) -> list[dict]:
         clean = [r["accuracy"] for r in mine if r["attack"] == "none"]
         adaptive = [r["accuracy"] for r in mine if r["attack"] == "adaptive"]
         attacked = [r["accuracy"] for r in mine if r["attack"] != "none" and r.get("role") != "sanity"]
-        points.append({"night": folder.name.split("=", 1)[1], "status": run.get("status"), "model": model,
-                       "clean_acc": sum(clean) / len(clean) if clean else None,
-                       "adaptive_acc": min(adaptive) if adaptive else None,
-                       "worst_attack_acc": min(attacked) if attacked else None})
+        points.append(
+            {
+                "night": folder.name.split("=", 1)[1],
+                "status": run.get("status"),
+                "model": model,
+                "clean_acc": sum(clean) / len(clean) if clean else None,
+                "adaptive_acc": min(adaptive) if adaptive else None,
+                "worst_attack_acc": min(attacked) if attacked else None,
+            }
+        )
     return points
 
 
 def trend(root: Path) -> list[dict]:
     """Every finished night's points (oldest first)."""
-    return [p for folder in sorted(root.glob("runs/run_date=*/run_id=*"), key=lambda f: f.name)
-            for p in _night_points(folder)]
+    return [
+        p
+        for folder in sorted(root.glob("runs/run_date=*/run_id=*"), key=lambda f: f.name)
+        for p in _night_points(folder)
+    ]
 
 
 def write_trend(root: Path, folder: Path) -> list[Path]:
@@ -63,7 +79,7 @@ def write_trend(root: Path, folder: Path) -> list[Path]:
     csv, png = folder / TREND_CSV, folder / TREND_PNG
     points.to_csv(csv, index=False)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for model, group in (points.groupby("model") if len(points) else []):
+    for model, group in points.groupby("model") if len(points) else []:
         x = list(range(len(group)))
         ax.plot(x, group["clean_acc"], marker="o", label=f"{model} clean")
         robust = group["adaptive_acc"].where(group["adaptive_acc"].notna(), group["worst_attack_acc"])
@@ -88,13 +104,23 @@ def _night_metrics(points: list[dict], night: str) -> dict[str, float]:
     return metrics
 
 
-def log_night(tracking_uri: str, parent_run_id: str | None, experiment_id: str, root: Path, folder: Path,
-              meta: dict, summary: dict, files: list[Path], status: str) -> str | None:
+def log_night(
+    tracking_uri: str,
+    parent_run_id: str | None,
+    experiment_id: str,
+    root: Path,
+    folder: Path,
+    meta: dict,
+    summary: dict,
+    files: list[Path],
+    status: str,
+) -> str | None:
     """Counts, per-model accuracies, report and trend on the night's parent run, then its status.
     Returns the run id (None when MLflow could not be reached; the report is on disk regardless)."""
     try:
-        run_id = parent_run_id or night_parent(tracking_uri, experiment_id, meta["name"], meta["run_id"],
-                                               meta["code_version"])
+        run_id = parent_run_id or night_parent(
+            tracking_uri, experiment_id, meta["name"], meta["run_id"], meta["code_version"]
+        )
         client = tracking.client(tracking_uri)
         client.set_tag(run_id, "sors.nightly.verdict", status)
         client.set_tag(run_id, "sors.nightly.baseline", meta.get("baseline_run_id") or "")
@@ -113,6 +139,7 @@ def log_night(tracking_uri: str, parent_run_id: str | None, experiment_id: str, 
 
 
 # ---------------------------------------------------------------- the baseline alias
+
 
 def night_versions(folder: Path) -> dict[str, str]:
     """``{registered model: version}`` of the models a night evaluated (from its model records)."""

@@ -23,6 +23,28 @@ from sors.attacks.square import SquareEOT
 from sors.attacks.suite import AdaptiveSuite
 from sors.attacks.transfer import TransferAttack
 
-__all__ = ["AdaptiveSuite", "ARC", "Attack", "AutoAttackRand", "available", "build", "CarliniWagnerL2",
-           "check_name", "dataset_of", "EnsemblePGD", "EOTAPGD", "EOTPGD", "EPS_GRIDS", "eot_gradient", "eval_mode",
-           "FGSM", "info", "MIM", "NoAttack", "PGD", "project_linf", "SquareEOT", "TransferAttack"]
+__all__ = [
+    "AdaptiveSuite",
+    "ARC",
+    "Attack",
+    "AutoAttackRand",
+    "available",
+    "build",
+    "CarliniWagnerL2",
+    "check_name",
+    "dataset_of",
+    "EnsemblePGD",
+    "EOTAPGD",
+    "EOTPGD",
+    "EPS_GRIDS",
+    "eot_gradient",
+    "eval_mode",
+    "FGSM",
+    "info",
+    "MIM",
+    "NoAttack",
+    "PGD",
+    "project_linf",
+    "SquareEOT",
+    "TransferAttack",
+]

@@ -25,9 +25,9 @@ class BestPoints:
     """Per example of a batch: the most damaging point found so far, its estimated accuracy
     (fraction of the objective's draws still correct, lower is better) and its loss (ties)."""
 
-    adv: torch.Tensor      # (B, C, H, W) in [0, 1]
+    adv: torch.Tensor  # (B, C, H, W) in [0, 1]
     correct: torch.Tensor  # (B,)
-    loss: torch.Tensor     # (B,)
+    loss: torch.Tensor  # (B,)
 
     @classmethod
     def start(cls, x: torch.Tensor) -> "BestPoints":
@@ -59,8 +59,8 @@ def _loss_and_grad(objective: Objective, adv: torch.Tensor, y: torch.Tensor, max
     chunk = max_examples or adv.shape[0]
     losses, corrects, grads = [], [], []
     for start in range(0, adv.shape[0], chunk):
-        inp = adv[start:start + chunk].detach().requires_grad_(True)
-        loss, correct = objective(inp, y[start:start + chunk])
+        inp = adv[start : start + chunk].detach().requires_grad_(True)
+        loss, correct = objective(inp, y[start : start + chunk])
         grads.append(torch.autograd.grad(loss.sum(), inp)[0])
         losses.append(loss.detach())
         corrects.append(correct)
@@ -82,10 +82,20 @@ class _Run:
         return len(self.index)
 
 
-def apgd(objective: Objective, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100, restarts: int = 1,
-         random_start: bool = False, momentum: float = 0.75, stop_when_broken: bool = True,
-         best: BestPoints | None = None, max_examples: int | None = None,
-         start: torch.Tensor | None = None) -> BestPoints:
+def apgd(
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = 100,
+    restarts: int = 1,
+    random_start: bool = False,
+    momentum: float = 0.75,
+    stop_when_broken: bool = True,
+    best: BestPoints | None = None,
+    max_examples: int | None = None,
+    start: torch.Tensor | None = None,
+) -> BestPoints:
     """Run APGD on ``objective`` from ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
     ``restarts`` runs; the first starts at ``start`` (a warm start inside the eps-ball, e.g. the best
@@ -106,8 +116,21 @@ def apgd(objective: Objective, x: torch.Tensor, y: torch.Tensor, eps: float, ste
         first = x[index] if start is None or restart > 0 else torch.clamp(start[index], low[index], high[index])
         if restart > 0 or (random_start and start is None):
             first = torch.clamp(first + torch.empty_like(first).uniform_(-eps, eps), low[index], high[index])
-        _run(objective, first, y[index], low[index], high[index], eps, steps, marks, momentum, best, index,
-             stop_when_broken, max_examples)
+        _run(
+            objective,
+            first,
+            y[index],
+            low[index],
+            high[index],
+            eps,
+            steps,
+            marks,
+            momentum,
+            best,
+            index,
+            stop_when_broken,
+            max_examples,
+        )
     return best
 
 
@@ -115,11 +138,23 @@ def _run(objective, start, y, low, high, eps, steps, marks, momentum, best, inde
     loss, correct, grad = _loss_and_grad(objective, start, y, max_examples)
     best.offer(index, start, correct, loss)
     count = len(y)
-    run = _Run(index=index, y=y, low=low, high=high, adv=start, prev=start, grad=grad, loss=loss,
-               step=torch.full((count,), 2.0 * eps, device=start.device),
-               run_best_adv=start.clone(), run_best_loss=loss.clone(), run_best_grad=grad.clone(),
-               increases=torch.zeros(count, device=start.device),
-               checkpoint_loss=loss.clone(), halved=torch.zeros(count, dtype=torch.bool, device=start.device))
+    run = _Run(
+        index=index,
+        y=y,
+        low=low,
+        high=high,
+        adv=start,
+        prev=start,
+        grad=grad,
+        loss=loss,
+        step=torch.full((count,), 2.0 * eps, device=start.device),
+        run_best_adv=start.clone(),
+        run_best_loss=loss.clone(),
+        run_best_grad=grad.clone(),
+        increases=torch.zeros(count, device=start.device),
+        checkpoint_loss=loss.clone(),
+        halved=torch.zeros(count, dtype=torch.bool, device=start.device),
+    )
     last_mark = 0
     for t in range(1, steps + 1):
         _step(run, momentum, first=t == 1)

@@ -43,7 +43,7 @@ def nearest_boundary(model, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, t
     zeta = torch.full((x.shape[0],), float("inf"), device=x.device)
     sign_dir, unit_dir = torch.zeros_like(x), torch.zeros_like(x)
     for rank in range(1, topk):
-        other = logits.gather(1, order[:, rank:rank + 1]).squeeze(1)
+        other = logits.gather(1, order[:, rank : rank + 1]).squeeze(1)
         gap = top - other
         (grad,) = torch.autograd.grad(gap.sum(), inp, retain_graph=rank < topk - 1)
         l1 = _flat(grad).abs().sum(1) + 1e-10
@@ -63,8 +63,15 @@ class ARC(Attack):
     ``random_start`` (False)."""
 
     name = "arc"
-    defaults = {"steps": 20, "members": 8, "eot_samples": 32, "step_size": None, "topk": 3, "random_start": False,
-                "exact_paths_max": EXACT_PATHS_MAX}
+    defaults = {
+        "steps": 20,
+        "members": 8,
+        "eot_samples": 32,
+        "step_size": None,
+        "topk": 3,
+        "random_start": False,
+        "exact_paths_max": EXACT_PATHS_MAX,
+    }
 
     def perturb(self, x, y):
         members = resolve_draws(self.model, self.options["members"], 0)
@@ -84,7 +91,9 @@ class ARC(Attack):
         for _ in range(self.options["steps"]):
             local, local_best = torch.zeros_like(x), best.clone()
             for member in range(members):
-                candidate = self._member_step(torch.clamp(x + delta + local, low, high), local, radius, first=member == 0)
+                candidate = self._member_step(
+                    torch.clamp(x + delta + local, low, high), local, radius, first=member == 0
+                )
                 accuracy = expected_accuracy(torch.clamp(delta + candidate, -self.eps, self.eps))
                 keep = accuracy <= local_best
                 local[keep] = candidate[keep]

@@ -34,9 +34,17 @@ check_name = ATTACKS.check_name
 def info(name: str) -> dict[str, Any]:
     """The registered facts of attack ``name`` with defaults filled: label, order, randomized_only,
     transfer, unbounded, iterative, suite. :class:`ConfigError` for an unknown name."""
-    facts = {"label": name, "order": 1000, "randomized_only": False, "transfer": False, "unbounded": False,
-             "iterative": False, "suite": False}
+    facts = {
+        "label": name,
+        "order": 1000,
+        "randomized_only": False,
+        "transfer": False,
+        "unbounded": False,
+        "iterative": False,
+        "suite": False,
+    }
     return {**facts, **ATTACKS.facts(name)}
+
 
 # Paper settings (Sec. 4): L-inf radii on the pixel scale. MNIST-like: 25..100/255, CIFAR: 1..8/255.
 EPS_GRIDS: dict[str, tuple[float, ...]] = {
@@ -145,8 +153,11 @@ class Attack:
     def __init__(self, model: nn.Module, eps: float, **options):
         unknown = sorted(set(options) - set(self.defaults) - {"dataset"})
         if unknown:
-            raise ConfigError(f"attack.{unknown[0]}", f"not an option of attack {self.name!r}",
-                              ", ".join(sorted(self.defaults)) or "no options")
+            raise ConfigError(
+                f"attack.{unknown[0]}",
+                f"not an option of attack {self.name!r}",
+                ", ".join(sorted(self.defaults)) or "no options",
+            )
         self.model = model
         self.eps = float(eps)
         self.dataset: str | None = options.pop("dataset", None)
@@ -164,8 +175,13 @@ class Attack:
     @property
     def spec(self) -> dict[str, Any]:
         """Resolved settings, JSON-able."""
-        spec = {"name": self.name, "norm": self.norm, "eps": self.eps,
-                "steps": self.options.get("steps"), "eot_samples": self.options.get("eot_samples")}
+        spec = {
+            "name": self.name,
+            "norm": self.norm,
+            "eps": self.eps,
+            "steps": self.options.get("steps"),
+            "eot_samples": self.options.get("eot_samples"),
+        }
         spec.update({k: _jsonable(v) for k, v in self.options.items() if k not in spec})
         return spec
 

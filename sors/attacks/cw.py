@@ -28,8 +28,14 @@ class CarliniWagnerL2(Attack):
 
     name = "cw"
     norm = "l2"
-    defaults = {"steps": None, "kappa": None, "lr": 1e-2, "binary_search_steps": 9, "initial_const": 1e-3,
-                "abort_early": True}
+    defaults = {
+        "steps": None,
+        "kappa": None,
+        "lr": 1e-2,
+        "binary_search_steps": 9,
+        "initial_const": 1e-3,
+        "abort_early": True,
+    }
 
     def validate(self) -> None:
         super().validate()
@@ -39,7 +45,9 @@ class CarliniWagnerL2(Attack):
             if not self.options[key] > 0:
                 raise ConfigError(f"attack.{key}", f"{self.options[key]!r}", "a number > 0")
         if not (isinstance(self.options["binary_search_steps"], int) and self.options["binary_search_steps"] >= 1):
-            raise ConfigError("attack.binary_search_steps", f"{self.options['binary_search_steps']!r}", "an integer >= 1")
+            raise ConfigError(
+                "attack.binary_search_steps", f"{self.options['binary_search_steps']!r}", "an integer >= 1"
+            )
         if self.dataset is not None:
             self._resolve(self.dataset)
 
@@ -66,8 +74,10 @@ class CarliniWagnerL2(Attack):
             # bisect once an upper bound exists; until then grow c tenfold (as the reference code)
             const = torch.where(upper < 1e9, (lower + upper) / 2, const * 10)
         found = torch.isfinite(best_l2)
-        self.last_stats = {"success_rate": found.float().mean().item(),
-                           "mean_l2": best_l2[found].sqrt().mean().item() if found.any() else float("nan")}
+        self.last_stats = {
+            "success_rate": found.float().mean().item(),
+            "mean_l2": best_l2[found].sqrt().mean().item() if found.any() else float("nan"),
+        }
         return best_adv
 
     def _optimise(self, x, y, w_start, const, best_l2, best_adv) -> torch.Tensor:

@@ -44,9 +44,17 @@ class EOTAPGD(Attack):
     as one batched forward; True: as separate forwards, the straightforward reference)."""
 
     name = "eot_apgd"
-    defaults = {"steps": 100, "eot_samples": 32, "restarts": 2, "loss": "expected_ce", "random_start": False,
-                "stop_when_broken": True, "sequential_draws": False,
-                "max_batch": 65536, "exact_paths_max": EXACT_PATHS_MAX}
+    defaults = {
+        "steps": 100,
+        "eot_samples": 32,
+        "restarts": 2,
+        "loss": "expected_ce",
+        "random_start": False,
+        "stop_when_broken": True,
+        "sequential_draws": False,
+        "max_batch": 65536,
+        "exact_paths_max": EXACT_PATHS_MAX,
+    }
 
     def validate(self) -> None:
         super().validate()
@@ -55,14 +63,30 @@ class EOTAPGD(Attack):
         if not (isinstance(self.options["restarts"], int) and self.options["restarts"] >= 1):
             raise ConfigError("attack.restarts", f"{self.options['restarts']!r}", "an integer >= 1")
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, loss: str, best: BestPoints | None = None,
-            start: torch.Tensor | None = None) -> BestPoints:
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss: str,
+        best: BestPoints | None = None,
+        start: torch.Tensor | None = None,
+    ) -> BestPoints:
         """APGD with ``loss`` on (x, y) from ``start`` (None: see the options); updates and returns ``best``."""
         draws = draws_for(self, self.options["eot_samples"])
         objective = eot_objective(self.model, loss, draws, self.options["sequential_draws"])
-        return apgd(objective, x, y, self.eps, self.options["steps"], self.options["restarts"],
-                    random_start=self.options["random_start"], stop_when_broken=self.options["stop_when_broken"], best=best,
-                    max_examples=examples_per_forward(self, self.options["max_batch"], draws), start=start)
+        return apgd(
+            objective,
+            x,
+            y,
+            self.eps,
+            self.options["steps"],
+            self.options["restarts"],
+            random_start=self.options["random_start"],
+            stop_when_broken=self.options["stop_when_broken"],
+            best=best,
+            max_examples=examples_per_forward(self, self.options["max_batch"], draws),
+            start=start,
+        )
 
     def perturb(self, x, y):
         return self.run(x, y, self.options["loss"]).adv
@@ -80,8 +104,15 @@ class AutoAttackRand(Attack):
     runs only on the examples APGD-CE left correct under some fresh draw."""
 
     name = "autoattack_rand"
-    defaults = {"steps": 100, "eot_samples": 20, "select_draws": 64, "max_batch": 65536, "exact_paths_max": 0,
-                "stop_when_broken": True, "sequential_draws": False}
+    defaults = {
+        "steps": 100,
+        "eot_samples": 20,
+        "select_draws": 64,
+        "max_batch": 65536,
+        "exact_paths_max": 0,
+        "stop_when_broken": True,
+        "sequential_draws": False,
+    }
 
     def perturb(self, x, y):
         draws = draws_for(self, self.options["eot_samples"])
@@ -94,8 +125,16 @@ class AutoAttackRand(Attack):
             if len(index) == 0:
                 break
             objective = eot_objective(self.model, loss, draws, self.options["sequential_draws"])
-            found = apgd(objective, x[index], y[index], self.eps, self.options["steps"], restarts=1,
-                         stop_when_broken=stop, max_examples=per_forward)
+            found = apgd(
+                objective,
+                x[index],
+                y[index],
+                self.eps,
+                self.options["steps"],
+                restarts=1,
+                stop_when_broken=stop,
+                max_examples=per_forward,
+            )
             fresh = draw_accuracy(self.model, found.adv, y[index], select)
             kept.offer(index, found.adv, fresh, torch.ones_like(fresh))
         return kept.adv

@@ -16,8 +16,15 @@ from sors.errors import ConfigError
 from sors.models.supernet import per_example_sampling, repeat_forward
 
 
-def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int, batched: bool = True,
-                 loss: str = "ce", max_batch: int | None = None) -> torch.Tensor:
+def eot_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    samples: int,
+    batched: bool = True,
+    loss: str = "ce",
+    max_batch: int | None = None,
+) -> torch.Tensor:
     """Mean input gradient over ``samples`` random draws of the model: (B, C, H, W).
 
     ``batched``: the draws run as ONE forward over ``samples`` stacked copies of the batch, with one
@@ -69,13 +76,22 @@ class _SignAttack(Attack):
         super().validate()
         step = self.options.get("step_size")
         if step is not None and not (isinstance(step, (int, float)) and step >= 0):
-            raise ConfigError("attack.step_size", f"{step!r}", "a number >= 0 on the pixel scale, or none for the default")
+            raise ConfigError(
+                "attack.step_size", f"{step!r}", "a number >= 0 on the pixel scale, or none for the default"
+            )
         if self.options.get("loss", "ce") not in LOSSES:
             raise ConfigError("attack.loss", f"unknown loss {self.options['loss']!r}", ", ".join(LOSSES))
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return eot_gradient(self.model, x, y, self.options.get("eot_samples") or 1, self.batched_eot,
-                            self.options.get("loss", "ce"), self.options.get("max_batch"))
+        return eot_gradient(
+            self.model,
+            x,
+            y,
+            self.options.get("eot_samples") or 1,
+            self.batched_eot,
+            self.options.get("loss", "ce"),
+            self.options.get("max_batch"),
+        )
 
 
 @register("fgsm", label="FGSM", order=10)
@@ -100,8 +116,15 @@ class PGD(_SignAttack):
     ``random_start`` starts from a uniform point of the ball (off by default, as in the paper)."""
 
     name = "pgd"
-    defaults = {"steps": 7, "step_size": None, "step_fraction": 0.25, "random_start": False,
-                "eot_samples": 1, "loss": "ce", "max_batch": None}
+    defaults = {
+        "steps": 7,
+        "step_size": None,
+        "step_fraction": 0.25,
+        "random_start": False,
+        "eot_samples": 1,
+        "loss": "ce",
+        "max_batch": None,
+    }
 
     @property
     def step_size(self) -> float:

@@ -34,8 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sors.models.factory import is_randomized
-from sors.models.supernet import (enumerable, every_path, every_path_logits, per_example_sampling, repeat_forward,
-                                  seeded_draws)
+from sors.models.supernet import (
+    enumerable,
+    every_path,
+    every_path_logits,
+    per_example_sampling,
+    repeat_forward,
+    seeded_draws,
+)
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -119,8 +125,9 @@ def draw_logits(model: nn.Module, x: torch.Tensor, draws: int | None, sequential
         return repeat_forward(model, x, draws).view(draws, x.shape[0], -1)
 
 
-def eot_objective(model: nn.Module, loss: str = "expected_ce", draws: int | None = 32,
-                  sequential: bool = False) -> Objective:
+def eot_objective(
+    model: nn.Module, loss: str = "expected_ce", draws: int | None = 32, sequential: bool = False
+) -> Objective:
     """The :data:`Objective` of ``loss`` (see the module docstring) over ``draws`` draws per example
     (None: over every path, exactly; ``sequential``: see :func:`draw_logits`)."""
     if loss not in LOSS_NAMES:
@@ -135,15 +142,20 @@ def eot_objective(model: nn.Module, loss: str = "expected_ce", draws: int | None
 
 
 @torch.no_grad()
-def draw_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int | None,
-                  max_rows: int = 16384) -> torch.Tensor:
+def draw_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int | None, max_rows: int = 16384
+) -> torch.Tensor:
     """Per example, the fraction of ``draws`` fresh path draws that classify ``x`` correctly: (B,).
     Runs in chunks of at most ``max_rows`` image-draws per forward. ``draws is None``: the exact
     fraction of every path (the example's expected accuracy under a uniformly random path)."""
     if draws is None:
         per_chunk = max(1, max_rows // model.num_paths)
-        return torch.cat([(every_path_logits(model, x[s:s + per_chunk]).argmax(-1) == y[s:s + per_chunk]).float().mean(0)
-                          for s in range(0, x.shape[0], per_chunk)])
+        return torch.cat(
+            [
+                (every_path_logits(model, x[s : s + per_chunk]).argmax(-1) == y[s : s + per_chunk]).float().mean(0)
+                for s in range(0, x.shape[0], per_chunk)
+            ]
+        )
     per_chunk = max(1, min(draws, max_rows // max(1, x.shape[0])))
     correct = torch.zeros(x.shape[0], device=x.device)
     done = 0

@@ -20,8 +20,14 @@ import torch
 
 from sors.attacks.base import Attack, register
 from sors.attacks.eot import draws_for
-from sors.attacks.objectives import EXACT_PATHS_MAX, draw_logits, fixed_draws, fresh_seed
-from sors.attacks.objectives import _expected_log_probs, _true_and_best_other
+from sors.attacks.objectives import (
+    EXACT_PATHS_MAX,
+    _expected_log_probs,
+    _true_and_best_other,
+    draw_logits,
+    fixed_draws,
+    fresh_seed,
+)
 
 
 def window_fraction(query: int, queries: int, p_init: float) -> float:
@@ -29,7 +35,7 @@ def window_fraction(query: int, queries: int, p_init: float) -> float:
     10,000 queries, rescaled): p_init halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000."""
     at = int(query / queries * 10000)
     halvings = sum(at > mark for mark in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
-    return p_init / 2 ** halvings
+    return p_init / 2**halvings
 
 
 @torch.no_grad()

@@ -30,8 +30,7 @@ import torch
 from sors.attacks.apgd import BestPoints
 from sors.attacks.base import ATTACKS, Attack, register
 from sors.attacks.eot import draws_for
-from sors.attacks.objectives import EXACT_PATHS_MAX
-from sors.attacks.objectives import draw_accuracy
+from sors.attacks.objectives import EXACT_PATHS_MAX, draw_accuracy
 from sors.errors import ConfigError
 
 DEFAULT_MEMBERS: tuple[tuple[str, dict], ...] = (
@@ -56,24 +55,33 @@ def member_label(attack: Attack) -> str:
 @register("adaptive", label="Adaptive", order=5, iterative=True, suite=True)
 class AdaptiveSuite(Attack):
     """Worst case over ``members`` (default :data:`DEFAULT_MEMBERS`). Options: ``steps`` /
-    ``eot_samples`` (for the EOT-APGD members: 200 / 32), ``restarts`` (EOT-APGD, 1 each: the second member is the restart, from a random start with another loss),
-    ``select_draws`` (fresh draws that score each member's output, 64), ``members`` (a list of
-    ``(name, options)``; a member's option ``warm_start: True`` starts an ``eot_apgd`` member at the best
-point found so far instead of the clean image), ``reference`` (True: the straightforward implementation the benchmark
-    compares against: the same attacks with every member on every example, each draw -- or each
-    path, for an exact expectation -- as a sequential forward, no early stop). After a call, ``last_stats`` holds per member the examples it attacked and
-    the fresh-draw accuracy of its points, and ``member_correct[label]`` per example (NaN where the
-    member did not run because the example was already broken)."""
+        ``eot_samples`` (for the EOT-APGD members: 200 / 32), ``restarts`` (EOT-APGD, 1 each: the second member is the restart, from a random start with another loss),
+        ``select_draws`` (fresh draws that score each member's output, 64), ``members`` (a list of
+        ``(name, options)``; a member's option ``warm_start: True`` starts an ``eot_apgd`` member at the best
+    point found so far instead of the clean image), ``reference`` (True: the straightforward implementation the benchmark
+        compares against: the same attacks with every member on every example, each draw -- or each
+        path, for an exact expectation -- as a sequential forward, no early stop). After a call, ``last_stats`` holds per member the examples it attacked and
+        the fresh-draw accuracy of its points, and ``member_correct[label]`` per example (NaN where the
+        member did not run because the example was already broken)."""
 
     name = "adaptive"
-    defaults = {"steps": 200, "eot_samples": 32, "restarts": 1, "select_draws": 64, "members": DEFAULT_MEMBERS,
-                "exact_paths_max": EXACT_PATHS_MAX, "reference": False}
+    defaults = {
+        "steps": 200,
+        "eot_samples": 32,
+        "restarts": 1,
+        "select_draws": 64,
+        "members": DEFAULT_MEMBERS,
+        "exact_paths_max": EXACT_PATHS_MAX,
+        "reference": False,
+    }
 
     def validate(self) -> None:
         super().validate()
         for entry in self.options["members"]:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict)):
-                raise ConfigError("attack.members", f"{entry!r} is not (name, options)", "e.g. ('eot_apgd', {'loss': 'expected_ce'})")
+                raise ConfigError(
+                    "attack.members", f"{entry!r} is not (name, options)", "e.g. ('eot_apgd', {'loss': 'expected_ce'})"
+                )
             ATTACKS.check_name(entry[0])
             if entry[0] == self.name:
                 raise ConfigError("attack.members", "the suite cannot contain itself", "member attacks")
@@ -85,8 +93,12 @@ point found so far instead of the clean image), ``reference`` (True: the straigh
         for name, entry_options in self.options["members"]:
             options = {k: v for k, v in entry_options.items() if k != "warm_start"}
             if name == "eot_apgd":
-                options = {"steps": self.options["steps"], "eot_samples": self.options["eot_samples"],
-                           "restarts": self.options["restarts"], **options}
+                options = {
+                    "steps": self.options["steps"],
+                    "eot_samples": self.options["eot_samples"],
+                    "restarts": self.options["restarts"],
+                    **options,
+                }
             if self.options["reference"] and name in REFERENCE_OPTIONS:
                 options.update(REFERENCE_OPTIONS[name])
             member = ATTACKS[name](self.model, self.eps, **options)

@@ -7,6 +7,7 @@ from torch import nn
 from sors.attacks.base import Attack, build, check_name, model_device, register
 from sors.errors import ConfigError
 
+
 class TransferAttack(Attack):
     """Black-box transfer (Table 5): the ``base`` attack (fgsm, pgd, mim...) is run on ``source``;
     the target model (the one passed to ``build``) only scores the result. Options: ``source`` (an
@@ -20,8 +21,11 @@ class TransferAttack(Attack):
         super().__init__(model, eps, **options)
         source, base = self.options["source"], self.options["base"]
         if not isinstance(source, nn.Module):
-            raise ConfigError("attack.source", f"attack {self.name!r} needs a source model to craft on",
-                              "source_model=<nn.Module> (e.g. the undefended model, or a different architecture)")
+            raise ConfigError(
+                "attack.source",
+                f"attack {self.name!r} needs a source model to craft on",
+                "source_model=<nn.Module> (e.g. the undefended model, or a different architecture)",
+            )
         check_name(base)
         if base.startswith("transfer") or base == "none":
             raise ConfigError("attack.base", f"{base!r} cannot be transferred", "fgsm, pgd, mim, eot_pgd, cw...")
@@ -50,11 +54,17 @@ def _transfer_factory(name: str, base: str):
         attack = TransferAttack(model, eps, **options)
         attack.name = name
         return attack
+
     factory.__doc__ = f"Transfer attack with base {base!r} (see :class:`TransferAttack`)."
     return factory
 
 
-for _order, (_name, _base) in enumerate((("transfer", "pgd"), ("transfer_fgsm", "fgsm"), ("transfer_pgd", "pgd"),
-                                         ("transfer_mim", "mim"))):
-    register(_name, label=f"transfer-{_base.upper()}" if _name != "transfer" else "transfer", order=80 + _order,
-             transfer=True)(_transfer_factory(_name, _base))
+for _order, (_name, _base) in enumerate(
+    (("transfer", "pgd"), ("transfer_fgsm", "fgsm"), ("transfer_pgd", "pgd"), ("transfer_mim", "mim"))
+):
+    register(
+        _name,
+        label=f"transfer-{_base.upper()}" if _name != "transfer" else "transfer",
+        order=80 + _order,
+        transfer=True,
+    )(_transfer_factory(_name, _base))

@@ -38,8 +38,9 @@ def register(name: str, fn: Callable[..., torch.Tensor], defaults: dict, differe
 register("median", transforms.median_smooth, {"kernel": 2}, differentiable=True)
 register("bit_depth", transforms.bit_depth, {"bits": 5}, differentiable=False)
 register("jpeg", transforms.jpeg_compress, {"quality": 75, "subsample": True}, differentiable=False)
-register("dnn_jpeg", transforms.dnn_jpeg, {"quality": 50, "band": 5, "qs": 40.0, "subsample": False},
-         differentiable=False)
+register(
+    "dnn_jpeg", transforms.dnn_jpeg, {"quality": 50, "band": 5, "qs": 40.0, "subsample": False}, differentiable=False
+)
 
 
 class InputTransform(nn.Module):
@@ -54,7 +55,9 @@ class InputTransform(nn.Module):
         fn, defaults, differentiable = DEFENSES[name]
         unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise ConfigError(f"defense.{unknown[0]}", f"not an option of defense {name!r}", ", ".join(sorted(defaults)))
+            raise ConfigError(
+                f"defense.{unknown[0]}", f"not an option of defense {name!r}", ", ".join(sorted(defaults))
+            )
         self.name, self.fn, self.differentiable, self.bpda = name, fn, differentiable, bool(bpda)
         self.options = {**defaults, **options}
 

@@ -21,14 +21,23 @@ import torch
 import torch.nn.functional as F
 
 # JPEG standard (ITU T.81 Annex K) base tables.
-LUMA_TABLE = torch.tensor([
-    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
-    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
-    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
-    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float32)
+LUMA_TABLE = torch.tensor(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=torch.float32,
+)
 CHROMA_TABLE = torch.full((8, 8), 99.0)
-CHROMA_TABLE[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]],
-                                    dtype=torch.float32)
+CHROMA_TABLE[:4, :4] = torch.tensor(
+    [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float32
+)
 
 
 def quality_scaled(table: torch.Tensor, quality: int) -> torch.Tensor:
@@ -104,8 +113,13 @@ def _quantise_plane(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (_from_blocks(restored) + 128.0)[:, :h, :w]
 
 
-def jpeg_compress(x: torch.Tensor, quality: int = 75, table: torch.Tensor | None = None,
-                  chroma_table: torch.Tensor | None = None, subsample: bool = True) -> torch.Tensor:
+def jpeg_compress(
+    x: torch.Tensor,
+    quality: int = 75,
+    table: torch.Tensor | None = None,
+    chroma_table: torch.Tensor | None = None,
+    subsample: bool = True,
+) -> torch.Tensor:
     """JPEG round trip of (B, C, H, W) pixels in [0, 1] (C = 1 or 3); returns 8-bit levels / 255.
 
     ``table``/``chroma_table``: base tables before quality scaling (default: the standard ones;
@@ -141,7 +155,9 @@ def _jpeg_colour(pixels: torch.Tensor, luma: torch.Tensor, chroma: torch.Tensor,
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(matrix), ycc)
 
 
-def dnn_jpeg(x: torch.Tensor, quality: int = 50, band: int = 5, qs: float = 40.0, subsample: bool = False) -> torch.Tensor:
+def dnn_jpeg(
+    x: torch.Tensor, quality: int = 50, band: int = 5, qs: float = 40.0, subsample: bool = False
+) -> torch.Tensor:
     """DNN-oriented JPEG (Feature Distillation): :func:`jpeg_compress` with the two-band table of
     :func:`dnn_oriented_table` for every channel (no chroma subsampling, as in their code)."""
     table = dnn_oriented_table(band, qs)

@@ -9,12 +9,29 @@ from sors.models import ensemble as _ensemble  # noqa: F401  (registers its buil
 from sors.models import lenet as _lenet  # noqa: F401
 from sors.models import resnet as _resnet  # noqa: F401
 from sors.models import vgg as _vgg  # noqa: F401
-from sors.models.ensemble import Ensemble, PathAverage, RSE, mean_softmax_log
+from sors.models.ensemble import RSE, Ensemble, PathAverage, mean_softmax_log
+from sors.models.factory import ModelSize, build_from_config, is_randomized, member_names, model_size
 from sors.models.registry import available, build, check_name, info
 from sors.models.supernet import ChoiceLayer, FixedPath, SuperNet, freeze_path, is_super_network, per_example_sampling
-from sors.models.factory import ModelSize, build_from_config, is_randomized, member_names, model_size
 
-__all__ = ["available", "build", "build_from_config", "check_name", "ChoiceLayer", "Ensemble", "FixedPath",
-           "freeze_path", "info", "is_randomized", "is_super_network", "member_names", "mean_softmax_log",
-           "model_size", "ModelSize", "PathAverage",
-           "per_example_sampling", "RSE", "SuperNet"]
+__all__ = [
+    "available",
+    "build",
+    "build_from_config",
+    "check_name",
+    "ChoiceLayer",
+    "Ensemble",
+    "FixedPath",
+    "freeze_path",
+    "info",
+    "is_randomized",
+    "is_super_network",
+    "member_names",
+    "mean_softmax_log",
+    "model_size",
+    "ModelSize",
+    "PathAverage",
+    "per_example_sampling",
+    "RSE",
+    "SuperNet",
+]

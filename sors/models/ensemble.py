@@ -32,7 +32,9 @@ def parse_members(members: str | list | tuple) -> list[str]:
         try:
             names += [name.strip()] * (int(count) if count else 1)
         except ValueError:
-            raise ConfigError("model.members", f"bad count in {part!r}", "name or name*count, comma separated") from None
+            raise ConfigError(
+                "model.members", f"bad count in {part!r}", "name or name*count, comma separated"
+            ) from None
     if not names or "" in names:
         raise ConfigError("model.members", f"no member models in {members!r}", "e.g. lenet5*4 or resnet18,resnet34")
     return names

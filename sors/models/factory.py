@@ -51,6 +51,7 @@ BYTES_PER_PARAMETER = 4  # float32 weights
 class ModelSize:
     """What a model would allocate: parameters (all candidates of every choice layer, all ensemble
     members) and its float32 weights in bytes (optimizer state and activations come on top)."""
+
     parameters: int
     members: int
 
@@ -84,8 +85,11 @@ def member_names(model: ModelConfig) -> list[str]:
     names = parse_members(model.members or "lenet5*2")
     for name in sorted(set(names)):
         if name not in MODELS or name == "ensemble":
-            raise ConfigError("model.members", f"unknown member model {quote(name)}",
-                              ", ".join(n for n in MODELS.available() if n != "ensemble"))
+            raise ConfigError(
+                "model.members",
+                f"unknown member model {quote(name)}",
+                ", ".join(n for n in MODELS.available() if n != "ensemble"),
+            )
     return names
 
 
@@ -96,8 +100,11 @@ def model_size(cfg: RunConfig) -> ModelSize:
     names = member_names(cfg.model)
     if cfg.model.name != "ensemble":
         extra = {"members": cfg.model.members} if cfg.model.members else {}
-        per_name = {cfg.model.name: _member_parameters(cfg.model.name, ds, cfg.model.n_ops) if not extra
-                    else _count(cfg.model.name, ds, n_ops=cfg.model.n_ops, **extra)}
+        per_name = {
+            cfg.model.name: _member_parameters(cfg.model.name, ds, cfg.model.n_ops)
+            if not extra
+            else _count(cfg.model.name, ds, n_ops=cfg.model.n_ops, **extra)
+        }
     else:
         per_name = {name: _member_parameters(name, ds, cfg.model.n_ops) for name in set(names)}
     return ModelSize(parameters=sum(per_name[name] for name in names), members=len(names))

@@ -17,6 +17,7 @@ _LAYERS = (("conv", None, 6), ("conv", 6, 16), ("fc", 256, 120), ("fc", 120, 84)
 def _lenet_body(in_channels: int, num_classes: int, mean, std, wrap: Callable[[Callable[[], nn.Module]], nn.Module]):
     """The LeNet-5 layer stack; ``wrap(make)`` turns each weight layer's factory into a module
     (the layer itself for LeNet-5, a choice layer of m copies for SORS-LeNet-5)."""
+
     def weight_layer(kind, c_in, c_out):
         c_in = in_channels if c_in is None else c_in
         c_out = num_classes if c_out is None else c_out
@@ -25,10 +26,18 @@ def _lenet_body(in_channels: int, num_classes: int, mean, std, wrap: Callable[[C
     conv1, conv2, fc1, fc2, fc3 = (weight_layer(*spec) for spec in _LAYERS)
     return nn.Sequential(
         Normalize(*default_stats(in_channels, mean, std)),
-        conv1, nn.ReLU(), nn.MaxPool2d(2),
-        conv2, nn.ReLU(), nn.MaxPool2d(2),
+        conv1,
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        conv2,
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        fc1, nn.ReLU(), fc2, nn.ReLU(), fc3,
+        fc1,
+        nn.ReLU(),
+        fc2,
+        nn.ReLU(),
+        fc3,
     )
 
 
@@ -48,8 +57,9 @@ class SORSLeNet5(SuperNet):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, n_ops: int = 4, mean=None, std=None):
         super().__init__()
-        self.body = _lenet_body(in_channels, num_classes, mean, std,
-                                wrap=lambda make: ChoiceLayer([make() for _ in range(n_ops)]))
+        self.body = _lenet_body(
+            in_channels, num_classes, mean, std, wrap=lambda make: ChoiceLayer([make() for _ in range(n_ops)])
+        )
         self._register_choices()
 
 

@@ -38,4 +38,6 @@ def build(name: str, num_classes: int = 10, in_channels: int = 1, **options) -> 
         if "unexpected keyword argument" not in str(err):
             raise
         option = str(err).split("'")[-2]
-        raise ConfigError(f"model.{option}", f"not an option of model {name!r}", "leave it unset for this model") from None
+        raise ConfigError(
+            f"model.{option}", f"not an option of model {name!r}", "leave it unset for this model"
+        ) from None

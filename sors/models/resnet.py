@@ -37,11 +37,14 @@ class ResidualBlock(nn.Module):
 
 def _resnet_body(depths, in_channels, num_classes, width, norm, mean, std, make_block) -> nn.Sequential:
     """Stem, four stages of residual blocks (``make_block(c_in, c_out, stride)``), pool, classifier."""
-    layers: list[nn.Module] = [Normalize(*default_stats(in_channels, mean, std)),
-                               conv_norm(in_channels, width, 3, 1, norm), nn.ReLU()]
+    layers: list[nn.Module] = [
+        Normalize(*default_stats(in_channels, mean, std)),
+        conv_norm(in_channels, width, 3, 1, norm),
+        nn.ReLU(),
+    ]
     c_in = width
     for stage, depth in enumerate(depths):
-        c_out = width * 2 ** stage
+        c_out = width * 2**stage
         for i in range(depth):
             layers.append(make_block(c_in, c_out, 2 if (i == 0 and stage > 0) else 1))
             c_in = c_out
@@ -62,8 +65,11 @@ class ResNet(nn.Module):
         super().__init__()
 
         def block(c_in, c_out, stride):
-            return ResidualBlock(conv_norm(c_in, c_out, 3, stride, norm), conv_norm(c_out, c_out, 3, 1, norm),
-                                 _shortcut(c_in, c_out, stride, norm))
+            return ResidualBlock(
+                conv_norm(c_in, c_out, 3, stride, norm),
+                conv_norm(c_out, c_out, 3, 1, norm),
+                _shortcut(c_in, c_out, stride, norm),
+            )
 
         self.body = _resnet_body(depths, in_channels, num_classes, width, norm, mean, std, block)
 
@@ -74,8 +80,9 @@ class ResNet(nn.Module):
 class SORSResNet(SuperNet):
     """SORS-ResNet: every residual block's convs are choice layers; GroupNorm throughout."""
 
-    def __init__(self, depths, num_classes=10, in_channels=3, width=64, n_ops=4, kernels2=(3, 5, 7),
-                 mean=None, std=None):
+    def __init__(
+        self, depths, num_classes=10, in_channels=3, width=64, n_ops=4, kernels2=(3, 5, 7), mean=None, std=None
+    ):
         super().__init__()
         kernels2 = tuple(kernels2)
 

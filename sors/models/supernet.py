@@ -139,8 +139,10 @@ class SuperNet(nn.Module):
         ``forward(x, paths.repeat_interleave(B, 0))``, without the per-example sort (SORS training)."""
         paths = torch.as_tensor(paths, dtype=torch.long)
         if paths.dim() != 2 or x.shape[0] % paths.shape[0]:
-            raise ValueError(f"forward_blocks needs paths (K, L) and a batch divisible by K, got "
-                             f"{tuple(paths.shape)} for {x.shape[0]} rows")
+            raise ValueError(
+                f"forward_blocks needs paths (K, L) and a batch divisible by K, got "
+                f"{tuple(paths.shape)} for {x.shape[0]} rows"
+            )
         self.check_path(paths, paths.shape[0])
         for layer, column in zip(self._choices, paths.t().tolist()):
             layer.active = tuple(column)
@@ -216,8 +218,9 @@ class SuperNet(nn.Module):
         return _replace_choices(self.body, chosen)
 
 
-def _route_distinct(module: nn.Module, inner: list[ChoiceLayer], columns: list[torch.Tensor], h: torch.Tensor,
-                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_distinct(
+    module: nn.Module, inner: list[ChoiceLayer], columns: list[torch.Tensor], h: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``module`` once per distinct (row of h, choices of its choice layers) among the copy rows.
 
     ``index`` maps each copy row to its row of ``h``; ``columns`` are the copy rows' candidates for
@@ -255,10 +258,13 @@ def _replace_choices(module: nn.Module, chosen: dict[int, nn.Module]) -> nn.Modu
     if id(module) in chosen:
         return copy.deepcopy(chosen[id(module)])
     clone = copy.copy(module)
-    clone._modules = {name: _replace_choices(child, chosen) if child is not None else None
-                      for name, child in module._modules.items()}
-    clone._parameters = {k: (nn.Parameter(v.detach().clone(), v.requires_grad) if v is not None else None)
-                         for k, v in module._parameters.items()}
+    clone._modules = {
+        name: _replace_choices(child, chosen) if child is not None else None for name, child in module._modules.items()
+    }
+    clone._parameters = {
+        k: (nn.Parameter(v.detach().clone(), v.requires_grad) if v is not None else None)
+        for k, v in module._parameters.items()
+    }
     clone._buffers = {k: (v.clone() if v is not None else None) for k, v in module._buffers.items()}
     return clone
 
@@ -378,8 +384,16 @@ def _stackable(candidates: list[nn.Module]) -> bool:
     if type(first) is nn.Linear:
         settings = lambda c: (type(c), c.weight.shape, c.bias is None)  # noqa: E731
     elif isinstance(first, nn.Conv2d) and first.padding_mode == "zeros":
-        settings = lambda c: (type(c), c.weight.shape, c.bias is None, c.stride, c.padding, c.dilation,  # noqa: E731
-                              c.groups, c.padding_mode)
+        settings = lambda c: (
+            type(c),
+            c.weight.shape,
+            c.bias is None,
+            c.stride,
+            c.padding,
+            c.dilation,  # noqa: E731
+            c.groups,
+            c.padding_mode,
+        )
     else:
         return False
     return all(settings(c) == settings(first) for c in candidates)
