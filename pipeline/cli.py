@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline import cliutil, tracking
+from pipeline import cliutil
 from pipeline.cliutil import (
     EXIT_BAD_INPUT,
     EXIT_CHECK_FAILED,
@@ -29,9 +29,10 @@ from pipeline.cliutil import (
     connect,
     shutdown,
 )
-from pipeline.records import load_records, record_path, save_record
 from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
+from pipeline.store.records import load_records, record_path, save_record
+from pipeline.tracking import runs as tracking
 from sors import config as config_lib
 from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
 from tasks import storage
@@ -130,7 +131,8 @@ def _preflight(args, opts, sweep=None, configs=()) -> None:
 
 def _dry_run(sweep) -> None:
     """Print what a sweep would run: each trial with the options that differ from the defaults."""
-    from pipeline import preflight, presets  # heavy
+    from pipeline import preflight  # heavy
+    from pipeline.plan import presets  # heavy
 
     defaults = config_lib.flat_dict(config_lib.RunConfig())
     cells = sum(
@@ -150,7 +152,7 @@ def _dry_run(sweep) -> None:
 
 def _tracking_outcome(command: str, opts, sweep_name: str) -> int:
     """Exit code after a finished run: 0, or 1 with one line on stderr when MLflow missed something."""
-    from pipeline import sync  # heavy
+    from pipeline.tracking import sync  # heavy
 
     missed = sync.pending(opts.results_dir, sweep_name)
     if not missed:
@@ -170,7 +172,8 @@ def _publish_report(
 ) -> tuple[list[Path], str]:
     """Write the report files and log them to the sweep's parent run (found or created when not given).
     Returns (files, console table)."""
-    from pipeline import report, sync  # heavy
+    from pipeline import report  # heavy
+    from pipeline.tracking import sync  # heavy
 
     order = report.model_order(records)
     out = Path(out_dir) if out_dir else Path(opts.results_dir) / "reports" / sweep_name
@@ -214,7 +217,7 @@ def _checked_run(args, opts, sweep):
 
 
 def cmd_train(args) -> int:
-    from pipeline import presets  # heavy
+    from pipeline.plan import presets  # heavy
 
     if args.help_keys:
         print("\n".join(config_lib.all_keys()))
@@ -233,7 +236,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pipeline import presets  # heavy
+    from pipeline.plan import presets  # heavy
 
     if args.list or not args.preset:
         for name in presets.available():
@@ -256,59 +259,20 @@ def cmd_sweep(args) -> int:
     return _tracking_outcome("sweep", opts, sweep.name)
 
 
-def _evaluate_overrides(overrides: list[str]) -> tuple[dict, list]:
-    """``sors evaluate --set``: checked like ``sors sweep``'s (unknown keys, types, ranges), and only the
-    options that can change an evaluation of a trained checkpoint: ``eval.*``, ``attack.*``, ``data.root``.
-    Returns (config overrides, attack.* overrides)."""
-    from pipeline import presets  # heavy
-
-    config_pairs, attack_pairs = presets._split_overrides(overrides)
-    for key, _ in config_pairs:
-        if not key.startswith("eval.") and key != "data.root":
-            raise ConfigError(key, "sors evaluate cannot change a trained model", "eval.*, attack.* or data.root")
-    config_lib.validate(config_lib.apply_overrides(config_lib.RunConfig(), dict(config_pairs)))
-    return dict(config_pairs), attack_pairs
-
-
-def _evaluation_plan(args, dataset: str):
-    """The cells to score: a preset's evaluation plan, or the default one for ``dataset``, narrowed by
-    ``attack.*`` overrides; every attack name checked."""
-    from pipeline import presets  # heavy
-
-    if args.preset:
-        return presets.build_sweep(args.preset, args.overrides).evaluation
-    plan = presets.evaluation_plan(presets.default_plan(dataset), args.overrides)
-    presets.check_attacks(plan)
-    return plan
-
-
-def _check_sources(plans) -> None:
-    """Every transfer source an evaluation names is a readable checkpoint (one line otherwise)."""
-    from pipeline import presets  # heavy
-    from sors import train as train_lib  # heavy
-
-    for plan in plans:
-        for source in {a.source for a in plan.attack_configs() if a.source}:
-            if source.startswith(presets.TEACHER_PREFIX):
-                raise UsageError(
-                    f"attack.source={source}: a trial reference works in a preset only; "
-                    "give sors evaluate a checkpoint file or URI"
-                )
-            local = storage.local_copy(source)
-            train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))
-
-
 def cmd_evaluate(args) -> int:
     import dataclasses
 
-    from pipeline import fanout, presets, results  # heavy
-    from pipeline import sweep as sweep_lib  # heavy
+    from pipeline.cluster import fanout  # heavy
+    from pipeline.plan import overrides as overrides_lib  # heavy
+    from pipeline.plan import presets  # heavy
+    from pipeline.plan.cell_specs import cell_specs  # heavy
+    from pipeline.store import results  # heavy
     from sors import train as train_lib  # heavy
 
     presets.check_component("--name", args.name)
     if args.label and len(args.label) != len(args.checkpoints):
         raise UsageError(f"--label given {len(args.label)} time(s) for {len(args.checkpoints)} checkpoint(s)")
-    eval_overrides, _ = _evaluate_overrides(args.overrides)  # ConfigError before any file is read
+    eval_overrides, _ = overrides_lib.evaluate_overrides(args.overrides)  # ConfigError before any file is read
     opts = _options(args).resolved()
     models = []
     for i, uri in enumerate(args.checkpoints):
@@ -318,8 +282,11 @@ def cmd_evaluate(args) -> int:
         payload = train_lib.read_checkpoint(local)  # CheckpointError: one line naming the file
         cfg = train_lib.checkpoint_config(local, payload)  # and a config that resolves, with a known model
         models.append((uri, local, cfg, label))
-    plans = {cfg.data.name: _evaluation_plan(args, cfg.data.name) for _, _, cfg, _ in models}
-    _check_sources(plans.values())
+    plans = {
+        cfg.data.name: overrides_lib.evaluate_plan(args.preset, args.overrides, cfg.data.name)
+        for _, _, cfg, _ in models
+    }
+    overrides_lib.check_sources(plans.values())
     _preflight(args, opts, configs=[(redact(m[0]), m[2]) for m in models])
     specs, records = [], []
     code = tracking.code_version()
@@ -339,7 +306,7 @@ def cmd_evaluate(args) -> int:
         # the sweep's cell builder: one trial of this checkpoint as trained (no variants), its eval settings
         trial = presets.TrialSpec(name=label, label=label, config=dataclasses.replace(cfg, eval=eval_cfg))
         record = {"checkpoint_uri": uri, "checkpoint_sha256": sha, "mlflow_run_id": run_id}
-        specs += sweep_lib.cell_specs(trial, record, plan, args.name, code, args.data_root)
+        specs += cell_specs(trial, record, plan, args.name, code, args.data_root)
         records.append(
             {
                 "sweep": args.name,
@@ -393,7 +360,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline import preflight, results  # heavy
+    from pipeline import preflight  # heavy
+    from pipeline.store import results  # heavy
 
     opts = _options(args).resolved()
     preflight.check_store(opts.store)  # a truncated cell: one line naming it, before anything is written
@@ -423,13 +391,13 @@ def _bench(argv: list[str]) -> int:
 
 
 def _sync(argv: list[str]) -> int:
-    from pipeline import sync  # heavy
+    from pipeline.tracking import sync  # heavy
 
     return sync.main(argv)
 
 
 def _submit(argv: list[str]) -> int:
-    from pipeline import submit  # heavy
+    from pipeline.cluster import submit  # heavy
 
     return submit.main(argv)
 
@@ -457,7 +425,7 @@ COMMANDS = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.preflight import PreflightError  # heavy
-    from pipeline.results import ResultsError  # heavy
+    from pipeline.store.results import ResultsError  # heavy
     from pipeline.sweep import SweepError  # heavy
     from sors.train import CheckpointError  # heavy
 

@@ -88,7 +88,7 @@ def connect(args: argparse.Namespace) -> bool:
     # `sors --help` and bad input answer at once.
     import ray
 
-    from pipeline import cluster
+    from pipeline.cluster import connection as cluster
 
     if ray.is_initialized():
         return False
@@ -99,7 +99,7 @@ def connect(args: argparse.Namespace) -> bool:
 def shutdown(started: bool) -> None:
     """Stop the Ray that :func:`connect` started (nothing when it joined a running one)."""
     if started:
-        from pipeline import cluster  # Ray: heavy import, see connect()
+        from pipeline.cluster import connection as cluster  # Ray: heavy import, see connect()
 
         cluster.shutdown()
 

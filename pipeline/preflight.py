@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
-from pipeline import records, results
 from pipeline.redact import redact
+from pipeline.store import records, results
 from sors import data as data_lib
 from sors import train as train_lib
 from sors.errors import quote
@@ -335,8 +335,8 @@ def latest_epoch_checkpoint(run_dir: Path) -> Path | None:
 def check_checkpoints(sweep, opts) -> None:
     """The checkpoints a sweep would read are intact: a teacher file loads; a finished trial's final
     checkpoint has the SHA-256 its record holds; an unfinished trial's latest epoch checkpoint loads."""
-    # Ray is a heavy import (seconds); pipeline.trainer is needed here only for run folder names
-    from pipeline import trainer
+    # Ray is a heavy import (seconds); pipeline.cluster.trainer is needed here only for run folder names
+    from pipeline.cluster import trainer
 
     for trial in sweep.trials:
         teacher = trial.config.train.teacher

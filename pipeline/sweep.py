@@ -10,7 +10,7 @@ also restores the interrupted Tune experiment itself (``Tuner.restore``).
 
 Results folder layout::
 
-    <results>/cells/dataset=*/attack=*/<cell_id>.parquet   evaluation rows (pipeline.results)
+    <results>/cells/dataset=*/attack=*/<cell_id>.parquet   evaluation rows (pipeline.store.results)
     <results>/models/<sweep>/<trial>.json                   model records: checkpoint, hashes, run id
     <results>/ray/                                          Ray Train checkpoints + Tune state (default storage_path)
     <results>/reports/<sweep>/                              tables and plots (pipeline.report)
@@ -23,74 +23,31 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ray import tune
 
-from pipeline import cluster, fanout, presets, results, sync, tracking, trainer
 from pipeline.cliutil import original_error, root_cause
-from pipeline.presets import Sweep, TrialSpec
-from pipeline.records import find_trained, load_record, save_record
+from pipeline.cluster import connection as cluster
+from pipeline.cluster import trainer
+from pipeline.cluster.trainable import SweepOptions, run_trial
+from pipeline.errors import SweepError, SweepInterrupted
+from pipeline.plan import presets
+from pipeline.plan.cell_specs import cell_specs, source_records
+from pipeline.plan.presets import Sweep, TrialSpec
+from pipeline.store import results
+from pipeline.store.records import find_trained, load_record, save_record
+from pipeline.tracking import runs as tracking
+from pipeline.tracking import sync
 from sors import config as config_lib
 from sors import data as data_lib
 from sors import train as train_lib
 from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
-from tasks import cells as cells_lib
-from tasks import gradients, storage
+from tasks import storage
 
 log = logging.getLogger("pipeline.sweep")
 # Errors whose own one-line message says what to fix: shown as they are when a trial raises one.
 USER_ERRORS = (ConfigError, DataNotFoundError, TrainingDiverged, train_lib.CheckpointError)
-
-
-class SweepError(RuntimeError):
-    """A trial or cell failed; the one-line message names which and why. ``cause``: the original
-    exception raised in the trial, its Ray Train worker or its Ray task (see :func:`pipeline.cliutil.original_error`)."""
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
-
-
-class SweepInterrupted(RuntimeError):
-    """The sweep stopped before finishing (Ctrl-C); rerun with ``--resume`` to continue."""
-
-
-@dataclass(frozen=True)
-class SweepOptions:
-    """Where things go: results folder, checkpoint storage, MLflow; plus behaviour switches."""
-
-    results_dir: str = "results"
-    storage_path: str | None = None  # default <results>/ray
-    tracking_uri: str | None = None  # default sqlite:///<results>/mlflow.db (or MLFLOW_TRACKING_URI)
-    data_root: str | None = None
-    resume: bool = False
-    progress: bool = True
-    max_failures: int = 1
-    max_concurrent_trials: int | None = None  # None: what the cluster can hold, autoscaling included
-    parent_run_id: str | None = None  # the MLflow run trial runs nest under (default: the sweep's own)
-
-    def resolved(self) -> "SweepOptions":
-        """Absolute paths and concrete defaults (what travels to the trials)."""
-        results_dir = str(Path(self.results_dir).resolve())
-        storage_path = self.storage_path or trainer.default_storage(results_dir)
-        if not storage.is_remote(storage_path):
-            storage_path = str(Path(storage_path).resolve())
-        return dataclasses.replace(
-            self,
-            results_dir=results_dir,
-            storage_path=storage_path,
-            tracking_uri=self.tracking_uri or tracking.default_tracking_uri(results_dir),
-        )
-
-    @property
-    def store(self) -> str:
-        return str(Path(self.results_dir) / "cells")
-
-    @property
-    def artifact_root(self) -> str:
-        return str(Path(self.results_dir) / "mlartifacts")
 
 
 @dataclass
@@ -110,73 +67,6 @@ class SweepSummary:
 # ---------------------------------------------------------------- cells
 
 
-def cell_specs(
-    trial: TrialSpec,
-    record: dict,
-    plan: presets.EvalPlan,
-    sweep: str,
-    code_version: str = "",
-    data_root: str | None = None,
-    sources: dict[str, dict] | None = None,
-) -> list[cells_lib.CellSpec]:
-    """Every evaluation cell of a trained trial: (checkpoint, each variant) x attacks x eps x seeds.
-    ``sources``: the model records of the trials the plan's transfer attacks craft on (``trial:<name>``)."""
-    specs = []
-    randomized = presets.is_randomized_arch(trial.config.model.name)
-    for variant in trial.evaluated():
-        eval_cfg = trial.config.eval
-        if variant.defense != "none":
-            eval_cfg = dataclasses.replace(eval_cfg, defense=variant.defense, defense_options=variant.defense_options)
-        for attack, role in plan.cells(randomized):
-            source_uri, source_sha, source_label = transfer_source(attack.source, sources or {})
-            for seed in plan.seeds:
-                specs.append(
-                    cells_lib.CellSpec(
-                        checkpoint_uri=record["checkpoint_uri"],
-                        checkpoint_sha256=record["checkpoint_sha256"],
-                        dataset=trial.config.data.name,
-                        attack=attack,
-                        eval=eval_cfg,
-                        seed=seed,
-                        average_paths=variant.average_paths,
-                        source_uri=source_uri,
-                        source_sha256=source_sha,
-                        sweep=sweep,
-                        trial=trial.name,
-                        variant=variant.name,
-                        model_label=variant.label,
-                        role=role,
-                        source_label=source_label,
-                        mlflow_run_id=record.get("mlflow_run_id"),
-                        code_version=code_version,
-                        data_root=data_root,
-                    )
-                )
-    return specs
-
-
-def transfer_source(source: str | None, sources: dict[str, dict]) -> tuple[str | None, str | None, str]:
-    """``(checkpoint URI, its SHA-256, row name)`` of a transfer attack's source: a trial of the sweep
-    (``trial:<name>``, from its record), a checkpoint file or URI, or none (the undefended target)."""
-    if not source:
-        return None, None, ""
-    if source.startswith(presets.TEACHER_PREFIX):
-        name = source[len(presets.TEACHER_PREFIX) :]
-        record = sources.get(name)
-        if not record:
-            raise SweepError(f"transfer source {name} has no trained model yet")
-        return record["checkpoint_uri"], record["checkpoint_sha256"], record.get("label") or name
-    local = storage.local_copy(source)
-    label = Path(source).stem if Path(source).stem != "model" else Path(source).parent.name
-    return source, storage.file_sha256(local), label
-
-
-def source_records(results_dir: str, sweep: str, plan: presets.EvalPlan) -> dict[str, dict]:
-    """The model records of the plan's source trials that exist (``{trial name: record}``)."""
-    found = {name: load_record(results_dir, sweep, name) for name in plan.source_trials()}
-    return {name: record for name, record in found.items() if record}
-
-
 def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
     """True when the trial's model is trained, its cells are all stored and its run has them."""
     record = load_record(opts.results_dir, sweep.name, trial.name)
@@ -191,106 +81,6 @@ def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
 
 
 # ---------------------------------------------------------------- the trial (runs in a Tune trial actor)
-
-
-def _train(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
-    """Train with Ray Train (resuming from the latest epoch checkpoint if any) and write the model record."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    opts = SweepOptions(**ctx["options"])
-    name = trainer.run_name(ctx["sweep"], trial.name, trial.config)
-    hook = tracking.EpochLogger(opts.tracking_uri, run_id)
-    outcome = trainer.train_on_ray(
-        trial.config,
-        name,
-        opts.storage_path,
-        epoch_hook=hook,
-        max_failures=opts.max_failures,
-        callbacks=[TuneReportCallback()],
-    )
-    local = storage.local_copy(outcome.checkpoint_uri)
-    model, cfg, payload = train_lib.load_checkpoint(local)
-    grads = gradients.measure(model, cfg.data.name, opts.data_root or cfg.data.root)
-    record = {
-        "sweep": ctx["sweep"],
-        "trial": trial.name,
-        "label": trial.label,
-        "variants": [dataclasses.asdict(v) for v in trial.variants],
-        "config": config_lib.to_dict(trial.config),
-        "config_hash": config_lib.config_hash(trial.config),
-        "run_name": name,
-        "checkpoint_uri": outcome.checkpoint_uri,
-        "train_node_id": outcome.metrics.get("node_id"),  # Ray node of training rank 0
-        "checkpoint_sha256": storage.file_sha256(local),
-        "mlflow_run_id": run_id,
-        "epochs": payload.get("epoch"),
-        "history": payload.get("history", []),
-        "grad_cosines": grads["cosines"],
-        "grad_mean_abs_cos": grads["mean_abs_cos"],
-        "code_version": ctx["code_version"],
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "evaluated": False,
-    }
-    save_record(opts.results_dir, record)  # MLflow (probe, model, checkpoint) follows in sync.track: it may be down
-    return record
-
-
-def run_trial(params: dict, ctx: dict) -> dict:
-    """Tune function trainable: train one model (unless its record exists), then evaluate its cells.
-
-    ``params``: ``{"spec": {"trial": presets.trial_to_dict(...), "run_id": MLflow run}}``; ``ctx``: the
-    sweep context, bound with ``tune.with_parameters`` -- it holds the tracking URI, which may carry
-    credentials, and Tune writes the param space in plain text (params.json) into every trial folder.
-    Reports ``cells_new``/``cells_skipped`` to Tune as cells finish (the driver's progress bars).
-    """
-    spec = params["spec"]
-    trial, run_id = presets.trial_from_dict(spec["trial"]), spec["run_id"]
-    opts = SweepOptions(**ctx["options"])
-    plan = presets.EvalPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in ctx["evaluation"].items()})
-    try:
-        record = load_record(opts.results_dir, ctx["sweep"], trial.name)
-        if not record or record.get("config_hash") != config_lib.config_hash(trial.config):
-            record = _train(trial, ctx, run_id)
-        record = sync.adopt_run(opts.results_dir, record, run_id, opts.parent_run_id)
-        specs = cell_specs(
-            trial,
-            record,
-            plan,
-            ctx["sweep"],
-            ctx["code_version"],
-            opts.data_root,
-            source_records(opts.results_dir, ctx["sweep"], plan),
-        )
-        skipped = sum(results.is_done(opts.store, s) for s in specs)
-        new = 0
-        tune.report({"cells_new": 0, "cells_skipped": skipped, "cells_total": len(specs)})
-
-        def on_done(row: dict) -> None:
-            nonlocal new
-            new += 1
-            tune.report({"cells_new": new, "cells_skipped": skipped, "cells_total": len(specs)})
-
-        summary = fanout.run_cells(specs, opts.store, use_gpu=trainer.use_gpu(trial.config), on_done=on_done)
-        if summary.failures:
-            sync.track_or_mark(opts.tracking_uri, opts.results_dir, record, summary.rows, status="FAILED")
-            where, why = summary.failures[0]
-            raise SweepError(f"{len(summary.failures)} cell(s) of trial {trial.name} failed; first: {where}: {why}")
-        record["evaluated"] = True
-        record["cells"] = results.cell_contexts(specs)
-        save_record(opts.results_dir, record)
-        # Everything is on disk now; MLflow is logged from it, best effort (a failure marks the record
-        # "incomplete" and `sors sync` backfills it later).
-        sync.track_or_mark(opts.tracking_uri, opts.results_dir, record, summary.rows)
-    except Exception:
-        sync.mark_failed(opts.tracking_uri, run_id)
-        raise
-    return {
-        "trial_done": 1,
-        "cells_new": new,
-        "cells_skipped": skipped,
-        "cells_total": len(specs),
-        "checkpoint_uri": record["checkpoint_uri"],
-    }
 
 
 # ---------------------------------------------------------------- the driver

@@ -72,7 +72,7 @@ def ray_session():
     """ONE local Ray for the whole test session: 2 CPUs, a 200 MB object store, worker logs off."""
     import ray
 
-    from pipeline import cluster
+    from pipeline.cluster import connection as cluster
 
     cluster.connect(num_cpus=2, object_store_memory=200 * 1024 * 1024, quiet=True)
     yield ray

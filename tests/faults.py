@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import results
+from pipeline.store import results
 from sors import config as config_lib
 from sors import train as train_lib
 
@@ -83,7 +83,7 @@ def zombie_actors(ray) -> list[str]:
 
 def wait_for_dead_jobs(ray, timeout: float = 120) -> None:
     """After SIGKILLing a driver: wait until Ray has marked its job dead and killed its actors (a placement
-    group one of them reserved in the meantime is the resumed run's to reclaim: pipeline.cluster)."""
+    group one of them reserved in the meantime is the resumed run's to reclaim: pipeline.cluster.connection)."""
     me = ray.get_runtime_context().get_job_id()
 
     def cleaned_up():

@@ -2,7 +2,7 @@
 a custom resource (``node_a`` / ``node_b``) and a small object store; stopped by process id.
 
 Loopback: Ray turns ``--node-ip-address 127.0.0.1`` into the machine's routable address unless its
-single-machine mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the switch ``pipeline.cluster``
+single-machine mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the switch ``pipeline.cluster.connection``
 uses for a local Ray), and in that mode ``ray start --address`` refuses to add a node. The second node
 is therefore started through ``ray start``'s own entry point with that refusal switched off and the
 address left as given -- every process still binds 127.0.0.1 only.

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import cli, presets
+from pipeline import cli
+from pipeline.plan import presets
 from sors.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -126,7 +126,7 @@ def test_lr_scaling_is_validated_hashed_only_when_set_and_scales_with_the_worker
 
 @pytest.mark.ray
 def test_trial_concurrency_counts_the_cluster_and_lets_a_gpu_sweep_scale_out(ray_session):
-    from pipeline import cluster
+    from pipeline.cluster import connection as cluster
 
     cpus = int(ray_session.cluster_resources()["CPU"])
     assert cluster.growth_limit("GPU") is None  # a local Ray: no autoscaler to ask

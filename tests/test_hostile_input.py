@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, presets
+from pipeline import cli
+from pipeline.plan import presets
 from sors import config as config_lib
 from sors import data as data_lib
 from sors import train as train_lib

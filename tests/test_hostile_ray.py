@@ -1,6 +1,6 @@
 """Hostile input that reaches Ray: what a local Ray exposes on the network, what its worker logs
 keep, how an error raised in a task reaches the user, and a training run that diverges. Real local
-Ray (the session's, started by ``pipeline.cluster.connect`` as ``sors`` starts it) and a real
+Ray (the session's, started by ``pipeline.cluster.connection.connect`` as ``sors`` starts it) and a real
 ``mlflow server`` on 127.0.0.1.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import results
+from pipeline.store import results
 from tests.loopback_cluster import loopback_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ PROBE_RESERVATIONS = """
 import json, logging, ray, sys
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.state import list_placement_groups
-from pipeline import cluster
+from pipeline.cluster import connection as cluster
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 mine = placement_group([{"node_b": 0.25}, {"node_b": 0.25}])

@@ -37,7 +37,7 @@ def row(
     v1: bool = False,
     **extra,
 ) -> dict:
-    """A stored-cell row as pipeline.results returns it, with the Wilson interval of ``accuracy`` on ``n``.
+    """A stored-cell row as pipeline.store.results returns it, with the Wilson interval of ``accuracy`` on ``n``.
 
     Per-example outcomes (schema v2): examples ``first_index .. first_index + n - 1``, of which the
     round(accuracy * n) starting at position ``first_correct`` are correct -- so two rows with the same
@@ -262,7 +262,8 @@ def smoke_runs(tmp_path_factory):
 
     The code version is pinned: other work committed to this checkout meanwhile would change it, and
     a changed code version rightly means "train again" (the fourth run does exactly that)."""
-    from pipeline import cluster, tracking
+    from pipeline.cluster import connection as cluster
+    from pipeline.tracking import runs as tracking
 
     results = tmp_path_factory.mktemp("nightly")
     version = tracking.code_version()
@@ -299,7 +300,7 @@ def _night_runs(results: Path, night: str) -> dict:
 
 
 def _night_rows(results: Path, night: str) -> list[dict]:
-    from pipeline import results as results_lib
+    from pipeline.store import results as results_lib
 
     return results_lib.read_rows(nightly.find_run(results, night) / "cells")
 
@@ -329,12 +330,12 @@ def test_first_nightly_accepts_itself_and_the_second_finds_no_regression(smoke_r
     # same config, same code: both models reused, not retrained
     assert [m["how"] for m in report["meta"]["models"]] == [f"reused from {first}"] * 2
     # the first night accepted itself: alias `baseline` points at its registered versions
-    from pipeline import registry
     from pipeline.nightly import tracked
+    from pipeline.tracking import model_registry
 
     versions = tracked.night_versions(nightly.find_run(results, first))
     assert sorted(versions) == ["nightly-smoke.lenet5", "nightly-smoke.sors"]
-    assert registry.alias_versions(f"sqlite:///{results / 'mlflow.db'}", sorted(versions)) == versions
+    assert model_registry.alias_versions(f"sqlite:///{results / 'mlflow.db'}", sorted(versions)) == versions
 
 
 @pytest.mark.slow
@@ -462,14 +463,14 @@ def test_accept_promotes_a_run_to_the_baseline(smoke_runs, capsys):
     assert nightly_run._baseline(cfg, root, results, first)[0] == first  # --baseline pins another run
     # the registry alias moved with it, and it decides: moved back by hand (as in the UI), the nightly
     # compares against the night whose versions it names
-    from pipeline import registry
     from pipeline.nightly import tracked
+    from pipeline.tracking import model_registry
 
     uri = f"sqlite:///{results / 'mlflow.db'}"
     weak_versions = tracked.night_versions(nightly.find_run(results, weak))
-    assert registry.alias_versions(uri, sorted(weak_versions)) == weak_versions
+    assert model_registry.alias_versions(uri, sorted(weak_versions)) == weak_versions
     assert nightly_run._baseline(cfg, root, results, None, uri)[0] == weak
-    registry.set_alias(uri, tracked.night_versions(nightly.find_run(results, first)))
+    model_registry.set_alias(uri, tracked.night_versions(nightly.find_run(results, first)))
     assert nightly_run._baseline(cfg, root, results, None, uri)[0] == first
 
 

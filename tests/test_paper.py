@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from pipeline import cli, presets, report
-from pipeline import sweep as sweep_lib
+from pipeline import cli, report
+from pipeline.plan import presets
+from pipeline.plan.cell_specs import cell_specs
 from sors import config as config_lib
 from sors import paper
 from sors import train as train_lib
@@ -158,7 +159,7 @@ def test_super_networks_train_three_times_the_baseline_and_distil_from_resnet18(
                 assert teacher.config.model.name == "resnet18"
                 if name != "table3":  # there ResNet-18 is also the baseline row; elsewhere only the teacher
                     assert teacher.evaluated() == ()
-                    assert not sweep_lib.cell_specs(
+                    assert not cell_specs(
                         teacher, {"checkpoint_uri": "t.pt", "checkpoint_sha256": "ab"}, sweep.evaluation, name
                     )
         pgd = [a for a in sweep.evaluation.attack_configs() if a.name in ("pgd", "transfer_pgd")]
@@ -208,7 +209,7 @@ def test_each_paper_preset_runs_on_a_tiny_configuration(name, trials, wanted, tm
     rows = []
     for trial_name in trials:
         trial = sweep.trial(trial_name)
-        specs = sweep_lib.cell_specs(trial, records[trial_name], sweep.evaluation, sweep.name, sources=sources)
+        specs = cell_specs(trial, records[trial_name], sweep.evaluation, sweep.name, sources=sources)
         picked = {}
         for spec in specs:  # one cell per (variant, attack, eot_samples): the preset's distinct paths
             picked.setdefault((spec.variant, spec.attack.name, spec.attack.eot_samples), spec)
@@ -285,7 +286,7 @@ def test_evaluate_with_a_transfer_source_and_a_defense_writes_rows(ray_session, 
     )
     out = capsys.readouterr().out
     assert "transfer-PGD" in out and "The paper beside ours" in out and "(T2, MNIST)" in out
-    from pipeline import results
+    from pipeline.store import results
 
     rows = results.read_rows(tmp_path / "results" / "cells")
     assert {r["attack"] for r in rows} == {"none", "transfer_pgd", "pgd"}
@@ -346,7 +347,7 @@ def test_lambda_plot_needs_three_lambdas_and_draws_one_panel_per_attack(tmp_path
     "source,expected",
     [
         ("{tmp}/gone.pt", "gone.pt: no such checkpoint file"),
-        ("trial:lenet5", "a trial reference works in a preset only"),
+        ("trial:lenet5", "is a trial reference, which works in a preset only"),
     ],
 )
 def test_evaluate_refuses_a_missing_or_trial_source_in_one_line(source, expected, tmp_path, capsys):

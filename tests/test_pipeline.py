@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, presets, results, tracking
+from pipeline import cli
+from pipeline.plan import presets
+from pipeline.store import results
+from pipeline.tracking import runs as tracking
 from sors import config as config_lib
 from sors.errors import ConfigError
 from tests import mlflow_view
@@ -132,7 +135,7 @@ def test_a_failed_cell_write_leaves_no_file_and_stale_temporaries_are_swept(tmp_
 
 @pytest.mark.ray
 def test_two_ray_train_workers_end_an_epoch_with_identical_parameters(ray_session, tmp_path):
-    from pipeline import trainer
+    from pipeline.cluster import trainer
     from sors import train as train_lib
     from tasks import training
 
@@ -306,7 +309,7 @@ def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_co
     from mlflow.tracking import MlflowClient
 
     from pipeline import sweep as sweep_lib
-    from pipeline.records import load_record
+    from pipeline.store.records import load_record
     from tests.faults import write_preset
 
     same = {"model.name": "lenet5"}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, results
+from pipeline import cli
+from pipeline.store import results
 from sors import config as config_lib
 from tests.faults import tiny_checkpoint  # noqa: F401 -- a fixture
 
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.timeout(400)
 def stored_results(tmp_path, tiny_checkpoint):
     """A results folder as a finished `sors sweep smoke` leaves it for trial lenet5, built without Ray:
     its checkpoint, model record and two evaluated cells (clean, FGSM) in the Parquet store."""
-    from pipeline import presets
-    from pipeline.records import save_record
+    from pipeline.plan import presets
+    from pipeline.store.records import save_record
     from pipeline.sweep import cell_specs
     from tasks import cells, storage
 
@@ -122,7 +123,8 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_by_every_command(tmp_path, 
     # ... as a teacher, and as the epoch checkpoint an interrupted trial would resume from
     assert cli.main(["train", "--set", f"train.teacher={evil}", "--results-dir", str(tmp_path / "results")]) == 2
     assert "refused to load" in _one_line_error(capsys, "train")
-    from pipeline import presets, trainer
+    from pipeline.cluster import trainer
+    from pipeline.plan import presets
 
     trial = presets.build_sweep("smoke").trial("lenet5")
     run_dir = tmp_path / "results" / "ray" / trainer.run_name("smoke", "lenet5", trial.config)

@@ -1,4 +1,4 @@
-"""Presets (pipeline.presets): the shipped YAML files resolve into trials and an evaluation plan; the
+"""Presets (pipeline.plan.presets): the shipped YAML files resolve into trials and an evaluation plan; the
 plan's cells follow the model and attack registries' facts; ``sors evaluate``'s default plan takes
 ``attack.*`` overrides the way a preset does."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import presets
+from pipeline.plan import presets
 from sors import attacks
 
 pytestmark = pytest.mark.timeout(400)

@@ -38,7 +38,7 @@ def test_every_checkpoint_load_in_pipeline_and_tasks_goes_through_the_weights_on
 def test_no_secret_reaches_mlflow_params_or_the_console(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = tracking.ensure_experiment(uri, "secrets", str(tmp_path / "art"))
@@ -75,7 +75,7 @@ def test_no_secret_reaches_mlflow_params_or_the_console(tmp_path, capsys):
 
 PROBE_LOCAL_RAY = """
 import json, ray
-from pipeline import cluster
+from pipeline.cluster import connection as cluster
 cluster.connect(num_cpus=1, object_store_memory=80 * 1024 * 1024, quiet=True)
 info = ray._private.worker.global_worker.node.address_info
 print(json.dumps({"webui_url": info.get("webui_url"), "node_ip_address": info.get("node_ip_address")}))
@@ -109,7 +109,7 @@ def test_reclaiming_orphaned_placement_groups_leaves_live_jobs_reservations_alon
         remove_placement_group,
     )
 
-    from pipeline import cluster
+    from pipeline.cluster import connection as cluster
 
     mine = placement_group([{"CPU": 1}])
     assert mine.wait(60)
@@ -123,7 +123,7 @@ def test_reclaiming_orphaned_placement_groups_leaves_live_jobs_reservations_alon
 
 
 def test_an_orphan_is_an_ended_jobs_live_undetached_reservation_and_nothing_else():
-    from pipeline import cluster
+    from pipeline.cluster import connection as cluster
 
     def group(pg_id, job, state="CREATED", detached=False):
         return {
@@ -158,7 +158,7 @@ def test_an_orphan_is_an_ended_jobs_live_undetached_reservation_and_nothing_else
 def test_a_sweep_says_when_other_jobs_hold_the_cpus_its_training_needs(ray_session):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from pipeline import cluster
+    from pipeline.cluster import connection as cluster
 
     total = int(ray_session.cluster_resources()["CPU"])
     # what earlier tests reserved is counted as free again within moments (Ray's resource view lags)

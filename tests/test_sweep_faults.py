@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, results
+from pipeline import cli
+from pipeline.store import results
 from sors import config as config_lib
 from sors import train as train_lib
 from tests.faults import (
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.timeout(400)
 @pytest.mark.fault
 @pytest.mark.ray
 def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
-    from pipeline import trainer
+    from pipeline.cluster import trainer
 
     epochs = 4
     cfg = config_lib.resolve(
@@ -99,7 +100,7 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, tmp
 def test_a_killed_sweep_driver_resumes_only_unfinished_trials(ray_session, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.records import load_record, record_path
+    from pipeline.store.records import load_record, record_path
 
     # One trial's Ray Train run takes every CPU, so Tune runs the two trials one after the other: the
     # driver is killed once one trial is finished (trained, evaluated, tracked) and the other has started.

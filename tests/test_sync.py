@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(400)
 def test_mlflow_outage_during_a_sweep_is_backfilled_by_sync(ray_session, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.records import load_record
+    from pipeline.store.records import load_record
 
     preset = write_preset(
         tmp_path / "one.yaml",
@@ -175,7 +175,8 @@ def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_mode
     rerun sweep would: the value and the file are logged again, and the new model gets a run of its own."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import records, sync
+    from pipeline.store import records
+    from pipeline.tracking import sync
 
     results_dir = tmp_path / "results"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

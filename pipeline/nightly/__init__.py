@@ -24,7 +24,7 @@ Layout under ``<results>/nightly/<name>/`` (plain files, meant to be read)::
     runs/run_date=YYYY-MM-DD/run_id=<id>/
         run.json                                  status, exit code, reason, code version, baseline
         nightly-report.md, nightly-report.json    every cell: baseline, current, delta, verdict
-        cells/dataset=*/attack=*/<cell>.parquet   this run's rows (pipeline.results layout)
+        cells/dataset=*/attack=*/<cell>.parquet   this run's rows (pipeline.store.results layout)
         models/nightly-<name>/<trial>.json        model records (a reused one points at its first run)
         ray/                                      Ray Train checkpoints and Tune state of this run
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline import presets
+from pipeline.plan import presets
 from sors.errors import ConfigError
 
 LAST_ACCEPTED = "last-accepted"
@@ -59,7 +59,7 @@ class NightlyConfig:
 
     name: str
     path: Path
-    sweep: Any  # pipeline.presets.Sweep
+    sweep: Any  # pipeline.plan.presets.Sweep
     settings: Settings
 
 

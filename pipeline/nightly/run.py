@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import cliutil, records, results, sync, tracking
+from pipeline import cliutil
 from pipeline.nightly.compare import Thresholds, compare, self_baseline, summarize
 from pipeline.nightly.config import LAST_ACCEPTED, NightlyConfig, NightlyError, load_config
 from pipeline.nightly.report import _pct, cell_name, headline, write_reports
@@ -35,6 +35,9 @@ from pipeline.nightly.store import (
 )
 from pipeline.nightly.tracked import alias_night, log_night, move_baseline, night_parent
 from pipeline.redact import redact
+from pipeline.store import records, results
+from pipeline.tracking import runs as tracking
+from pipeline.tracking import sync
 from sors import data as data_lib
 from sors.errors import ConfigError
 

@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import presets, records
 from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK
 from pipeline.nightly.config import RUN_ID, NightlyConfig
+from pipeline.plan import presets
+from pipeline.store import records
 from sors import config as config_lib
 from sors.errors import ConfigError
 from tasks import storage

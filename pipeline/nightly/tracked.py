@@ -10,9 +10,11 @@ import logging
 import re
 from pathlib import Path
 
-from pipeline import records, registry, results, tracking
 from pipeline.cliutil import tracking_line
 from pipeline.nightly.store import EXIT_COULD_NOT_RUN, RUN_JSON
+from pipeline.store import records, results
+from pipeline.tracking import model_registry
+from pipeline.tracking import runs as tracking
 
 log = logging.getLogger("pipeline.nightly")
 TREND_PNG, TREND_CSV = "nightly-trend.png", "nightly-trend.csv"
@@ -155,7 +157,7 @@ def move_baseline(tracking_uri: str, folder: Path) -> dict[str, str]:
     """Point alias ``baseline`` of each model of the night in ``folder`` at the night's version.
     Returns the versions (empty when the night's models were never registered)."""
     versions = night_versions(folder)
-    registry.set_alias(tracking_uri, versions)
+    model_registry.set_alias(tracking_uri, versions)
     return versions
 
 
@@ -165,7 +167,7 @@ def alias_night(tracking_uri: str, root: Path, candidates: list[str]) -> str | N
     model has the alias yet)."""
     folders = {f.name.split("=", 1)[1]: f for f in root.glob("runs/run_date=*/run_id=*")}
     names = sorted({name for night in candidates if night in folders for name in night_versions(folders[night])})
-    aliased = registry.alias_versions(tracking_uri, names)
+    aliased = model_registry.alias_versions(tracking_uri, names)
     if not aliased:
         return None
     for night in candidates:

@@ -1,7 +1,7 @@
 """Trained models in MLflow: logged without pickle, registered, and the nightly's ``baseline`` alias.
 
 Each trained model is logged once, on its trial's run, as a models-from-code pyfunc
-(:mod:`pipeline.pyfunc_model`) with the weights-only checkpoint as its artifact, a signature
+(:mod:`pipeline.tracking.pyfunc_model`) with the weights-only checkpoint as its artifact, a signature
 (float32 images N x C x H x W in [0, 1] -> float32 logits N x classes) and an input example; it is a
 version of the registered model :func:`registered_name` (``<sweep>.<trial>``). Load it anywhere the
 ``sors`` package is installed::
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 from sors import data as data_lib
 
 BASELINE_ALIAS = "baseline"

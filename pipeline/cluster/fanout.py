@@ -15,15 +15,15 @@ from typing import Callable, Iterable
 
 import ray
 
-from pipeline import results
 from pipeline.cliutil import last_line
+from pipeline.store import results
 from sors import checks
 from sors import data as data_lib
 from sors.evaluation import CellResult
 from tasks import cells
 from tasks.cells import CellSpec, row_to_result
 
-log = logging.getLogger("pipeline.fanout")
+log = logging.getLogger("pipeline.cluster.fanout")
 
 
 @dataclass

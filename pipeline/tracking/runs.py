@@ -9,7 +9,7 @@ run inputs (``mlflow.log_input`` with the split's digest); every run carries the
 (``mlflow.source.git.commit``) when the code is a git checkout. The cell files and the checkpoint are
 trial artifacts, the report and plots artifacts of the parent; artifacts are uploaded when their
 SHA-256 differs from the run's manifest (``sors-manifest.json``), so a sync compares content, not
-names. The model itself: :mod:`pipeline.registry`.
+names. The model itself: :mod:`pipeline.tracking.model_registry`.
 
 Default store: ``sqlite:///<results>/mlflow.db`` with artifacts under ``<results>/mlartifacts``;
 ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` points at a server instead.
@@ -31,7 +31,7 @@ from pipeline.redact import redact, redact_mapping
 from sors import data as data_lib
 from tasks import storage
 
-log = logging.getLogger("pipeline.tracking")
+log = logging.getLogger("pipeline.tracking.runs")
 # MLflow's HTTP client retries a failing call for about 4 minutes by default; a sweep must not stall that
 # long per call while the server is down (what it cannot log, `sors sync` backfills). Users may override.
 HTTP_DEFAULTS = {
@@ -61,7 +61,7 @@ def default_tracking_uri(results_dir: str | os.PathLike) -> str:
 
 def code_version() -> str:
     """The git commit of the code (``-dirty`` when the tree has changes), else the package version."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: pipeline/tracking/runs.py
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode == 0:
@@ -85,7 +85,7 @@ def code_version() -> str:
 
 def git_commit() -> str | None:
     """The full commit id of the source when it is a git checkout, else None."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: pipeline/tracking/runs.py
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):

@@ -27,8 +27,9 @@ import shlex
 import sys
 import time
 
-from pipeline import cliutil, presets
+from pipeline import cliutil
 from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, OneLineArgumentParser
+from pipeline.plan import presets
 from pipeline.redact import redact
 
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # Ray's own variable for the Jobs API address (also RAY_ADDRESS)

@@ -10,7 +10,7 @@ import warnings
 
 import ray
 
-log = logging.getLogger("pipeline.cluster")
+log = logging.getLogger("pipeline.cluster.connection")
 LOOPBACK = "127.0.0.1"
 # Tune's loggers that print a failed trial's whole traceback and "Trials did not complete".
 QUIET_TRIAL_ERRORS = ("ray.tune.execution.tune_controller", "ray.tune.tune")

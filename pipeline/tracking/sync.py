@@ -12,7 +12,7 @@ from them at any time, logging only what the run does not have yet:
   logged when the run lacks that value at that step (a changed value is logged again);
 - the data splits as run inputs; artifacts: the sors checkpoint and the cell files, uploaded when
   their SHA-256 is not in the run's manifest; the report on the parent run; the model as a registered
-  version (:mod:`pipeline.registry`), or -- for a model an earlier nightly trained and this one reuses
+  version (:mod:`pipeline.tracking.model_registry`), or -- for a model an earlier nightly trained and this one reuses
   -- a tag naming that version; the run's final status.
 
 A sweep trial calls :func:`track` itself when its evaluation is done. When MLflow cannot be reached
@@ -30,15 +30,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import preflight, records, registry, results, tracking
+from pipeline import preflight
 from pipeline.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, OneLineArgumentParser, tracking_line
 from pipeline.redact import redact
+from pipeline.store import records, results
+from pipeline.tracking import model_registry
+from pipeline.tracking import runs as tracking
 from sors import config as config_lib
 from sors import train as train_lib
 from sors.train import CheckpointError
 from tasks import storage
 
-log = logging.getLogger("pipeline.sync")
+log = logging.getLogger("pipeline.tracking.sync")
 COMPLETE, INCOMPLETE = "complete", "incomplete"
 EPOCH_KEYS = {k: ("epoch_seconds" if k == "seconds" else k) for k in tracking.EpochLogger.KEYS}
 
@@ -201,7 +204,7 @@ def _registered_version(client, record: dict):
         version = client.get_model_version(named["name"], str(named["version"]))
     except MlflowException:
         return None
-    return version if version.tags.get(registry.TAG_CHECKPOINT) == record.get("checkpoint_sha256") else None
+    return version if version.tags.get(model_registry.TAG_CHECKPOINT) == record.get("checkpoint_sha256") else None
 
 
 def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, version) -> dict:
@@ -230,12 +233,12 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
     done["artifacts"] += tracking.upload_changed(uri, run.info.run_id, [local], "checkpoint")
     if version is None:
         train_lib.read_checkpoint(local)  # weights-only: a bad file fails here, with one line
-        name, number = registry.log_model(
+        name, number = model_registry.log_model(
             uri,
             run.info.run_id,
             local,
             cfg,
-            registry.registered_name(record["sweep"], record["trial"]),
+            model_registry.registered_name(record["sweep"], record["trial"]),
             record["checkpoint_sha256"],
         )
         client.set_tag(run.info.run_id, tracking.TAG_CHECKPOINT, record["checkpoint_sha256"])

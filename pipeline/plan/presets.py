@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline.plans import (  # noqa: F401 (re-exported)
+from pipeline.plan.evaluation_plan import (  # noqa: F401 (re-exported)
     ATTACK_ENTRY_KEYS,
     EVALUATION_KEYS,
     TEACHER_PREFIX,
@@ -51,7 +51,7 @@ from sors.config import RunConfig
 from sors.errors import ConfigError, quote
 from sors.models import factory, registry
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What an evaluation variant may change: it re-scores a trained checkpoint, so only inference options.
 VARIANT_KEYS = ("model.average_paths", "eval.defense", "eval.defense_options")

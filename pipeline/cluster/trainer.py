@@ -16,7 +16,7 @@ from pathlib import Path
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline import cluster
+from pipeline.cluster import connection as cluster
 from sors import config as config_lib
 from sors.config import RunConfig
 from tasks import training
