@@ -31,7 +31,7 @@ from pipeline.cliutil import (
 )
 from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
-from pipeline.store.records import load_records, record_path, save_record
+from pipeline.store.records import ModelRecord, load_records, record_path, save_record
 from pipeline.tracking import runs as tracking
 from sors import config as config_lib
 from sors.errors import ConfigError, DataNotFoundError, TrainingDiverged
@@ -191,7 +191,7 @@ def _publish_report(
                 "could not log the report to MLflow: %s", cliutil.tracking_line(err)
             )
             for record in records:
-                if record and record.get("trial") and Path(opts.results_dir, "models", record["sweep"]).is_dir():
+                if record and record.trial and Path(opts.results_dir, "models", record.sweep).is_dir():
                     sync.mark(opts.results_dir, record, sync.INCOMPLETE, cliutil.tracking_line(err), opts.tracking_uri)
     return files, report.console_report(rows, order, title=f"sweep {sweep_name}")
 
@@ -228,7 +228,7 @@ def cmd_train(args) -> int:
     if summary is None:  # a dry run: inputs checked, plan printed
         return EXIT_OK
     record = summary.records[0]
-    last = (record.get("history") or [{}])[-1]
+    last = (record.history or [{}])[-1]
     print(f"trained {record['trial']}: {record['epochs']} epochs, clean_acc {last.get('clean_acc', float('nan')):.4f}")
     print(f"checkpoint: {redact(record['checkpoint_uri'])}")
     print(f"mlflow run: {record['mlflow_run_id']}")
@@ -306,23 +306,20 @@ def cmd_evaluate(args) -> int:
         )
         # the sweep's cell builder: one trial of this checkpoint as trained (no variants), its eval settings
         trial = presets.TrialSpec(name=label, label=label, config=dataclasses.replace(cfg, eval=eval_cfg))
-        record = {"checkpoint_uri": uri, "checkpoint_sha256": sha, "mlflow_run_id": run_id}
-        specs += cell_specs(trial, record, plan, args.name, code, args.data_root)
-        records.append(
-            {
-                "sweep": args.name,
-                "trial": label,
-                "label": label,
-                "checkpoint_uri": uri,
-                "checkpoint_sha256": sha,
-                "mlflow_run_id": run_id,
-                "config": config_lib.to_dict(cfg),
-                "config_hash": config_lib.config_hash(cfg),
-                "variants": [],
-                "evaluated": True,
-                "history": payload.get("history", []),
-            }
+        record = ModelRecord(
+            sweep=args.name,
+            trial=label,
+            label=label,
+            checkpoint_uri=uri,
+            checkpoint_sha256=sha,
+            mlflow_run_id=run_id,
+            config=config_lib.to_dict(cfg),
+            config_hash=config_lib.config_hash(cfg),
+            evaluated=True,
+            history=payload.get("history", []),
         )
+        specs += cell_specs(trial, record, plan, args.name, code, args.data_root)
+        records.append(record)
     started = connect(args)
     try:
         from tqdm.auto import tqdm
@@ -336,12 +333,12 @@ def cmd_evaluate(args) -> int:
         shutdown(started)
     untracked = None
     for record in records:
-        rows = [r for r in summary.rows if r["mlflow_run_id"] == record["mlflow_run_id"]]
+        rows = [r for r in summary.rows if r["mlflow_run_id"] == record.mlflow_run_id]
         try:
-            tracking.log_eval_rows(opts.tracking_uri, record["mlflow_run_id"], rows)
+            tracking.log_eval_rows(opts.tracking_uri, record.mlflow_run_id, rows)
         except Exception as err:  # noqa: BLE001 -- the rows are in Parquet; rerunning logs them
             untracked = cliutil.tracking_line(err)
-        if not record_path(opts.results_dir, args.name, record["trial"]).exists():
+        if not record_path(opts.results_dir, args.name, record.trial).exists():
             save_record(opts.results_dir, record)
     from pipeline import report  # heavy
 

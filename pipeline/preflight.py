@@ -345,11 +345,11 @@ def check_checkpoints(sweep, opts) -> None:
             train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))  # CheckpointError names the file
         record = records.load_record(opts.results_dir, sweep.name, trial.name)
         if record and not storage.is_remote(record.get("checkpoint_uri", "")):
-            path = storage.local_copy(record["checkpoint_uri"])
+            path = storage.local_copy(record.checkpoint_uri)
             where = records.record_path(opts.results_dir, sweep.name, trial.name)
             if not path.is_file():
                 raise PreflightError(f"{path}: checkpoint of trial {trial.name} is missing; delete {where} to retrain")
-            if storage.file_sha256(path) != record.get("checkpoint_sha256"):
+            if storage.file_sha256(path) != record.checkpoint_sha256:
                 raise PreflightError(
                     f"{path}: checkpoint of trial {trial.name} is truncated or changed since "
                     f"training (SHA-256 differs from {where}); delete that record to retrain"

@@ -70,7 +70,7 @@ class SweepSummary:
 def trial_complete(opts: SweepOptions, sweep: Sweep, trial: TrialSpec) -> bool:
     """True when the trial's model is trained, its cells are all stored and its run has them."""
     record = load_record(opts.results_dir, sweep.name, trial.name)
-    if not record or record.get("config_hash") != config_lib.config_hash(trial.config) or not record.get("evaluated"):
+    if not record or record.config_hash != config_lib.config_hash(trial.config) or not record.evaluated:
         return False
     sources = source_records(opts.results_dir, sweep.name, sweep.evaluation)
     if len(sources) < len(sweep.evaluation.source_trials()):
@@ -162,7 +162,7 @@ def _resolve_teachers(stage: list[TrialSpec], opts: SweepOptions, sweep: Sweep) 
             record = load_record(opts.results_dir, sweep.name, teacher)
             if not record:
                 raise SweepError(f"trial {trial.name}: teacher {teacher} has no trained model")
-            trial = presets.with_teacher(trial, record["checkpoint_uri"])
+            trial = presets.with_teacher(trial, record.checkpoint_uri)
         resolved.append(trial)
     return resolved
 
@@ -181,7 +181,7 @@ def lend_trained_models(stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions
     for trial in stage:
         chash = config_lib.config_hash(trial.config)
         own = load_record(opts.results_dir, sweep.name, trial.name)
-        if own and own.get("config_hash") == chash:
+        if own and own.config_hash == chash:
             continue
         origin = find_trained(opts.results_dir, chash, code_version, storage.checkpoint_exists)
         if origin is None:
@@ -189,7 +189,7 @@ def lend_trained_models(stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions
         # the loan gets this sweep's MLflow run and cells; it keeps the checkpoint and its history
         save_record(
             opts.results_dir,
-            dict(
+            dataclasses.replace(
                 origin,
                 sweep=sweep.name,
                 trial=trial.name,
@@ -200,10 +200,10 @@ def lend_trained_models(stage: list[TrialSpec], sweep: Sweep, opts: SweepOptions
                 mlflow_run_id=None,
                 mlflow_parent_run_id=None,
                 tracking=None,
-                reused_from=f"{origin['sweep']}/{origin['trial']}",
+                reused_from=f"{origin.sweep}/{origin.trial}",
             ),
         )
-        loans.append(f"{trial.name} <- {origin['sweep']}/{origin['trial']}")
+        loans.append(f"{trial.name} <- {origin.sweep}/{origin.trial}")
     return loans
 
 
@@ -232,12 +232,9 @@ def _run_stage(
             tracking.TAG_CODE: ctx["code_version"],
             "sors.label": trial.label,
         }
-        record = load_record(opts.results_dir, sweep.name, trial.name) or {}
-        trained = (
-            record.get("checkpoint_sha256")
-            if record.get("config_hash") == config_lib.config_hash(trial.config)
-            else None
-        )
+        record = load_record(opts.results_dir, sweep.name, trial.name)
+        same_config = record is not None and record.config_hash == config_lib.config_hash(trial.config)
+        trained = record.checkpoint_sha256 if same_config else None
         run_id = sync.run_or_none(
             opts.tracking_uri,
             experiment_id,
@@ -374,5 +371,5 @@ def _resolve_all(sweep: Sweep, opts: SweepOptions) -> list[TrialSpec]:
     for trial in sweep.trials:
         teacher = trial.teacher_trial
         record = load_record(opts.results_dir, sweep.name, teacher) if teacher else None
-        out.append(presets.with_teacher(trial, record["checkpoint_uri"]) if record else trial)
+        out.append(presets.with_teacher(trial, record.checkpoint_uri) if record else trial)
     return out

@@ -12,6 +12,7 @@ from pipeline import cli
 from pipeline.plan import presets
 from pipeline.plan.cell_specs import cell_specs
 from pipeline.store import results
+from pipeline.store.records import ModelRecord
 from sors import attacks, models
 from sors import config as config_lib
 from sors import train as train_lib
@@ -57,7 +58,7 @@ def test_eot_samples_reaches_every_selected_attack_that_takes_it_in_a_sweep(tmp_
     }
     trial = next(t for t in sweep.trials if t.name == "sors")
     checkpoint = train_lib.save_checkpoint(tmp_path / "sors.pt", train_lib.fit(trial.config), trial.config)
-    record = {"checkpoint_uri": str(checkpoint), "checkpoint_sha256": "0" * 64}
+    record = ModelRecord(sweep="smoke", trial="sors", checkpoint_uri=str(checkpoint), checkpoint_sha256="0" * 64)
     specs = [s for s in cell_specs(trial, record, sweep.evaluation, sweep.name) if s.attack.name != "cw"]
     torch.manual_seed(0)
     rows = {s.attack.name: cells_lib.evaluate(s)[1] for s in specs if s.attack.name != "none"}

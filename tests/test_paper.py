@@ -10,6 +10,7 @@ import pytest
 from pipeline import cli, report
 from pipeline.plan import presets
 from pipeline.plan.cell_specs import cell_specs
+from pipeline.store.records import ModelRecord
 from sors import config as config_lib
 from sors import paper
 from sors import train as train_lib
@@ -166,7 +167,7 @@ def test_super_networks_train_three_times_the_baseline_and_distil_from_resnet18(
         assert pgd and all(a.random_start for a in pgd)
 
 
-def _train_all(sweep, tmp_path) -> dict[str, dict]:
+def _train_all(sweep, tmp_path) -> dict[str, ModelRecord]:
     """Untrained (epochs = 0) checkpoints for every trial, with their model records."""
     records = {}
     for trial in sweep.trials:
@@ -175,12 +176,13 @@ def _train_all(sweep, tmp_path) -> dict[str, dict]:
             cfg = config_lib.set_option(cfg, "train.teacher", records[trial.teacher_trial]["checkpoint_uri"])
         state = train_lib.fit(cfg)
         path = train_lib.save_checkpoint(tmp_path / f"{trial.name}.pt", state, cfg)
-        records[trial.name] = {
-            "label": trial.label,
-            "checkpoint_uri": str(path),
-            "checkpoint_sha256": storage.file_sha256(path),
-            "mlflow_run_id": None,
-        }
+        records[trial.name] = ModelRecord(
+            sweep=sweep.name,
+            trial=trial.name,
+            label=trial.label,
+            checkpoint_uri=str(path),
+            checkpoint_sha256=storage.file_sha256(path),
+        )
     return records
 
 

@@ -12,6 +12,7 @@ import torch
 
 from pipeline import cli
 from pipeline.store import results
+from pipeline.store.records import ModelRecord
 from sors import config as config_lib
 from tests.faults import tiny_checkpoint  # noqa: F401 -- a fixture
 
@@ -26,8 +27,8 @@ def stored_results(tmp_path, tiny_checkpoint):
     """A results folder as a finished `sors sweep smoke` leaves it for trial lenet5, built without Ray:
     its checkpoint, model record and two evaluated cells (clean, FGSM) in the Parquet store."""
     from pipeline.plan import presets
+    from pipeline.plan.cell_specs import cell_specs
     from pipeline.store.records import save_record
-    from pipeline.sweep import cell_specs
     from tasks import cells, storage
 
     results_dir = tmp_path / "results"
@@ -35,20 +36,22 @@ def stored_results(tmp_path, tiny_checkpoint):
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(tiny_checkpoint.read_bytes())
     trial = presets.build_sweep("smoke").trial("lenet5")
-    record = {
-        "sweep": "smoke",
-        "trial": "lenet5",
-        "label": trial.label,
-        "variants": [],
-        "config": config_lib.to_dict(trial.config),
-        "config_hash": config_lib.config_hash(trial.config),
-        "run_name": "smoke.lenet5",
-        "checkpoint_uri": str(ckpt),
-        "checkpoint_sha256": storage.file_sha256(ckpt),
-        "mlflow_run_id": None,
-        "history": [],
-        "evaluated": True,
-    }
+    record = ModelRecord.from_dict(
+        {
+            "sweep": "smoke",
+            "trial": "lenet5",
+            "label": trial.label,
+            "variants": [],
+            "config": config_lib.to_dict(trial.config),
+            "config_hash": config_lib.config_hash(trial.config),
+            "run_name": "smoke.lenet5",
+            "checkpoint_uri": str(ckpt),
+            "checkpoint_sha256": storage.file_sha256(ckpt),
+            "mlflow_run_id": None,
+            "history": [],
+            "evaluated": True,
+        }
+    )
     save_record(str(results_dir), record)
     plan = presets.EvalPlan(clean=True, attacks=({"name": "fgsm"},), eps=(50 / 255,))
     for spec in cell_specs(trial, record, plan, "smoke")[:2]:

@@ -4,11 +4,13 @@ MLflow server behind a TCP proxy that takes it away)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from pipeline import cli
+from pipeline.store.records import ModelRecord
 from sors import config as config_lib
 from sors import train as train_lib
 from tests.faults import TcpProxy, store_rows, write_preset
@@ -182,18 +184,20 @@ def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_mode
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     path, sha, cfg = _checkpoint(tmp_path / "a.pt", seed=0)
-    record = {
-        "sweep": "s",
-        "trial": "sors",
-        "label": "SORS",
-        "config": config_lib.to_dict(cfg),
-        "config_hash": config_lib.config_hash(cfg),
-        "run_name": "s.sors",
-        "checkpoint_uri": str(path),
-        "checkpoint_sha256": sha,
-        "history": [{"epoch": 1, "loss": 1.5}],
-        "evaluated": True,
-    }
+    record = ModelRecord.from_dict(
+        {
+            "sweep": "s",
+            "trial": "sors",
+            "label": "SORS",
+            "config": config_lib.to_dict(cfg),
+            "config_hash": config_lib.config_hash(cfg),
+            "run_name": "s.sors",
+            "checkpoint_uri": str(path),
+            "checkpoint_sha256": sha,
+            "history": [{"epoch": 1, "loss": 1.5}],
+            "evaluated": True,
+        }
+    )
     records.save_record(str(results_dir), record)
     sync.track(uri, results_dir, record, rows=[_cell_row(sha, 0.25)])
     first = records.load_record(str(results_dir), "s", "sors")
@@ -211,7 +215,9 @@ def test_sync_compares_content_and_a_retrained_model_never_lands_on_the_old_mode
     # retrained: new weights under the same trial and config, the record still naming the old run
     new_path, new_sha, _ = _checkpoint(tmp_path / "b.pt", seed=1)
     assert new_sha != sha
-    retrained = dict(first, checkpoint_uri=str(new_path), checkpoint_sha256=new_sha, registered_model=None)
+    retrained = dataclasses.replace(
+        first, checkpoint_uri=str(new_path), checkpoint_sha256=new_sha, registered_model=None
+    )
     sync.track(uri, results_dir, retrained, rows=[_cell_row(new_sha, 0.75)])
     new_run = records.load_record(str(results_dir), "s", "sors")["mlflow_run_id"]
     assert new_run != run_id

@@ -17,7 +17,7 @@ from pipeline.plan import presets
 from pipeline.plan.cell_specs import cell_specs, source_records
 from pipeline.plan.presets import TrialSpec
 from pipeline.store import results
-from pipeline.store.records import load_record, save_record
+from pipeline.store.records import ModelRecord, load_record, save_record
 from pipeline.tracking import runs as tracking
 from pipeline.tracking import sync
 from sors import config as config_lib
@@ -79,26 +79,26 @@ def train_trial(trial: TrialSpec, ctx: dict, run_id: str) -> dict:
     local = storage.local_copy(outcome.checkpoint_uri)
     model, cfg, payload = train_lib.load_checkpoint(local)
     grads = gradients.measure(model, cfg.data.name, opts.data_root or cfg.data.root)
-    record = {
-        "sweep": ctx["sweep"],
-        "trial": trial.name,
-        "label": trial.label,
-        "variants": [dataclasses.asdict(v) for v in trial.variants],
-        "config": config_lib.to_dict(trial.config),
-        "config_hash": config_lib.config_hash(trial.config),
-        "run_name": name,
-        "checkpoint_uri": outcome.checkpoint_uri,
-        "train_node_id": outcome.metrics.get("node_id"),  # Ray node of training rank 0
-        "checkpoint_sha256": storage.file_sha256(local),
-        "mlflow_run_id": run_id,
-        "epochs": payload.get("epoch"),
-        "history": payload.get("history", []),
-        "grad_cosines": grads["cosines"],
-        "grad_mean_abs_cos": grads["mean_abs_cos"],
-        "code_version": ctx["code_version"],
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "evaluated": False,
-    }
+    record = ModelRecord(
+        sweep=ctx["sweep"],
+        trial=trial.name,
+        label=trial.label,
+        variants=[dataclasses.asdict(v) for v in trial.variants],
+        config=config_lib.to_dict(trial.config),
+        config_hash=config_lib.config_hash(trial.config),
+        run_name=name,
+        checkpoint_uri=outcome.checkpoint_uri,
+        train_node_id=outcome.metrics.get("node_id"),  # Ray node of training rank 0
+        checkpoint_sha256=storage.file_sha256(local),
+        mlflow_run_id=run_id,
+        epochs=payload.get("epoch"),
+        history=payload.get("history", []),
+        grad_cosines=grads["cosines"],
+        grad_mean_abs_cos=grads["mean_abs_cos"],
+        code_version=ctx["code_version"],
+        created_at=datetime.now(timezone.utc).isoformat(),
+        evaluated=False,
+    )
     save_record(opts.results_dir, record)  # MLflow (probe, model, checkpoint) follows in sync.track: it may be down
     return record
 
@@ -117,7 +117,7 @@ def run_trial(params: dict, ctx: dict) -> dict:
     plan = presets.EvalPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in ctx["evaluation"].items()})
     try:
         record = load_record(opts.results_dir, ctx["sweep"], trial.name)
-        if not record or record.get("config_hash") != config_lib.config_hash(trial.config):
+        if not record or record.config_hash != config_lib.config_hash(trial.config):
             record = train_trial(trial, ctx, run_id)
         record = sync.adopt_run(opts.results_dir, record, run_id, opts.parent_run_id)
         specs = cell_specs(
@@ -143,8 +143,8 @@ def run_trial(params: dict, ctx: dict) -> dict:
             sync.track_or_mark(opts.tracking_uri, opts.results_dir, record, summary.rows, status="FAILED")
             where, why = summary.failures[0]
             raise SweepError(f"{len(summary.failures)} cell(s) of trial {trial.name} failed; first: {where}: {why}")
-        record["evaluated"] = True
-        record["cells"] = results.cell_contexts(specs)
+        record.evaluated = True
+        record.cells = results.cell_contexts(specs)
         save_record(opts.results_dir, record)
         # Everything is on disk now; MLflow is logged from it, best effort (a failure marks the record
         # "incomplete" and `sors sync` backfills it later).
@@ -157,5 +157,5 @@ def run_trial(params: dict, ctx: dict) -> dict:
         "cells_new": new,
         "cells_skipped": skipped,
         "cells_total": len(specs),
-        "checkpoint_uri": record["checkpoint_uri"],
+        "checkpoint_uri": record.checkpoint_uri,
     }

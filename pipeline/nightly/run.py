@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -206,8 +207,8 @@ def run_nightly(cfg: NightlyConfig, args: argparse.Namespace) -> int:
         finally:
             cliutil.shutdown(connected_here)
         for record in summary_run.records:  # first training run of a model, for later reuse messages
-            if record and not record.get("nightly_origin"):
-                records.save_record(str(folder), dict(record, nightly_origin=run_id))
+            if record and not record.nightly_origin:
+                records.save_record(str(folder), dataclasses.replace(record, nightly_origin=run_id))
         current = summary_run.rows
         th = Thresholds.from_settings(cfg.settings)
         if baseline_id:

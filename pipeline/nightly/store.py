@@ -3,6 +3,7 @@ and the model records an earlier run of the same code can lend to this one (layo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -112,12 +113,14 @@ def reusable_records(root: Path, sweep_name: str, code_version: str, before: str
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        key = (record.get("trial"), record.get("config_hash"))
-        if key in found or record.get("code_version") != code_version:
+        key = (record.trial, record.config_hash)
+        if key in found or record.code_version != code_version:
             continue
-        uri = record.get("checkpoint_uri") or ""
+        uri = record.checkpoint_uri or ""
         if storage.is_remote(uri) or Path(uri.removeprefix("file://")).is_file():
-            found[key] = dict(record, nightly_origin=record.get("nightly_origin") or path.parts[-4].split("=", 1)[1])
+            found[key] = dataclasses.replace(
+                record, nightly_origin=record.nightly_origin or path.parts[-4].split("=", 1)[1]
+            )
     return found
 
 
@@ -137,7 +140,7 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
                 if record is None:  # teacher will be trained in this run: so will the student
                     models.append({"trial": trial.name, "how": "trained", "config_hash": None})
                     continue
-                trial = presets.with_teacher(trial, record["checkpoint_uri"])
+                trial = presets.with_teacher(trial, record.checkpoint_uri)
             chash = config_lib.config_hash(trial.config)
             record = candidates.get((trial.name, chash))
             if record is None:
@@ -145,7 +148,10 @@ def seed_reused_models(cfg: NightlyConfig, root: Path, folder: Path, code_versio
                 continue
             # this night gets MLflow runs of its own: the lent record keeps only the model (and its version)
             records.save_record(
-                str(folder), dict(record, evaluated=False, mlflow_run_id=None, mlflow_parent_run_id=None, tracking=None)
+                str(folder),
+                dataclasses.replace(
+                    record, evaluated=False, mlflow_run_id=None, mlflow_parent_run_id=None, tracking=None
+                ),
             )
             models.append({"trial": trial.name, "how": f"reused from {record['nightly_origin']}", "config_hash": chash})
     return models

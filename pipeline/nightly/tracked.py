@@ -147,7 +147,7 @@ def night_versions(folder: Path) -> dict[str, str]:
     """``{registered model: version}`` of the models a night evaluated (from its model records)."""
     found = {}
     for record in records.all_records(folder):
-        named = record.get("registered_model") or {}
+        named = record.registered_model or {}
         if named.get("name") and named.get("version"):
             found[named["name"]] = str(named["version"])
     return found

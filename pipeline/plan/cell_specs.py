@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.errors import SweepError
 from pipeline.plan import presets
 from pipeline.plan.presets import TrialSpec
-from pipeline.store.records import load_record
+from pipeline.store.records import ModelRecord, load_record
 from sors import train as train_lib
 from sors.errors import ConfigError
 from tasks import cells as cells_lib
@@ -19,7 +19,7 @@ from tasks import storage
 
 def cell_specs(
     trial: TrialSpec,
-    record: dict,
+    record: ModelRecord,
     plan: presets.EvalPlan,
     sweep: str,
     code_version: str = "",
@@ -39,8 +39,8 @@ def cell_specs(
             for seed in plan.seeds:
                 specs.append(
                     cells_lib.CellSpec(
-                        checkpoint_uri=record["checkpoint_uri"],
-                        checkpoint_sha256=record["checkpoint_sha256"],
+                        checkpoint_uri=record.checkpoint_uri,
+                        checkpoint_sha256=record.checkpoint_sha256,
                         dataset=trial.config.data.name,
                         attack=attack,
                         eval=eval_cfg,
@@ -54,7 +54,7 @@ def cell_specs(
                         model_label=variant.label,
                         role=role,
                         source_label=source_label,
-                        mlflow_run_id=record.get("mlflow_run_id"),
+                        mlflow_run_id=record.mlflow_run_id,
                         code_version=code_version,
                         data_root=data_root,
                     )
@@ -72,7 +72,7 @@ def transfer_source(source: str | None, sources: dict[str, dict]) -> tuple[str |
         record = sources.get(name)
         if not record:
             raise SweepError(f"transfer source {name} has no trained model yet")
-        return record["checkpoint_uri"], record["checkpoint_sha256"], record.get("label") or name
+        return record.checkpoint_uri, record.checkpoint_sha256, record.label or name
     local = storage.local_copy(source)
     label = Path(source).stem if Path(source).stem != "model" else Path(source).parent.name
     return source, storage.file_sha256(local), label

@@ -188,7 +188,7 @@ def rows_of_records(root: str | os.PathLike, records: Iterable[dict], skip: set[
     left out, each with the record's context."""
     rows = []
     for record in records:
-        for cell_id, where in (record.get("cells") or {}).items():
+        for cell_id, where in (record.cells or {}).items():
             path = cell_path(root, where["dataset"], where["attack"], cell_id)
             if cell_id not in skip and path.is_file():
                 context = {k: v for k, v in where.items() if k not in ("dataset", "attack")}

@@ -23,6 +23,7 @@ backfills the runs once the server is back. Running it twice logs nothing the se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -53,32 +54,34 @@ def pending(results_dir: str | Path, sweep: str | None = None, unknown: bool = F
     """Model records whose MLflow run is known to be incomplete (``unknown``: also records that
     predate tracking status, which ``sors sync`` checks too)."""
 
-    def needs(record: dict) -> bool:
-        status = (record.get("tracking") or {}).get("status")
+    def needs(record: records.ModelRecord) -> bool:
+        status = (record.tracking or {}).get("status")
         return status == INCOMPLETE or (unknown and status != COMPLETE)
 
     return [r for r in records.all_records(results_dir, sweep) if needs(r)]
 
 
-def mark(results_dir: str | Path, record: dict, status: str, error: str | None = None, uri: str | None = None) -> None:
+def mark(
+    results_dir: str | Path, record: records.ModelRecord, status: str, error: str | None = None, uri: str | None = None
+) -> None:
     """Write the tracking outcome into the record file (``error``/``uri`` stored redacted)."""
-    if status == COMPLETE and (record.get("tracking") or {}).get("status") == COMPLETE:
+    if status == COMPLETE and (record.tracking or {}).get("status") == COMPLETE:
         return  # nothing new: leave the file as it is
-    record["tracking"] = {"status": status, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record.tracking = {"status": status, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if error:
-        record["tracking"].update(error=redact(error), uri=redact(uri or ""))
+        record.tracking.update(error=redact(error), uri=redact(uri or ""))
     records.save_record(str(results_dir), record)
 
 
 # ---------------------------------------------------------------- what a run is missing
 
 
-def _record_rows(results_dir: str | Path, record: dict) -> list[dict]:
+def _record_rows(results_dir: str | Path, record: records.ModelRecord) -> list[dict]:
     store = Path(results_dir) / "cells"
     own = [
         r
-        for r in results.read_rows(store, sweep=record["sweep"])
-        if r["trial"] == record["trial"] and r["checkpoint_sha256"] == record.get("checkpoint_sha256")
+        for r in results.read_rows(store, sweep=record.sweep)
+        if r["trial"] == record.trial and r["checkpoint_sha256"] == record.checkpoint_sha256
     ]
     # + the record's cells that another sweep stored first (a model lent by another sweep)
     return own + results.rows_of_records(store, [record], skip={r["cell_id"] for r in own})
@@ -106,48 +109,50 @@ def sweep_parent(uri: str, experiment_id: str, sweep: str, preset: str | None = 
     return tracking.parent_run(uri, experiment_id, sweep, f"sweep {sweep}", tags)
 
 
-def _ensure_run(uri: str, results_dir: str | Path, record: dict, client) -> str:
+def _ensure_run(uri: str, results_dir: str | Path, record: records.ModelRecord, client) -> str:
     """The record's run on this server unless it holds another checkpoint, else the run found or
     created under the record's parent run (the sweep's, created when missing) by trial + config hash."""
-    run = _existing_run(client, record.get("mlflow_run_id"))
-    if run is not None and run.data.tags.get(tracking.TAG_CHECKPOINT) in (None, record.get("checkpoint_sha256")):
+    run = _existing_run(client, record.mlflow_run_id)
+    if run is not None and run.data.tags.get(tracking.TAG_CHECKPOINT) in (None, record.checkpoint_sha256):
         return run.info.run_id
-    experiment = tracking.ensure_experiment(uri, record["sweep"], str(Path(results_dir) / "mlartifacts"))
-    parent = record.get("mlflow_parent_run_id")
+    experiment = tracking.ensure_experiment(uri, record.sweep, str(Path(results_dir) / "mlartifacts"))
+    parent = record.mlflow_parent_run_id
     if _existing_run(client, parent) is None:
-        parent = sweep_parent(uri, experiment, record["sweep"])
-    cfg = config_lib.from_dict(record["config"])
+        parent = sweep_parent(uri, experiment, record.sweep)
+    cfg = config_lib.from_dict(record.config)
     tags = {
-        tracking.TAG_SWEEP: record["sweep"],
+        tracking.TAG_SWEEP: record.sweep,
         tracking.TAG_CODE: record.get("code_version", ""),
-        "sors.label": record.get("label", record["trial"]),
+        "sors.label": record.get("label", record.trial),
     }
-    record["mlflow_parent_run_id"] = parent
+    record.mlflow_parent_run_id = parent
     return tracking.find_or_create_run(
         uri,
         experiment,
-        record["trial"],
-        record.get("config_hash") or config_lib.config_hash(cfg),
+        record.trial,
+        record.config_hash or config_lib.config_hash(cfg),
         config_lib.flat_dict(cfg),
         tags,
         parent_run_id=parent,
-        checkpoint_sha256=record.get("checkpoint_sha256"),
+        checkpoint_sha256=record.checkpoint_sha256,
     )
 
 
-def adopt_run(results_dir: str | Path, record: dict, run_id: str | None, parent_run_id: str | None) -> dict:
+def adopt_run(
+    results_dir: str | Path, record: records.ModelRecord, run_id: str | None, parent_run_id: str | None
+) -> dict:
     """Point the record at the run (and parent) this sweep made for it; a record an earlier nightly
     lent to this one gets this night's run. Unchanged when MLflow gave no run (``run_id`` None)."""
-    if run_id and (record.get("mlflow_run_id"), record.get("mlflow_parent_run_id")) != (run_id, parent_run_id):
-        record = dict(record, mlflow_run_id=run_id, mlflow_parent_run_id=parent_run_id)
+    if run_id and (record.mlflow_run_id, record.mlflow_parent_run_id) != (run_id, parent_run_id):
+        record = dataclasses.replace(record, mlflow_run_id=run_id, mlflow_parent_run_id=parent_run_id)
         records.save_record(str(results_dir), record)
     return record
 
 
-def _link_rows(results_dir: str | Path, record: dict, rows: list[dict], run_id: str) -> list[dict]:
+def _link_rows(results_dir: str | Path, record: records.ModelRecord, rows: list[dict], run_id: str) -> list[dict]:
     """Point the record and its cell rows at ``run_id`` (rows rewritten in place: still one per cell)."""
-    if record.get("mlflow_run_id") != run_id:
-        record["mlflow_run_id"] = run_id
+    if record.mlflow_run_id != run_id:
+        record.mlflow_run_id = run_id
         records.save_record(str(results_dir), record)
     store = Path(results_dir) / "cells"
     linked = []
@@ -183,36 +188,36 @@ def _missing_metrics(client, run, wanted: dict[int, dict[str, float]]) -> dict[i
     return missing
 
 
-def _epoch_metrics(record: dict) -> dict[int, dict[str, float]]:
+def _epoch_metrics(record: records.ModelRecord) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
-    for row in record.get("history") or []:
+    for row in record.history or []:
         step = int(row.get("epoch", len(out) + 1))
         out[step] = {name: row[k] for k, name in EPOCH_KEYS.items() if k in row}
-    if record.get("grad_mean_abs_cos") is not None:
-        out.setdefault(0, {})["final_grad_abs_cos_probe"] = record["grad_mean_abs_cos"]
+    if record.grad_mean_abs_cos is not None:
+        out.setdefault(0, {})["final_grad_abs_cos_probe"] = record.grad_mean_abs_cos
     return out
 
 
-def _registered_version(client, record: dict):
+def _registered_version(client, record: records.ModelRecord):
     """The registry version the record names, if this server has it for the record's checkpoint."""
     from mlflow.exceptions import MlflowException
 
-    named = record.get("registered_model") or {}
+    named = record.registered_model or {}
     if not named.get("name") or not named.get("version"):
         return None
     try:
         version = client.get_model_version(named["name"], str(named["version"]))
     except MlflowException:
         return None
-    return version if version.tags.get(model_registry.TAG_CHECKPOINT) == record.get("checkpoint_sha256") else None
+    return version if version.tags.get(model_registry.TAG_CHECKPOINT) == record.checkpoint_sha256 else None
 
 
-def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, version) -> dict:
+def _track_model(uri: str, results_dir: str | Path, record: records.ModelRecord, client, run, version) -> dict:
     """The checkpoint, data inputs and registered model of a trained record's run. A model another run
     logged (a nightly reusing an earlier night's model) is named by tags, not logged again.
     ``version``: the registry version the record names (:func:`_registered_version`), or None."""
     done = {"artifacts": 0, "model": 0}
-    cfg = config_lib.from_dict(record["config"])
+    cfg = config_lib.from_dict(record.config)
     reused = version is not None and version.run_id != run.info.run_id
     if not (run.inputs and run.inputs.dataset_inputs):
         tracking.log_datasets(
@@ -223,13 +228,13 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
             "sors.registered_model": version.name,
             "sors.model_version": str(version.version),
             "sors.model_run_id": version.run_id,
-            tracking.TAG_CHECKPOINT: record["checkpoint_sha256"],
+            tracking.TAG_CHECKPOINT: record.checkpoint_sha256,
         }
         for key, value in tags.items():
             if run.data.tags.get(key) != value:
                 client.set_tag(run.info.run_id, key, value)
         return done
-    local = storage.local_copy(record["checkpoint_uri"])
+    local = storage.local_copy(record.checkpoint_uri)
     done["artifacts"] += tracking.upload_changed(uri, run.info.run_id, [local], "checkpoint")
     if version is None:
         train_lib.read_checkpoint(local)  # weights-only: a bad file fails here, with one line
@@ -238,11 +243,11 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
             run.info.run_id,
             local,
             cfg,
-            model_registry.registered_name(record["sweep"], record["trial"]),
-            record["checkpoint_sha256"],
+            model_registry.registered_name(record.sweep, record.trial),
+            record.checkpoint_sha256,
         )
-        client.set_tag(run.info.run_id, tracking.TAG_CHECKPOINT, record["checkpoint_sha256"])
-        record["registered_model"] = {"name": name, "version": number}
+        client.set_tag(run.info.run_id, tracking.TAG_CHECKPOINT, record.checkpoint_sha256)
+        record.registered_model = {"name": name, "version": number}
         records.save_record(str(results_dir), record)
         done["model"] = 1
     return done
@@ -254,7 +259,7 @@ def _track_model(uri: str, results_dir: str | Path, record: dict, client, run, v
 def track(
     uri: str,
     results_dir: str | Path,
-    record: dict,
+    record: records.ModelRecord,
     rows: list[dict] | None = None,
     status: str | None = "FINISHED",
     report: bool = False,
@@ -271,7 +276,7 @@ def track(
     rows = _link_rows(results_dir, record, rows, run_id)
     run = client.get_run(run_id)
     done = {"metrics": 0, "artifacts": 0, "model": 0}
-    trained = bool(record.get("run_name") and record.get("checkpoint_uri"))  # trained here (not `sors evaluate`)
+    trained = bool(record.run_name and record.checkpoint_uri)  # trained here (not `sors evaluate`)
     version = _registered_version(client, record) if trained else None
     # a reused model's training curve is on the run that trained it; this run gets its own evaluation
     wanted = _epoch_metrics(record) if trained and (version is None or version.run_id == run_id) else {}
@@ -287,7 +292,7 @@ def track(
         done["artifacts"] += model_done["artifacts"]
         done["model"] = model_done["model"]
     if report:
-        done["artifacts"] += upload_report(uri, results_dir, record["sweep"], record.get("mlflow_parent_run_id"))
+        done["artifacts"] += upload_report(uri, results_dir, record.sweep, record.mlflow_parent_run_id)
     if status and client.get_run(run_id).info.status != status:
         client.set_terminated(run_id, status)
     return done
@@ -309,7 +314,7 @@ def upload_report(
 def track_or_mark(
     uri: str,
     results_dir: str | Path,
-    record: dict,
+    record: records.ModelRecord,
     rows: list[dict] | None = None,
     status: str | None = "FINISHED",
     report: bool = False,
@@ -321,7 +326,7 @@ def track_or_mark(
     try:
         done = track(uri, results_dir, record, rows, status, report)
     except Exception as err:  # noqa: BLE001 -- tracking trouble must not lose a finished trial
-        log.warning("MLflow tracking of %s/%s failed: %s", record.get("sweep"), record.get("trial"), tracking_line(err))
+        log.warning("MLflow tracking of %s/%s failed: %s", record.sweep, record.trial, tracking_line(err))
         mark(results_dir, record, INCOMPLETE, tracking_line(err), uri)
         return None
     mark(results_dir, record, COMPLETE)
@@ -435,7 +440,7 @@ def run(args) -> int:
     failed = 0
     for record in todo:
         start = time.perf_counter()
-        status = "FINISHED" if record.get("evaluated") else None
+        status = "FINISHED" if record.evaluated else None
         done = track_or_mark(uri, results_dir, record, status=status, report=True)
         name = f"{record['sweep']}/{record['trial']}"
         if done is None:
