@@ -270,3 +270,22 @@ def test_per_path_margins_and_the_lenet_tree_equal_a_loop_over_paths():
     (grad,) = torch.autograd.grad(loss.sum(), x)
     (loop_grad,) = torch.autograd.grad(loop_loss.sum(), loop_x)
     assert torch.allclose(grad, loop_grad, atol=1e-5)
+
+
+def test_the_sampled_mode_samples_every_members_draws_and_its_gap_is_scored_exactly(sors_model, monkeypatch):
+    from bench import sampled
+    from bench.harness import Settings
+    from sors.attacks.eot import draws_for
+
+    suite = attacks.build("adaptive", sors_model, 25 / 255, members=sampled.sampled_members(), exact_paths_max=0)
+    members = suite.members()
+    assert len(members) == len(sampled.DEFAULT_MEMBERS)
+    # enumeration off: no member takes an exact expectation over the (enumerable) 1,024 paths
+    assert all(draws_for(member, 16) == 16 for _, member in members)
+    assert draws_for(attacks.build("adaptive", sors_model, 25 / 255), 16) is None  # the default enumerates
+
+    monkeypatch.setattr(sampled, "trained_sors", lambda device: sors_model)
+    rows = {row.name: row for row in sampled.case_sampled(Settings(device=torch.device("cpu"), quick=True))}
+    gap = rows["sampled.sampled"].value - rows["sampled.exact"].value
+    assert rows["sampled.gap_points"].value == pytest.approx(gap, abs=0.011)
+    assert rows["sampled.time_ratio"].value > 0
