@@ -236,11 +236,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pipeline.plan import presets  # heavy
+    from pipeline.plan import evaluation_plan, presets  # heavy
 
     if args.list or not args.preset:
         for name in presets.available():
             print(f"{name:10s} {presets.load_raw(name).get('description', '')}")
+        print("\nattacks (attack.name) and the options each takes (--set attack.<option>=...), with defaults:")
+        print("\n".join(f"  {line}" for line in evaluation_plan.attack_lines()))
         return EXIT_OK if args.list else EXIT_BAD_INPUT
     if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
         raise UsageError(f"--max-concurrent-trials {args.max_concurrent_trials}: must be at least 1")
@@ -265,7 +267,7 @@ def cmd_evaluate(args) -> int:
     from pipeline.cluster import fanout  # heavy
     from pipeline.plan import overrides as overrides_lib  # heavy
     from pipeline.plan import presets  # heavy
-    from pipeline.plan.cell_specs import cell_specs  # heavy
+    from pipeline.plan.cell_specs import cell_specs, check_sources  # heavy
     from pipeline.store import results  # heavy
     from sors import train as train_lib  # heavy
 
@@ -283,10 +285,9 @@ def cmd_evaluate(args) -> int:
         cfg = train_lib.checkpoint_config(local, payload)  # and a config that resolves, with a known model
         models.append((uri, local, cfg, label))
     plans = {
-        cfg.data.name: overrides_lib.evaluate_plan(args.preset, args.overrides, cfg.data.name)
-        for _, _, cfg, _ in models
+        cfg.data.name: presets.evaluate_plan(args.preset, args.overrides, cfg.data.name) for _, _, cfg, _ in models
     }
-    overrides_lib.check_sources(plans.values())
+    check_sources(plans.values())
     _preflight(args, opts, configs=[(redact(m[0]), m[2]) for m in models])
     specs, records = [], []
     code = tracking.code_version()

@@ -137,7 +137,7 @@ def _unknown_key(key: str) -> ConfigError:
     )
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def coerce(key: str, value: Any, annotation: Any) -> Any:
     """Turn ``value`` (a YAML scalar or a ``--set`` string) into the field's declared type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -145,13 +145,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         inner = [a for a in args if a is not type(None)][0]
-        return _coerce(key, value, inner)
+        return coerce(key, value, inner)
     if origin is tuple:
         if value is None or isinstance(value, (str, list, tuple)):
             items = value.split(",") if isinstance(value, str) else list(value or ())
         else:  # a YAML scalar where a list is expected: one item
             items = [value]
-        return tuple(_coerce(key, v, args[0]) for v in items if str(v).strip() != "")
+        return tuple(coerce(key, v, args[0]) for v in items if str(v).strip() != "")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -205,7 +205,7 @@ def set_option(cfg: RunConfig, key: str, value: Any) -> RunConfig:
     name = _field_name(option)
     if name not in hints:
         raise _unknown_key(key)
-    new_section = dataclasses.replace(getattr(cfg, section), **{name: _coerce(key, value, hints[name])})
+    new_section = dataclasses.replace(getattr(cfg, section), **{name: coerce(key, value, hints[name])})
     return dataclasses.replace(cfg, **{section: new_section})
 
 
@@ -220,12 +220,12 @@ def parse_assignment(text: str) -> tuple[str, str]:
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str] | None) -> RunConfig:
     """Apply a flat ``{"section.option": value}`` dict, a nested ``{"section": {...}}`` dict,
     or a list of ``key=value`` strings. Unknown keys raise :class:`ConfigError`."""
-    for key, value in _flatten_overrides(overrides):
+    for key, value in flatten_overrides(overrides):
         cfg = set_option(cfg, key, value)
     return cfg
 
 
-def _flatten_overrides(overrides) -> list[tuple[str, Any]]:
+def flatten_overrides(overrides) -> list[tuple[str, Any]]:
     if not overrides:
         return []
     if isinstance(overrides, (list, tuple)):
@@ -384,7 +384,7 @@ def defense_options(e: EvalConfig) -> dict[str, Any]:
             f"{quote(item)} is not an option of {e.defense}",
             ", ".join(f"{k}=<{type(v).__name__}>" for k, v in defaults.items()),
         )
-        options[key] = _coerce(f"eval.defense_options.{key}", value.strip(), type(defaults[key]))
+        options[key] = coerce(f"eval.defense_options.{key}", value.strip(), type(defaults[key]))
         _check(
             not isinstance(options[key], (int, float)) or isinstance(options[key], bool) or options[key] > 0,
             f"eval.defense_options.{key}",
@@ -402,5 +402,5 @@ def _check_types(cfg: RunConfig) -> None:
         for name, annotation in typing.get_type_hints(cls).items():
             key = f"{section}.{_key_name(name)}"
             value = getattr(values, name)
-            if _coerce(key, value, annotation) != value:  # raises for a wrong type or a NaN / inf
+            if coerce(key, value, annotation) != value:  # raises for a wrong type or a NaN / inf
                 raise ConfigError(key, f"{quote(value)} is not of type {annotation}")

@@ -22,9 +22,8 @@ from sors import train as train_lib
 from sors.config import AttackConfig, EvalConfig, RunConfig
 from sors.models.factory import wrap_average
 from sors.models.supernet import SuperNet
-from tasks import gradients, storage
-
-SCHEMA_VERSION = 2  # 2: per-example outcomes, exact-or-sampled worst case over paths
+from tasks import gradients, row_schema, storage
+from tasks.row_schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -179,8 +178,10 @@ def context_of(spec: CellSpec) -> dict:
 
 
 def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds: float) -> dict:
-    """One Parquet row (plain Python values) from a cell's spec, its checkpoint config and its result."""
-    return {
+    """One Parquet row (plain Python values, the columns of :data:`tasks.row_schema.COLUMNS`) from a cell's
+    spec, its checkpoint config and its result."""
+    row = {
+        **row_schema.result_values(result),
         "cell_id": spec.cell_id,
         "schema_version": SCHEMA_VERSION,
         **context_of(spec),
@@ -191,61 +192,22 @@ def make_row(spec: CellSpec, cfg: RunConfig, result, n_ops: int | None, seconds:
         "paths_per_step": int(cfg.train.paths_per_step),
         "average_paths": int(spec.average_paths),
         "attack": spec.attack.name,
-        "norm": str(result.norm),
         "eps": float(spec.attack.eps),
-        "steps": None if result.steps is None else int(result.steps),
-        "eot_samples": None if result.eot_samples is None else int(result.eot_samples),
-        "repeats": int(result.repeats),
         "seed": int(spec.seed),
-        "n": int(result.n),
-        "correct": float(result.correct),
-        "accuracy": float(result.accuracy),
-        "ci_low": float(result.ci_low),
-        "ci_high": float(result.ci_high),
-        "all_path_accuracy": None if result.all_path_accuracy is None else float(result.all_path_accuracy),
-        "all_path_exact": bool(result.all_path_exact),
-        "all_path_count": None if result.all_path_count is None else int(result.all_path_count),
-        "example_index": [int(i) for i in result.example_index],
-        "example_correct": [float(v) for v in result.example_correct],
-        "example_correct_min": [float(v) for v in result.example_correct_min],
-        "sanity_flags": [str(f) for f in (result.sanity_flags or [])],
         "seconds": float(seconds),
-        "attack_spec": json.dumps(result.attack_spec or {}, sort_keys=True, default=str),
-        "extra": json.dumps(result.extra or {}, sort_keys=True, default=str),
         "checkpoint_uri": spec.checkpoint_uri,
         "checkpoint_sha256": spec.checkpoint_sha256,
         "config_hash": config_lib.config_hash(cfg),
         "code_version": spec.code_version,
         "created_at": datetime.now(timezone.utc),
     }
+    return row_schema.check_complete(row)
 
 
 def row_to_result(row: dict, result_cls=evaluation.CellResult):
     """Rebuild a ``CellResult`` (or ``result_cls``) from a stored row: the inverse of :func:`make_row`,
     for the cross-cell checks and the tables."""
-    values = {
-        "attack": row["attack"],
-        "norm": row["norm"],
-        "eps": row["eps"],
-        "steps": row["steps"],
-        "eot_samples": row["eot_samples"],
-        "repeats": row["repeats"],
-        "n": row["n"],
-        "correct": row["correct"],
-        "accuracy": row["accuracy"],
-        "ci_low": row["ci_low"],
-        "ci_high": row["ci_high"],
-        "all_path_accuracy": row["all_path_accuracy"],
-        "sanity_flags": list(row["sanity_flags"] or []),
-        "seconds": row["seconds"],
-        "attack_spec": json.loads(row["attack_spec"] or "{}"),
-        "extra": json.loads(row["extra"] or "{}"),
-        "all_path_exact": bool(row.get("all_path_exact")),
-        "all_path_count": row.get("all_path_count"),
-        "example_index": [int(i) for i in row.get("example_index") or []],
-        "example_correct": [float(v) for v in row.get("example_correct") or []],
-        "example_correct_min": [float(v) for v in row.get("example_correct_min") or []],
-    }
+    values = row_schema.result_fields(row)
     if dataclasses.is_dataclass(result_cls):
         names = {f.name for f in dataclasses.fields(result_cls)}
         values = {k: v for k, v in values.items() if k in names}

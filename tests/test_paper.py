@@ -87,7 +87,7 @@ def test_a_source_on_a_non_transfer_attack_is_refused(tmp_path):
         "name: bad\ntrials: [{name: a, set: {model.name: lenet5}}]\n"
         "evaluation: {attacks: [{name: pgd, source: 'trial:a'}], eps: [0.1]}\n"
     )
-    with pytest.raises(ConfigError, match="not a transfer attack"):
+    with pytest.raises(ConfigError, match="does not take source"):
         presets.build_sweep(str(bad))
     bad.write_text(
         "name: bad\ntrials: [{name: a, set: {model.name: lenet5}}]\n"

@@ -11,6 +11,8 @@ from pipeline.errors import SweepError
 from pipeline.plan import presets
 from pipeline.plan.presets import TrialSpec
 from pipeline.store.records import load_record
+from sors import train as train_lib
+from sors.errors import ConfigError
 from tasks import cells as cells_lib
 from tasks import storage
 
@@ -80,3 +82,17 @@ def source_records(results_dir: str, sweep: str, plan: presets.EvalPlan) -> dict
     """The model records of the plan's source trials that exist (``{trial name: record}``)."""
     found = {name: load_record(results_dir, sweep, name) for name in plan.source_trials()}
     return {name: record for name, record in found.items() if record}
+
+
+def check_sources(plans) -> None:
+    """Every transfer source an evaluation names is a readable checkpoint (one line otherwise)."""
+    for plan in plans:
+        for source in {a.source for a in plan.attack_configs() if a.source}:
+            if source.startswith(presets.TEACHER_PREFIX):
+                raise ConfigError(
+                    "attack.source",
+                    f"{source} is a trial reference, which works in a preset only",
+                    "a checkpoint file or URI",
+                )
+            local = storage.local_copy(source)
+            train_lib.checkpoint_config(local, train_lib.read_checkpoint(local))

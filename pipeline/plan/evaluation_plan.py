@@ -2,10 +2,12 @@
 seeds, plus the sanity cells), parsed from a preset's ``evaluation`` section and narrowed by
 ``attack.*`` overrides; and the typed-field helpers preset parsing shares.
 
-An attack entry is a name or a mapping of :data:`ATTACK_ENTRY_KEYS`: ``steps``, ``eot_samples``
-(k of ``ensemble_pgd``), ``eps`` (its own list), ``random_start`` (PGD-style attacks start from a
-uniform point of the ball, as Madry et al.) and ``source`` (transfer attacks: ``trial:<name>`` -- that
-trial trains before the others --, a checkpoint file or URI, or none: the undefended model itself).
+An attack entry is a name or a mapping of :data:`ATTACK_ENTRY_KEYS`: ``eps`` (its own list) and the
+attack's config options (:data:`sors.attacks.base.CONFIG_OPTIONS`, each taken only by the attacks whose
+``defaults`` hold it): ``steps``, ``eot_samples`` (k of ``ensemble_pgd``), ``random_start`` (PGD-style
+attacks start from a uniform point of the ball, as Madry et al.) and ``source`` (transfer attacks:
+``trial:<name>`` -- that trial trains before the others --, a checkpoint file or URI, or none: the
+undefended model itself).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Sequence
 
 from sors import attacks, checks
 from sors import config as config_lib
-from sors.attacks.base import ATTACKS
+from sors.attacks import base as attack_lib
+from sors.attacks.base import CONFIG_OPTIONS
 from sors.config import AttackConfig, RunConfig
 from sors.errors import ConfigError, quote
 
@@ -71,7 +74,7 @@ class EvalPlan:
         return tuple(dict.fromkeys(names))
 
 
-def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str | None = None) -> Any:
+def expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str | None = None) -> Any:
     """``value`` when it is None or of ``kind`` (bool is not an int here), else a ConfigError naming ``option``."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
@@ -81,65 +84,81 @@ def _expect(option: str, value: Any, kind: type | tuple[type, ...], allowed: str
     raise ConfigError(option, f"{quote(value)} is {type(value).__name__}, not {wanted}", wanted)
 
 
-def _list(option: str, value: Any) -> list:
+def as_list(option: str, value: Any) -> list:
     """A list field: None -> []; anything but a list is an error (a bare number is a typo here)."""
-    return list(_expect(option, value, (list, tuple), "a list") or [])
+    return list(expect(option, value, (list, tuple), "a list") or [])
 
 
-def _float(key: str, value: Any) -> float:
-    return config_lib._coerce(key, value, float)  # same parser as --set (accepts 25/255)
+def as_float(key: str, value: Any) -> float:
+    """A number as ``--set`` parses one (accepts fractions such as 25/255)."""
+    return config_lib.coerce(key, value, float)
 
 
-def _eval_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
+def option_value(key: str, option: str, value: Any) -> Any:
+    """A config option of an attack (:data:`sors.attacks.base.CONFIG_OPTIONS`) parsed and checked."""
+    spec = CONFIG_OPTIONS[option]
+    parsed = config_lib.coerce(key, value, spec.kind | None)
+    spec.check(parsed)
+    return parsed
+
+
+def parse_plan(raw: dict, overrides: list[tuple[str, Any]]) -> EvalPlan:
     """The ``evaluation`` section; ``attack.*`` overrides narrow or adjust it."""
-    section = _expect("evaluation", raw.get("evaluation"), dict) or {}
+    section = expect("evaluation", raw.get("evaluation"), dict) or {}
     unknown = sorted(str(k) for k in section if k not in EVALUATION_KEYS)
     if unknown:
         raise ConfigError("evaluation", f"unknown field(s) {quote(unknown)}", ", ".join(EVALUATION_KEYS))
-    attacks = [_attack_entry(entry) for entry in _list("evaluation.attacks", section.get("attacks"))]
-    eps = tuple(_float("evaluation.eps", e) for e in _list("evaluation.eps", section.get("eps")))
+    attacks = [_attack_entry(entry) for entry in as_list("evaluation.attacks", section.get("attacks"))]
+    eps = tuple(as_float("evaluation.eps", e) for e in as_list("evaluation.eps", section.get("eps")))
     seeds = tuple(
-        config_lib._coerce("evaluation.seeds", s, int) for s in _list("evaluation.seeds", section.get("seeds")) or [0]
+        config_lib.coerce("evaluation.seeds", s, int) for s in as_list("evaluation.seeds", section.get("seeds")) or [0]
     )
-    clean = _expect("evaluation.clean", section.get("clean", True), bool)  # "false" (a string) is not false
-    sanity = bool(_expect("evaluation.sanity", section.get("sanity", False), bool))
-    for key, value in overrides:
-        option = key.split(".", 1)[1]
-        if option == "name":  # keep only the named attacks (clean accuracy stays as the preset says)
-            names = [n.strip() for n in str(value).split(",") if n.strip() and n.strip() != "none"]
-            # every entry of a kept name (Table 9 has one per ensemble size k); a new name gets defaults
-            attacks = [a for n in names for a in ([a for a in attacks if a["name"] == n] or [{"name": n}])]
-        elif option == "eps":
-            eps = tuple(_float(key, e) for e in str(value).split(","))
-            attacks = [{k: v for k, v in a.items() if k != "eps"} for a in attacks]
-        elif option == "steps":
-            attacks = [dict(a, steps=config_lib._coerce(key, value, int | None)) for a in attacks]
-        elif option == "eot_samples":
-            attacks = [
-                dict(a, eot_samples=config_lib._coerce(key, value, int | None)) if "eot" in a["name"] else a
-                for a in attacks
-            ]
-    for key, value in overrides:  # after the loop: they apply to the attacks attack.name kept
-        option = key.split(".", 1)[1]
-        if option == "source":
-            source = config_lib._coerce(key, value, str | None)
-            attacks = [dict(a, source=source) if _is_transfer(a["name"]) else a for a in attacks]
-        elif option == "random_start":  # the attacks that take the option (PGD, MIM, EOT/ensemble PGD...)
-            attacks = [
-                dict(a, random_start=config_lib._coerce(key, value, bool | None))
-                if _takes_random_start(a["name"])
-                else a
-                for a in attacks
-            ]
+    clean = expect("evaluation.clean", section.get("clean", True), bool)  # "false" (a string) is not false
+    sanity = bool(expect("evaluation.sanity", section.get("sanity", False), bool))
+    attacks, eps = apply_attack_overrides(attacks, eps, overrides)
     plan = EvalPlan(clean=clean, attacks=tuple(attacks), eps=eps, seeds=seeds, sanity=sanity)
     for cell in plan.attack_configs():  # the same range checks as a RunConfig's attack section
         config_lib.validate(dataclasses.replace(RunConfig(), attack=cell))
     return plan
 
 
+def apply_attack_overrides(
+    attacks: list[dict], eps: tuple[float, ...], overrides: list[tuple[str, Any]]
+) -> tuple[list[dict], tuple[float, ...]]:
+    """``--set attack.*`` on a plan's attack entries, the same in every command: ``attack.name`` (a comma
+    list) keeps the named attacks (every entry of a kept name; a new name gets its defaults), ``attack.eps``
+    (a comma list, pixel scale) replaces the eps grid of every attack, and each other option reaches every
+    selected attack that takes it (:func:`sors.attacks.base.takers`) -- an option none of them takes is
+    an error naming the attacks that do. Returns (attack entries, eps grid)."""
+    for key, value in overrides:
+        if key == "attack.name":
+            names = [n.strip() for n in str(value).split(",") if n.strip() and n.strip() != "none"]
+            attacks = [a for n in names for a in ([a for a in attacks if a["name"] == n] or [{"name": n}])]
+    check_attacks(EvalPlan(attacks=tuple(attacks)))
+    for key, value in overrides:
+        option = key.split(".", 1)[1]
+        if option == "eps":
+            eps = tuple(as_float(key, e) for e in str(value).split(","))
+            attacks = [{k: v for k, v in a.items() if k != "eps"} for a in attacks]
+        elif option in CONFIG_OPTIONS:
+            parsed = option_value(key, option, value)
+            selected = [a["name"] for a in attacks]
+            if not attack_lib.takers(option, selected):
+                raise ConfigError(
+                    key,
+                    f"none of the selected attacks ({', '.join(dict.fromkeys(selected)) or 'none'}) takes it",
+                    "attacks that do: " + ", ".join(attack_lib.takers(option)),
+                )
+            attacks = [
+                dict(a, **{option: parsed}) if option in attack_lib.option_names(a["name"]) else a for a in attacks
+            ]
+    return attacks, eps
+
+
 def _attack_entry(entry: Any) -> dict:
-    """One ``evaluation.attacks`` entry (a name, or a mapping of :data:`ATTACK_ENTRY_KEYS`), types checked."""
-    entry = {"name": entry} if isinstance(entry, str) else dict(_expect("evaluation.attacks", entry, (dict, str)) or {})
+    """One ``evaluation.attacks`` entry (a name, or a mapping of :data:`ATTACK_ENTRY_KEYS`), types checked;
+    an option the attack does not take is an error."""
+    entry = {"name": entry} if isinstance(entry, str) else dict(expect("evaluation.attacks", entry, (dict, str)) or {})
     unknown = set(entry) - set(ATTACK_ENTRY_KEYS)
     if unknown or not isinstance(entry.get("name"), str):
         raise ConfigError(
@@ -148,35 +167,21 @@ def _attack_entry(entry: Any) -> dict:
             "names, or mappings with keys " + ", ".join(ATTACK_ENTRY_KEYS),
         )
     if entry.get("eps") is not None:
-        entry["eps"] = tuple(_float("evaluation.attacks.eps", e) for e in _list("evaluation.attacks.eps", entry["eps"]))
-    for key in ("steps", "eot_samples"):
-        if key in entry:
-            entry[key] = config_lib._coerce(f"evaluation.attacks.{key}", entry[key], int | None)
-    if "random_start" in entry:
-        entry["random_start"] = config_lib._coerce(
-            "evaluation.attacks.random_start", entry["random_start"], bool | None
+        entry["eps"] = tuple(
+            as_float("evaluation.attacks.eps", e) for e in as_list("evaluation.attacks.eps", entry["eps"])
         )
-    if entry.get("source") is not None:
-        entry["source"] = config_lib._coerce("evaluation.attacks.source", entry["source"], str)
-        if not _is_transfer(entry["name"]):
+    for option in CONFIG_OPTIONS:
+        if option not in entry:
+            continue
+        key = f"evaluation.attacks.{option}"
+        if option not in attack_lib.option_names(entry["name"]):
             raise ConfigError(
-                "evaluation.attacks.source",
-                f"attack {entry['name']!r} is not a transfer attack",
-                "transfer, transfer_fgsm, transfer_pgd or transfer_mim",
+                key,
+                f"attack {entry['name']!r} does not take {option}",
+                "attacks that do: " + ", ".join(attack_lib.takers(option)),
             )
+        entry[option] = option_value(key, option, entry[option])
     return entry
-
-
-def _takes_random_start(name: str) -> bool:
-    """Whether the white-box attack ``name`` has a ``random_start`` option (transfer attacks set it
-    per preset entry: it belongs to their base attack)."""
-    builder = ATTACKS[name] if name in attacks.available() else None
-    return "random_start" in (getattr(builder, "defaults", None) or {})
-
-
-def _is_transfer(name: str) -> bool:
-    """Whether attack ``name`` is crafted on a source model (the registry's ``transfer`` fact)."""
-    return name in attacks.available() and attacks.info(name)["transfer"]
 
 
 def check_attacks(plan: EvalPlan) -> None:
@@ -209,4 +214,15 @@ def evaluation_plan(plan: EvalPlan, overrides: Sequence[str]) -> EvalPlan:
     """``plan`` with the ``attack.*`` ones of ``overrides`` (``KEY=VALUE``) applied, as a preset's
     ``evaluation`` section gets them."""
     pairs = [(k, v) for k, v in map(config_lib.parse_assignment, overrides) if k.startswith("attack.")]
-    return _eval_plan({"evaluation": dataclasses.asdict(plan)}, pairs)
+    return parse_plan({"evaluation": dataclasses.asdict(plan)}, pairs)
+
+
+def attack_lines() -> list[str]:
+    """One line per registered attack: its name, table label and the config options it takes with their
+    defaults (what ``sors sweep --list`` prints under the presets)."""
+    lines = []
+    for name in sorted(attacks.available(), key=lambda n: (attacks.info(n)["order"], n)):
+        facts = attacks.info(name)
+        options = ", ".join(f"{k}={v}" for k, v in facts["options"].items()) or "no options"
+        lines.append(f"{name:16s} {facts['label']:14s} {options}")
+    return lines

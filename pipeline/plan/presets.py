@@ -38,14 +38,14 @@ from pipeline.plan.evaluation_plan import (  # noqa: F401 (re-exported)
     EVALUATION_KEYS,
     TEACHER_PREFIX,
     EvalPlan,
-    _eval_plan,
-    _expect,
-    _float,
-    _list,
+    as_list,
     check_attacks,
     default_plan,
     evaluation_plan,
+    expect,
+    parse_plan,
 )
+from pipeline.plan.overrides import split_overrides
 from sors import config as config_lib
 from sors.config import RunConfig
 from sors.errors import ConfigError, quote
@@ -195,14 +195,14 @@ def load_raw(name_or_path: str) -> dict:
     unknown = sorted(str(k) for k in raw if k not in PRESET_KEYS)
     if unknown:
         raise ConfigError(f"preset {path.name}", f"unknown field(s) {quote(unknown)}", ", ".join(PRESET_KEYS))
-    _expect("base", raw.get("base"), dict)
-    _expect("evaluation", raw.get("evaluation"), dict)
+    expect("base", raw.get("base"), dict)
+    expect("evaluation", raw.get("evaluation"), dict)
     return raw
 
 
 def _grid_points(grid: dict) -> list[dict]:
     """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}`` (one empty dict if no grid)."""
-    if not _expect("grid", grid, dict):
+    if not expect("grid", grid, dict):
         return [{}]
     keys = list(grid)
     for key in keys:
@@ -223,9 +223,9 @@ def _grid_suffix(point: dict) -> tuple[str, str]:
 
 def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]:
     variants = []
-    for i, entry in enumerate(_list(f"trials.{trial_name}.variants", raw_variants)):
-        _expect(f"trials.{trial_name}.variants", entry, dict)
-        settings = dict(_expect(f"variants.{trial_name}.set", entry.get("set"), dict) or {})
+    for i, entry in enumerate(as_list(f"trials.{trial_name}.variants", raw_variants)):
+        expect(f"trials.{trial_name}.variants", entry, dict)
+        settings = dict(expect(f"variants.{trial_name}.set", entry.get("set"), dict) or {})
         unknown = set(settings) - set(VARIANT_KEYS)
         if unknown:
             raise ConfigError(
@@ -233,40 +233,26 @@ def _variants(trial_name: str, raw_variants: list | None) -> tuple[Variant, ...]
                 "an evaluation variant cannot change training",
                 ", ".join(VARIANT_KEYS),
             )
-        k = config_lib._coerce("model.average_paths", settings.get("model.average_paths", 1), int)
-        defense = config_lib._coerce("eval.defense", settings.get("eval.defense", "none"), str)
-        defense_options = config_lib._coerce("eval.defense_options", settings.get("eval.defense_options"), str | None)
+        k = config_lib.coerce("model.average_paths", settings.get("model.average_paths", 1), int)
+        defense = config_lib.coerce("eval.defense", settings.get("eval.defense", "none"), str)
+        defense_options = config_lib.coerce("eval.defense_options", settings.get("eval.defense_options"), str | None)
         config_lib.defense_options(config_lib.EvalConfig(defense=defense, defense_options=defense_options))
         name = entry.get("name") or f"{trial_name}_v{i + 1}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(
                 f"trials.{trial_name}.variants", f"bad variant name {quote(name)}", "letters, digits, _ . -"
             )
-        label = _expect(f"variants.{name}.label", entry.get("label"), str) or name
+        label = expect(f"variants.{name}.label", entry.get("label"), str) or name
         variants.append(
             Variant(name=name, label=label, average_paths=k, defense=defense, defense_options=defense_options)
         )
     return tuple(variants)
 
 
-def _split_overrides(overrides) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
-    """(config overrides, attack.* overrides); every key checked against the config schema.
-
-    In a sweep ``attack.name`` and ``attack.eps`` take comma lists (they narrow the evaluation plan).
-    """
-    pairs = config_lib._flatten_overrides(overrides)
-    probe = RunConfig()
-    for key, value in pairs:
-        if key in ("attack.name", "attack.eps"):
-            continue  # lists here; parsed by _eval_plan
-        config_lib.set_option(probe, key, value)  # raises ConfigError for unknown keys / bad values
-    return [p for p in pairs if not p[0].startswith("attack.")], [p for p in pairs if p[0].startswith("attack.")]
-
-
 def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None) -> Sweep:
     """Resolve a preset and ``--set`` overrides into a :class:`Sweep` (ConfigError on any bad key/value)."""
     raw = load_raw(name_or_path)
-    config_overrides, attack_overrides = _split_overrides(overrides)
+    config_overrides, attack_overrides = split_overrides(overrides)
     base = config_lib.apply_overrides(RunConfig(), raw.get("base") or {})
     trials = []
     for entry in raw["trials"]:
@@ -281,9 +267,9 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
                 f"unknown field(s) {sorted(unknown)}",
                 "name, label, set, grid, variants, evaluate",
             )
-        evaluate = _expect(f"trials.{entry['name']}.evaluate", entry.get("evaluate", True), bool)
-        _expect(f"trials.{entry['name']}.set", entry.get("set"), dict)
-        _expect(f"trials.{entry['name']}.label", entry.get("label"), str)
+        evaluate = expect(f"trials.{entry['name']}.evaluate", entry.get("evaluate", True), bool)
+        expect(f"trials.{entry['name']}.set", entry.get("set"), dict)
+        expect(f"trials.{entry['name']}.label", entry.get("label"), str)
         for point in _grid_points(entry.get("grid") or {}):
             cfg = config_lib.apply_overrides(base, entry.get("set") or {})
             cfg = config_lib.apply_overrides(cfg, point)
@@ -300,7 +286,7 @@ def build_sweep(name_or_path: str, overrides=None, sweep_name: str | None = None
                 )
             )
     _check_unique([t.name for t in trials] + [v.name for t in trials for v in t.variants])
-    plan = _eval_plan(raw, attack_overrides)
+    plan = parse_plan(raw, attack_overrides)
     trials = _without_unused(trials, plan.source_trials())
     name = check_component(
         "--name" if sweep_name else "preset name", sweep_name or raw.get("name") or Path(name_or_path).stem
@@ -423,7 +409,7 @@ def single_trial_sweep(
     overrides=None, sweep_name: str = "train", trial_name: str | None = None, evaluation: EvalPlan | None = None
 ) -> Sweep:
     """A one-trial sweep from the config defaults + ``--set`` overrides (what ``sors train`` runs)."""
-    config_overrides, attack_overrides = _split_overrides(overrides)
+    config_overrides, attack_overrides = split_overrides(overrides)
     cfg = config_lib.resolve(config_lib.apply_overrides(RunConfig(), dict(config_overrides)))
     name = trial_name or cfg.model.name
     if not _NAME.fullmatch(name):
@@ -440,3 +426,13 @@ def single_trial_sweep(
     if trial.teacher_trial:
         raise ConfigError("train.teacher", "a single run cannot refer to another trial", "a checkpoint file or URI")
     return sweep
+
+
+def evaluate_plan(preset: str | None, overrides: list[str], dataset: str) -> EvalPlan:
+    """The cells to score: a preset's evaluation plan, or the default one for ``dataset``, narrowed by
+    ``attack.*`` overrides; every attack name checked."""
+    if preset:
+        return build_sweep(preset, overrides).evaluation
+    plan = evaluation_plan(default_plan(dataset), overrides)
+    check_attacks(plan)
+    return plan

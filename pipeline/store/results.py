@@ -21,55 +21,32 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from tasks import cells as cells_lib
-from tasks.cells import SCHEMA_VERSION, CellSpec
+from tasks import row_schema
+from tasks.cells import CellSpec
+from tasks.row_schema import SCHEMA_VERSION
 
-PARTITION_KEYS = ("dataset", "attack")
+PARTITION_KEYS = row_schema.PARTITION_COLUMNS  # hive folders: dataset=*/attack=*
 PARTITIONING = pads.partitioning(pa.schema([("dataset", pa.string()), ("attack", pa.string())]), flavor="hive")
 
-# Columns stored in every file, in order (the partition columns are added back on read).
+_ARROW = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "json": pa.string(),
+}
+
+
+def arrow_type(kind: str) -> pa.DataType:
+    """The Arrow type of a :mod:`tasks.row_schema` column kind."""
+    return pa.list_(arrow_type(kind[5:-1])) if kind.startswith("list<") else _ARROW[kind]
+
+
+# Columns stored in every file, in order (the partition columns are added back on read): tasks.row_schema's.
 FILE_SCHEMA = pa.schema(
-    [
-        ("cell_id", pa.string()),
-        ("schema_version", pa.int32()),
-        ("sweep", pa.string()),
-        ("trial", pa.string()),
-        ("variant", pa.string()),
-        ("model", pa.string()),
-        ("arch", pa.string()),
-        ("lambda", pa.float64()),
-        ("n_ops", pa.int32()),
-        ("paths_per_step", pa.int32()),
-        ("average_paths", pa.int32()),
-        ("norm", pa.string()),
-        ("eps", pa.float64()),
-        ("steps", pa.int32()),
-        ("eot_samples", pa.int32()),
-        ("repeats", pa.int32()),
-        ("seed", pa.int64()),
-        ("role", pa.string()),
-        ("n", pa.int64()),
-        ("correct", pa.float64()),
-        ("accuracy", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("all_path_accuracy", pa.float64()),
-        ("all_path_exact", pa.bool_()),
-        ("all_path_count", pa.int64()),
-        ("example_index", pa.list_(pa.int64())),
-        ("example_correct", pa.list_(pa.float64())),
-        ("example_correct_min", pa.list_(pa.float64())),
-        ("sanity_flags", pa.list_(pa.string())),
-        ("seconds", pa.float64()),
-        ("attack_spec", pa.string()),
-        ("extra", pa.string()),
-        ("checkpoint_uri", pa.string()),
-        ("checkpoint_sha256", pa.string()),
-        ("config_hash", pa.string()),
-        ("mlflow_run_id", pa.string()),
-        ("code_version", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("node_id", pa.string()),  # added in schema 2: Ray node that evaluated the cell (null in older rows)
-    ],
+    [(c.name, arrow_type(c.kind)) for c in row_schema.FILE_COLUMNS],
     metadata={"sors.schema_version": str(SCHEMA_VERSION)},
 )
 

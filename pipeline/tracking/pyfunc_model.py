@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
-from pipeline.tracking.runs.model_registry import CHECKPOINT_ARTIFACT
+from pipeline.tracking.model_registry import CHECKPOINT_ARTIFACT
 from sors import train as train_lib
 
 

@@ -10,6 +10,7 @@ in training keeps training), and a final projection onto [0, 1] and the eps-ball
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -25,7 +26,8 @@ ATTACKS: Registry[Callable[..., "Attack"]] = Registry("attack", "attack.name")
 # first), ``randomized_only`` (pointless on a deterministic model: it equals a plainer attack there),
 # ``transfer`` (crafted on ``attack.source``), ``unbounded`` (no eps-ball: one cell, eps 0),
 # ``iterative`` (many gradient steps: must not be weaker than FGSM), ``suite`` (a worst case over
-# other attacks: must not be weaker than any of them).
+# other attacks: must not be weaker than any of them), ``base`` (a transfer attack's base attack).
+# The options an attack takes are its factory's ``defaults`` (:func:`option_names`).
 register = ATTACKS.register
 available = ATTACKS.available
 check_name = ATTACKS.check_name
@@ -33,7 +35,8 @@ check_name = ATTACKS.check_name
 
 def info(name: str) -> dict[str, Any]:
     """The registered facts of attack ``name`` with defaults filled: label, order, randomized_only,
-    transfer, unbounded, iterative, suite. :class:`ConfigError` for an unknown name."""
+    transfer, unbounded, iterative, suite, base, and ``options`` (``{config option: default}``, see
+    :func:`config_options`). :class:`ConfigError` for an unknown name."""
     facts = {
         "label": name,
         "order": 1000,
@@ -42,8 +45,65 @@ def info(name: str) -> dict[str, Any]:
         "unbounded": False,
         "iterative": False,
         "suite": False,
+        "base": None,
     }
-    return {**facts, **ATTACKS.facts(name)}
+    return {**facts, **ATTACKS.facts(name), "options": config_options(name)}
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """An attack option a run config addresses (``attack.<name>`` in ``--set`` and presets): its type,
+    the values allowed, and what it does. Which attacks take it is read from each attack's ``defaults``."""
+
+    name: str
+    kind: type
+    allowed: str
+    help: str
+
+    def check(self, value: Any) -> None:
+        """:class:`ConfigError` on ``attack.<name>`` unless ``value`` (None: the attack's default) is allowed."""
+        ok = value is None or (
+            isinstance(value, self.kind) and (self.kind is not int or (not isinstance(value, bool) and value >= 1))
+        )
+        if not ok:
+            raise ConfigError(f"attack.{self.name}", f"{value!r}", self.allowed)
+
+
+# Options of the attacks that a config sets (the rest of an attack's ``defaults`` are its internals).
+CONFIG_OPTIONS: dict[str, ConfigOption] = {
+    o.name: o
+    for o in (
+        ConfigOption("steps", int, "an integer >= 1", "gradient (or query) steps"),
+        ConfigOption("eot_samples", int, "an integer >= 1", "model draws averaged per step (EOT, ensemble size k)"),
+        ConfigOption("random_start", bool, "true or false", "start from a uniform point of the eps-ball"),
+        ConfigOption("source", str, "a checkpoint file or URI", "the model a transfer attack crafts on"),
+    )
+}
+
+
+def option_names(name: str) -> set[str]:
+    """Every option attack ``name`` takes: its own ``defaults`` and, for a transfer attack, its base
+    attack's (the registry fact ``base``). :class:`ConfigError` for an unknown name."""
+    names = set(getattr(ATTACKS[name], "defaults", {}))
+    base = ATTACKS.fact(name, "base")
+    return names | option_names(base) if base else names
+
+
+def config_options(name: str) -> dict[str, Any]:
+    """``{option: default}`` of the :data:`CONFIG_OPTIONS` attack ``name`` takes (a transfer attack's
+    defaults are its base attack's)."""
+    base = ATTACKS.fact(name, "base")
+    defaults = (
+        {**getattr(ATTACKS[base], "defaults", {}), **getattr(ATTACKS[name], "defaults", {})}
+        if base
+        else (getattr(ATTACKS[name], "defaults", {}))
+    )
+    return {o: defaults.get(o) for o in CONFIG_OPTIONS if o in option_names(name)}
+
+
+def takers(option: str, names: list[str] | None = None) -> list[str]:
+    """The attacks among ``names`` (default: every registered one) that take config option ``option``."""
+    return [n for n in (available() if names is None else names) if option in option_names(n)]
 
 
 # Paper settings (Sec. 4): L-inf radii on the pixel scale. MNIST-like: 25..100/255, CIFAR: 1..8/255.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sors.attacks.base import Attack, build, check_name, model_device, register
+from sors.attacks.base import Attack, build, check_name, info, model_device, register
 from sors.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ class TransferAttack(Attack):
                 "source_model=<nn.Module> (e.g. the undefended model, or a different architecture)",
             )
         check_name(base)
-        if base.startswith("transfer") or base == "none":
+        if info(base)["transfer"] or base == "none":
             raise ConfigError("attack.base", f"{base!r} cannot be transferred", "fgsm, pgd, mim, eot_pgd, cw...")
         self.inner = build(base, source, eps, dataset=self.dataset, **base_options)
 
@@ -56,6 +56,7 @@ def _transfer_factory(name: str, base: str):
         return attack
 
     factory.__doc__ = f"Transfer attack with base {base!r} (see :class:`TransferAttack`)."
+    factory.defaults = {**TransferAttack.defaults, "base": base}  # its options; the base attack's join them
     return factory
 
 
@@ -67,4 +68,5 @@ for _order, (_name, _base) in enumerate(
         label=f"transfer-{_base.upper()}" if _name != "transfer" else "transfer",
         order=80 + _order,
         transfer=True,
+        base=_base,
     )(_transfer_factory(_name, _base))
