@@ -30,6 +30,7 @@ from bench.harness import (
     peak_rss_bytes,
     reset_peak_rss,
 )
+from bench.sampled import case_sampled
 from bench.strength import case_strength
 from sors import attacks, kernels, losses, models
 from sors.losses_ablation import FAST_PATH_VARIANTS, sors_step_variant
@@ -403,6 +404,7 @@ CASES: dict[str, Callable[[Settings], list[Row]]] = {
     "compile": case_compile,
     "adaptive": case_adaptive,
     "strength": case_strength,
+    "sampled": case_sampled,
 }
-# compile: opt-in (slow to build); adaptive and strength: opt-in (train a model, then minutes on a CPU)
+# compile: opt-in (slow to build); adaptive, strength and sampled: opt-in (train a model, then minutes on a CPU)
 DEFAULT_CASES = ("train_step", "fastpaths", "eot", "pgd", "memory", "fanout")

@@ -22,6 +22,8 @@ Cases (``--cases``, comma-separated; default all):
 - ``strength`` (opt-in): the suite's exact expected accuracy on held-out images of a trained
   SORS-LeNet-5, then stronger attacks from its points (3x the steps; targeted) -> how many points
   they find beyond the suite (near 0 when the suite is strong enough).
+- ``sampled`` (opt-in): the suite with path enumeration switched off vs on, both scored exactly over
+  every path of a trained SORS-LeNet-5 at 25/255 -> how many points weaker the sampled mode is, time ratio.
 - ``memory``: peak RSS (CPU, in a fresh process) or peak allocated memory (GPU) of one training step.
 
 Targets (CPU only; ``--target name=value`` overrides): train_step ratio for sors_lenet5 <= 4.5,

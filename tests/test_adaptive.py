@@ -252,3 +252,40 @@ def test_the_strength_check_runs_stronger_attacks_from_the_suites_points_and_rep
     suite, worst = rows["strength.suite"].value, rows["strength.worst_case"].value
     assert worst <= min(attacked + [suite])  # per example the worst of all of them
     assert rows["strength.gain_points"].value == pytest.approx(suite - worst, abs=0.011)
+
+
+def test_per_path_margins_and_the_lenet_tree_equal_a_loop_over_paths():
+    # the margin losses read logit differences (no softmax) and the tree runs max-pool before ReLU:
+    # both must give the loop's values and input gradients
+    torch.manual_seed(1)
+    net = models.build("sors_lenet5", n_ops=2).eval()  # ReLU -> MaxPool after both convolutions
+    x, y = torch.rand(5, 1, 28, 28, requires_grad=True), torch.randint(0, 10, (5,))
+    loop_x = x.detach().requires_grad_(True)
+    log_probs = torch.stack([net(loop_x, p).log_softmax(-1) for p in every_path(net)])
+    true = log_probs.gather(2, y.expand(len(log_probs), -1)[..., None]).squeeze(-1)
+    other = log_probs.scatter(2, y.expand(len(log_probs), -1)[..., None], float("-inf")).amax(-1)
+    loop_loss = torch.clamp(other - true, max=1.0).mean(0)
+    loss, _ = eot_objective(net, "path_margin", None)(x, y)
+    assert torch.allclose(loss, loop_loss, atol=1e-5)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    (loop_grad,) = torch.autograd.grad(loop_loss.sum(), loop_x)
+    assert torch.allclose(grad, loop_grad, atol=1e-5)
+
+
+def test_the_sampled_mode_samples_every_members_draws_and_its_gap_is_scored_exactly(sors_model, monkeypatch):
+    from bench import sampled
+    from bench.harness import Settings
+    from sors.attacks.eot import draws_for
+
+    suite = attacks.build("adaptive", sors_model, 25 / 255, members=sampled.sampled_members(), exact_paths_max=0)
+    members = suite.members()
+    assert len(members) == len(sampled.DEFAULT_MEMBERS)
+    # enumeration off: no member takes an exact expectation over the (enumerable) 1,024 paths
+    assert all(draws_for(member, 16) == 16 for _, member in members)
+    assert draws_for(attacks.build("adaptive", sors_model, 25 / 255), 16) is None  # the default enumerates
+
+    monkeypatch.setattr(sampled, "trained_sors", lambda device: sors_model)
+    rows = {row.name: row for row in sampled.case_sampled(Settings(device=torch.device("cpu"), quick=True))}
+    gap = rows["sampled.sampled"].value - rows["sampled.exact"].value
+    assert rows["sampled.gap_points"].value == pytest.approx(gap, abs=0.011)
+    assert rows["sampled.time_ratio"].value > 0

@@ -48,9 +48,10 @@ Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 def _true_and_best_other(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """scores (..., B, K) -> (score of the true class, best other score), each (..., B)."""
-    labels = y.expand(scores.shape[:-1])
-    true = scores.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    other = scores.masked_fill(F.one_hot(labels, scores.shape[-1]).bool(), float("-inf")).amax(-1)
+    labels = y.expand(scores.shape[:-1]).unsqueeze(-1)
+    true = scores.gather(-1, labels).squeeze(-1)
+    # the true class's score set to -inf in place of a one-hot mask: one pass over the scores, not four
+    other = scores.scatter(-1, labels, float("-inf")).amax(-1)
     return true, other
 
 
@@ -67,9 +68,19 @@ def _expected_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
 
 
+def _expected_true_log_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """logits (E, B, K) -> log E_draws[p_y], (B,): the true class's column of :func:`_expected_log_probs`,
+    without the softmax of every class (one logsumexp over K per draw, one over E for the true class
+    only: about a third of the cost on SORS-LeNet-5's 1,024 paths)."""
+    true = logits.gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    return torch.logsumexp(true - torch.logsumexp(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+
+
 def _loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # log p_j - log p_y = z_j - z_y: the per-path margins need no softmax (a third of a step's cost
+    # on 1,024 paths: the log-softmax of every path and its backward)
     if name == "expected_ce":
-        return -_expected_log_probs(logits).gather(1, y[:, None]).squeeze(1)
+        return -_expected_true_log_prob(logits, y)
     if name == "expected_margin":
         true, other = _true_and_best_other(_expected_log_probs(logits), y)
         return other - true
@@ -79,10 +90,10 @@ def _loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if name == "mean_dlr":
         return dlr_loss(logits, y).mean(0)
     if name == "path_margin":
-        true, other = _true_and_best_other(F.log_softmax(logits, dim=-1), y)
+        true, other = _true_and_best_other(logits, y)
         return torch.clamp(other - true, max=PATH_MARGIN_CAP).mean(0)
     if name == "path_sigmoid":
-        true, other = _true_and_best_other(F.log_softmax(logits, dim=-1), y)
+        true, other = _true_and_best_other(logits, y)
         return torch.sigmoid((other - true) / PATH_SIGMOID_T).mean(0)
     raise ValueError(f"unknown objective loss {name!r}")
 
