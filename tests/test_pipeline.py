@@ -334,7 +334,7 @@ def test_a_second_sweep_evaluates_a_model_another_sweep_trained_from_the_same_co
         origin["checkpoint_sha256"],
     )
     assert not list((tmp_path / "results" / "ray").glob("second.b*")), "the lent model was trained again"
-    assert "reused_from" not in trained and trained["checkpoint_sha256"] != origin["checkpoint_sha256"]
+    assert trained.reused_from is None and trained["checkpoint_sha256"] != origin["checkpoint_sha256"]
     assert load_record(opts.results_dir, "first", "a") == origin  # the lender is left as it was
     # the loan is evaluated and tracked as this sweep's own trial: its rows and its run (the registered model
     # stays the lender's). Its cells are the lender's (same checkpoint, attack and protocol: the same ids).

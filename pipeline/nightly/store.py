@@ -105,13 +105,13 @@ def accept(results_dir: str | os.PathLike, run_id: str, how: str = "--accept") -
 def reusable_records(root: Path, sweep_name: str, code_version: str, before: str) -> dict[tuple[str, str], dict]:
     """``{(trial, config hash): record}`` of models trained by earlier runs of this nightly under the same
     code version whose checkpoint is still there (newest run wins)."""
-    found: dict[tuple[str, str], dict] = {}
+    found: dict[tuple[str, str], records.ModelRecord] = {}
     for path in sorted(root.glob(f"runs/run_date=*/run_id=*/models/{sweep_name}/*.json"), reverse=True):
         if path.parts[-4] >= f"run_id={before}":
             continue  # this run or a later one
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = records.read_record(path)
+        except (OSError, ValueError, TypeError):
             continue
         key = (record.trial, record.config_hash)
         if key in found or record.code_version != code_version:
